@@ -1,0 +1,164 @@
+"""One dataclass per network, defaulting to the official StableSR-512 values.
+
+The defaults come from the reference repo's `configs/stableSRNew/v2-finetune_text_T_512.yaml` (UNet,
+time-aware encoder, VAE, text encoder, diffusion schedule) and
+`configs/autoencoder/autoencoder_kl_64x64x4_resi.yaml` (CFW). Field names follow those yaml files, so a
+`config` block of a golden set (or a `--config` JSON written by this project) maps onto them one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+@dataclass
+class VAEConfig:
+    """AutoencoderKL (`first_stage_model.`): the SD 2.x VAE, 8x down, 4 latent channels."""
+
+    in_channels: int = 3  # image channels in
+    out_ch: int = 3  # image channels out
+    ch: int = 128  # base width of the encoder/decoder
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)  # width multiplier per resolution level (len-1 downsamples)
+    num_res_blocks: int = 2  # residual blocks per level (the decoder uses one more)
+    attn_resolutions: tuple[int, ...] = ()  # feature sizes (relative to `resolution`) with self-attention
+    resolution: int = 512  # nominal image size; only used to place `attn_resolutions`
+    z_channels: int = 4  # channels of the encoder output / decoder input
+    embed_dim: int = 4  # latent channels after quant_conv
+
+
+@dataclass
+class CFWConfig(VAEConfig):
+    """The CFW autoencoder (`vqgan_cfw_00011.ckpt`): the VAE plus fusion layers in the decoder (Sec. 3.2)."""
+
+    num_fuse_block: int = 2  # RRDB blocks inside each fusion layer
+    num_grow_ch: int = 32  # growth channels of each RRDB's dense blocks
+
+
+@dataclass
+class UNetConfig:
+    """The SD 2.x denoising UNet with SFT modulation (`model.diffusion_model.`, `UNetModelDualcondV2`)."""
+
+    in_channels: int = 4  # latent channels in
+    out_channels: int = 4  # predicted eps (or v) channels
+    model_channels: int = 320  # base width
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # width multiplier per level
+    num_res_blocks: int = 2  # residual blocks per level on the way down (one more on the way up)
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsample rates that get a spatial transformer
+    num_heads: int = -1  # attention heads; -1: derive from num_head_channels
+    num_head_channels: int = 64  # channels per head (SD 2.x); -1: use num_heads
+    transformer_depth: int = 1  # transformer blocks per spatial transformer
+    context_dim: int = 1024  # width of the text context (OpenCLIP ViT-H/14)
+    use_linear_in_transformer: bool = True  # SD 2.x: proj_in/proj_out are Linear, not 1x1 conv
+    semb_channels: int = 256  # channels of the time-aware encoder's features (SFT input)
+    use_sft: bool = True  # False builds the plain SD 2.x UNet (no `spade` modules)
+
+
+@dataclass
+class TimeEncoderConfig:
+    """The time-aware encoder (`structcond_stage_model.`, `EncoderUNetModelWT`), paper Sec. 3.1."""
+
+    in_channels: int = 4  # LR latent channels
+    model_channels: int = 256  # base width
+    out_channels: int = 256  # width of every output feature (= UNetConfig.semb_channels)
+    channel_mult: tuple[int, ...] = (1, 1, 2, 2)  # width multiplier per level
+    num_res_blocks: int = 2  # residual blocks per level
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsample rates with self-attention
+    num_heads: int = 4  # attention heads
+    num_head_channels: int = -1  # -1: use num_heads
+
+
+@dataclass
+class TextConfig:
+    """The OpenCLIP ViT-H/14 text tower as SD 2.x uses it (`cond_stage_model.model.`)."""
+
+    vocab_size: int = 49408  # BPE vocabulary + start/end tokens
+    context_length: int = 77  # tokens per prompt
+    width: int = 1024  # transformer width (= UNetConfig.context_dim)
+    heads: int = 16  # attention heads
+    layers: int = 24  # transformer blocks stored in the checkpoint
+    layer: str = "penultimate"  # output of which block: "last" or "penultimate" (SD 2.x skips the last)
+    mlp_ratio: float = 4.0  # feed-forward width / width
+
+
+@dataclass
+class DiffusionConfig:
+    """The DDPM forward process and how the UNet output is read."""
+
+    timesteps: int = 1000  # training steps T
+    linear_start: float = 0.00085  # beta_1 (SD's "linear" schedule is linear in sqrt(beta))
+    linear_end: float = 0.012  # beta_T
+    parameterization: str = "eps"  # "eps" (StableSR-512) or "v" (the 768v model)
+    scale_factor: float = 0.18215  # latent = scale_factor * VAE posterior sample
+
+
+@dataclass
+class StableSRConfig:
+    """Everything the StableSR checkpoint and the CFW checkpoint need."""
+
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    time_encoder: TimeEncoderConfig = field(default_factory=TimeEncoderConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    cfw: CFWConfig = field(default_factory=CFWConfig)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "StableSRConfig":
+        """Build from a golden set's `config` block, or from `to_dict()` output.
+
+        Flat diffusion keys (`parameterization`, `scale_factor`, ...) may sit at the top level, as in
+        cases.json. The CFW autoencoder shares the VAE's widths unless its block sets its own.
+        """
+        d = dict(d)
+        diffusion = dict(d.pop("diffusion", {}))
+        for name in _field_names(DiffusionConfig):
+            if name in d:
+                diffusion[name] = d.pop(name)
+        vae = _build(VAEConfig, d.pop("vae", {}), "vae")
+        cfw_block = {**dataclasses.asdict(vae), **d.pop("cfw", {})}
+        cfg = cls(
+            diffusion=_build(DiffusionConfig, diffusion, "diffusion"),
+            unet=_build(UNetConfig, d.pop("unet", {}), "unet"),
+            time_encoder=_build(TimeEncoderConfig, d.pop("time_encoder", {}), "time_encoder"),
+            text=_build(TextConfig, d.pop("text", {}), "text"),
+            vae=vae,
+            cfw=_build(CFWConfig, cfw_block, "cfw"),
+        )
+        _warn_unknown(d, "config")
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "StableSRConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _warn_unknown(extra: Mapping[str, Any], where: str) -> None:
+    # Official yaml files carry training-only keys (dropout, use_checkpoint, ...); they do not change
+    # what inference computes, so they are reported rather than refused.
+    if extra:
+        warnings.warn(f"{where}: ignoring unknown config keys {sorted(extra)}", stacklevel=3)
+
+
+def _build(cls, block: Mapping[str, Any], where: str):
+    block = dict(block)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in block:
+            value = block.pop(f.name)
+            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+    _warn_unknown(block, where)
+    return cls(**kwargs)

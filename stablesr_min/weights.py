@@ -1,0 +1,343 @@
+"""Loading the official weights: a strict, checked copy from safetensors, and a safe `.ckpt` converter.
+
+Every module in this package names its parameters exactly as the official checkpoints do, so loading is a
+plain copy: for a prefix such as `first_stage_model.`, the file's keys under it must equal the module's
+state-dict keys, each with the same shape. Anything else is an error that says which file, what is
+missing, unexpected or mis-shaped, and what the file probably is instead.
+
+The official `.ckpt` files are pickles written by PyTorch Lightning: besides the tensors they reference
+`pytorch_lightning...ModelCheckpoint` and friends, so `torch.load(weights_only=True)` refuses them and a
+plain `torch.load` would import (and could run) anything a pickle names. `convert_ckpt` unpickles them with
+an allow-list: tensor reconstruction is allowed, Lightning/OmegaConf/NumPy objects become inert stand-ins
+that are dropped, and any other global (`os.system`, `builtins.eval`, ...) stops the load before it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import types
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+CONFIG_METADATA_KEY = "stablesr_min.config"
+
+# Schedule buffers the reference stores in its checkpoints; we recompute them from the config.
+SCHEDULE_BUFFERS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2",
+})
+# Key prefixes that official files carry but inference never uses: EMA copies (SD 2.1) and the CFW
+# training losses (LPIPS network and discriminator).
+IGNORABLE_PREFIXES = ("model_ema.", "loss.")
+
+
+class WeightsError(ValueError):
+    """A weights file that does not fit: the message is one line a user can act on."""
+
+
+def is_ignorable(key: str) -> bool:
+    return key.split(".", 1)[0] in SCHEDULE_BUFFERS or key.startswith(IGNORABLE_PREFIXES)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading safetensors files
+
+
+class WeightFiles:
+    """A key -> file index over one or more safetensors files; tensors are read on demand."""
+
+    def __init__(self, paths: Iterable[str | os.PathLike]):
+        self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            raise WeightsError("no weights file given")
+        self._handles = {}
+        self.key_to_path: dict[str, Path] = {}
+        self.metadata: dict[str, str] = {}
+        for path in self.paths:
+            handle = _open_safetensors(path)
+            self._handles[path] = handle
+            self.metadata.update(handle.metadata() or {})
+            for key in handle.keys():
+                if key in self.key_to_path:
+                    raise WeightsError(
+                        f"{path}: key {key!r} is also in {self.key_to_path[key]}; pass each checkpoint once"
+                    )
+                self.key_to_path[key] = path
+
+    def keys(self) -> list[str]:
+        return list(self.key_to_path)
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._handles[self.key_to_path[key]].get_slice(key).get_shape())
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._handles[self.key_to_path[key]].get_tensor(key)
+
+    def config_json(self) -> str | None:
+        """The config this project writes into files it makes (tiny weights, converted files)."""
+        return self.metadata.get(CONFIG_METADATA_KEY)
+
+    def describe(self) -> str:
+        return ", ".join(str(p) for p in self.paths)
+
+
+def _open_safetensors(path: Path):
+    if not path.exists():
+        raise WeightsError(f"{path}: no such file")
+    if path.is_dir():
+        raise WeightsError(f"{path}: is a folder; pass the .safetensors file inside it")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise WeightsError(
+            f"{path}: is a PyTorch pickle (.ckpt), not safetensors; convert it first with "
+            f"`python -m stablesr_min convert {path} {path.with_suffix('.safetensors')}`"
+        )
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# What kind of checkpoint is this?
+
+KIND_HINTS = {
+    "stablesr": "the StableSR checkpoint (stablesr_000117 or the turbo one): pass it as --weights",
+    "sd2": "a plain Stable Diffusion 2.x checkpoint (no time-aware encoder / SFT): StableSR needs "
+           "stablesr_000117 as --weights",
+    "cfw": "the CFW checkpoint (vqgan_cfw_00011): pass it as --cfw",
+    "vae": "a VAE-only checkpoint: StableSR needs the full stablesr_000117 checkpoint as --weights",
+    "unknown": "not a StableSR, SD 2.x or CFW checkpoint",
+}
+
+
+def guess_kind(keys: Iterable[str]) -> str:
+    keys = set(keys)
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if has("structcond_stage_model."):
+        return "stablesr"
+    if has("model.diffusion_model."):
+        return "sd2"
+    if has("decoder.fusion_layer_"):
+        return "cfw"
+    if has("first_stage_model.") or (has("encoder.") and has("decoder.")):
+        return "vae"
+    return "unknown"
+
+
+# --------------------------------------------------------------------------------------------------
+# Strict loading
+
+
+def check_keys(expected: Mapping[str, Iterable[int]], found: Mapping[str, Iterable[int]]):
+    """Compare two key -> shape maps; returns (missing, unexpected, mis-shaped) lists, sorted."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(
+        f"{k}: file {list(found[k])} vs model {list(expected[k])}"
+        for k in set(expected) & set(found)
+        if list(found[k]) != list(expected[k])
+    )
+    return missing, unexpected, misshaped
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    more = f", ... (+{len(items) - n})" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def mismatch_message(where: str, missing, unexpected, misshaped, kind: str | None = None) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({_first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_first(unexpected)})")
+    if misshaped:
+        parts.append(f"{len(misshaped)} with the wrong shape ({_first(misshaped, 2)})")
+    msg = f"{where}: " + "; ".join(parts)
+    if kind is not None:
+        msg += f". This looks like {KIND_HINTS[kind]}"
+    return msg
+
+
+def load_module(
+    module: nn.Module,
+    files: WeightFiles,
+    prefix: str,
+    *,
+    what: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """Copy `files[prefix + name]` into every `module.state_dict()[name]`, strictly.
+
+    fp16 or fp32 on disk; floating tensors land in `dtype` (default float32), on `device`. The module may
+    live on the `meta` device: its tensors are then replaced, not copied into.
+    """
+    expected = {k: list(v.shape) for k, v in module.state_dict().items()}
+    found = {k[len(prefix):]: files.shape(k) for k in files.keys() if k.startswith(prefix)}
+    missing, unexpected, misshaped = check_keys(expected, found)
+    if missing or unexpected or misshaped:
+        kind = guess_kind(files.keys())
+        where = f"{files.describe()} does not fit {what or type(module).__name__} (keys under {prefix!r})"
+        raise WeightsError(mismatch_message(where, missing, [prefix + k for k in unexpected], misshaped, kind))
+    state = {}
+    for name in expected:
+        t = files.tensor(prefix + name)
+        if t.is_floating_point():
+            t = t.to(dtype or torch.float32)
+        state[name] = t.to(device)
+    module.load_state_dict(state, strict=True, assign=True)
+    return module
+
+
+def check_nothing_left(files: WeightFiles, prefixes: Iterable[str]) -> None:
+    """Every key of the files must belong to one of `prefixes` or be ignorable."""
+    prefixes = tuple(prefixes)
+    left = sorted(k for k in files.keys() if not k.startswith(prefixes) and not is_ignorable(k))
+    if left:
+        kind = guess_kind(files.keys())
+        raise WeightsError(mismatch_message(f"{files.describe()}", [], left, [], kind))
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing safetensors
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Write atomically: a temp file in the same folder, then rename over `path`."""
+    path = Path(path)
+    seen: set[int] = set()
+    clean = {}
+    for k, t in tensors.items():
+        t = t.detach().contiguous()
+        # safetensors refuses tensors that share memory (tied weights, views of one storage).
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        clean[k] = t
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        save_file(clean, tmp, metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# The safe .ckpt converter
+
+# Module prefixes whose classes a Lightning checkpoint names but we never need: they become stand-ins.
+FOREIGN_MODULES = ("pytorch_lightning", "lightning", "lightning_fabric", "omegaconf", "numpy", "pathlib",
+                   "typing", "enum")
+# Exactly these globals may be called: tensor reconstruction and plain containers.
+ALLOWED_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): torch._tensor._rebuild_from_type_v2,
+    ("torch", "Tensor"): torch.Tensor,
+    ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+    ("torch", "Size"): torch.Size,
+    ("torch", "device"): torch.device,
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex,
+}
+
+
+class ForeignObject:
+    """Inert stand-in for a class the pickle names but that is never imported (Lightning callbacks...)."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    _stand_ins: dict[tuple[str, str], type] = {}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in ALLOWED_GLOBALS:
+            return ALLOWED_GLOBALS[(module, name)]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.split(".")[0] in FOREIGN_MODULES:
+            key = (module, name)
+            if key not in self._stand_ins:
+                self._stand_ins[key] = type(name, (ForeignObject,), {"__module__": module})
+            return self._stand_ins[key]
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+
+# torch.load accepts any object with `Unpickler` and `load` as its pickle module.
+_safe_pickle = types.ModuleType("stablesr_min_safe_pickle")
+_safe_pickle.Unpickler = _AllowListUnpickler
+_safe_pickle.load = lambda f, **kw: _AllowListUnpickler(f, **kw).load()
+
+
+def read_ckpt_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of an official `.ckpt`'s `state_dict`, unpickled with the allow-list above."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    try:
+        # Memory-map the zip format (every checkpoint since PyTorch 1.6): a 5 GB file is not read twice.
+        obj = torch.load(path, map_location="cpu", pickle_module=_safe_pickle, weights_only=False,
+                         mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        raise WeightsError(f"{path}: refused to unpickle it: {e} (only tensors and Lightning "
+                           "bookkeeping may appear in a checkpoint; this file could run code)") from None
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: not a PyTorch checkpoint ({e})") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise WeightsError(f"{path}: holds no state_dict (found {type(obj).__name__})")
+    tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise WeightsError(f"{path}: its state_dict holds no tensors")
+    return tensors
+
+
+def convert_ckpt(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Convert an official `.ckpt` to safetensors (atomically); returns the tensors written."""
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise WeightsError(f"{dst}: the output would overwrite the input; choose another name")
+    if dst.suffix != ".safetensors":
+        raise WeightsError(f"{dst}: the output name should end in .safetensors")
+    tensors = read_ckpt_state_dict(src)
+    meta = {"source": src.name, "kind": guess_kind(tensors)}
+    save_safetensors(tensors, dst, metadata=meta)
+    return tensors
+
+
+def config_metadata(config_json: str) -> dict[str, str]:
+    json.loads(config_json)  # must be valid JSON
+    return {CONFIG_METADATA_KEY: config_json}

@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from stablesr_min.golden import GoldenSet
+from stablesr_min.weights import WeightFiles
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def golden() -> GoldenSet:
+    """The golden set named by STABLESR_GOLDEN (default tests/golden)."""
+    return GoldenSet()
+
+
+@pytest.fixture(scope="session")
+def golden_weights(golden, tmp_path_factory):
+    """(stablesr.safetensors, cfw.safetensors) filled by the FORMAT.md rule, written once per session."""
+    return golden.write_weights(tmp_path_factory.mktemp("golden_weights"))
+
+
+@pytest.fixture(scope="session")
+def stablesr_files(golden_weights) -> WeightFiles:
+    return WeightFiles([golden_weights[0]])
+
+
+@pytest.fixture(scope="session")
+def cfw_files(golden_weights) -> WeightFiles:
+    return WeightFiles([golden_weights[1]])

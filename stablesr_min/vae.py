@@ -7,6 +7,8 @@ Attribute names mirror the checkpoint keys under `first_stage_model.`.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -168,15 +170,14 @@ class Decoder(nn.Module):
         self.norm_out = Normalize(cin)
         self.conv_out = conv3x3(cin, cfg.out_ch)
 
-    def fuse(self, level: int, h: torch.Tensor) -> torch.Tensor:
-        """Hook after each up level's blocks, before its upsample; the CFW decoder overrides it."""
-        return h
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, z, h, w) -> (B, 3, 8h, 8w)"""
+    def forward(self, z: torch.Tensor, fuse: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
+        """(B, z, h, w) -> (B, 3, 8h, 8w). `fuse(level, h)` runs after each up level's blocks, before its
+        upsample (the CFW decoder's hook)."""
         h = self.mid(self.conv_in(z))
         for i in reversed(range(len(self.up))):
-            h = self.fuse(i, self.up[i].blocks(h))
+            h = self.up[i].blocks(h)
+            if fuse is not None:
+                h = fuse(i, h)
             if i != 0:
                 h = self.up[i].upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -99,8 +99,9 @@ def _open_safetensors(path: Path):
     if path.is_dir():
         raise WeightsError(f"{path}: is a folder; pass the .safetensors file inside it")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)
+    # A safetensors file is an 8-byte header length, then the JSON header.
+    if head[8:9] != b"{" and (head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"):
         raise WeightsError(
             f"{path}: is a PyTorch pickle (.ckpt), not safetensors; convert it first with "
             f"`python -m stablesr_min convert {path} {path.with_suffix('.safetensors')}`"

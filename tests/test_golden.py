@@ -8,6 +8,7 @@ A case that the set does not contain is skipped with that reason (the public set
 import pytest
 import torch
 
+from stablesr_min.cfw import CFWAutoencoder
 from stablesr_min.golden import relative_error
 from stablesr_min.vae import AutoencoderKL
 from stablesr_min.weights import load_module
@@ -33,11 +34,19 @@ def test_vae(golden, stablesr_files):
     assert_close(vae.decode(golden["vae.latent"]), golden["vae.decoded"], "decoded")
 
 
-@pytest.mark.xfail(strict=True, reason="CFW decoder: issue #4")
 @torch.inference_mode()
 def test_cfw(golden, cfw_files):
     needs_case(golden, "cfw")
-    raise NotImplementedError
+    cfw = load_module(CFWAutoencoder(golden.config.cfw), cfw_files, "")
+    moments, features = cfw.encode_with_features(golden["cfw.image"])
+    assert_close(moments, golden["cfw.moments"], "moments")
+    stored = [n for n in golden.names("cfw") if n.startswith("enc_fea_")]
+    assert len(features) == len(stored)
+    for i, feature in enumerate(features):
+        assert_close(feature, golden[f"cfw.enc_fea_{i}"], f"enc_fea_{i}")
+    for name in (n for n in golden.names("cfw") if n.startswith("decoded_w")):
+        w = float(name.removeprefix("decoded_w").replace("p", "."))
+        assert_close(cfw.decode(golden["cfw.latent"], features, w), golden[f"cfw.{name}"], name)
 
 
 @pytest.mark.xfail(strict=True, reason="text encoder: issue #3")

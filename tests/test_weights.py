@@ -1,0 +1,204 @@
+"""The strict loader and the safe .ckpt converter."""
+
+import os
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from stablesr_min.cli import main
+from stablesr_min.config import VAEConfig
+from stablesr_min.vae import AutoencoderKL
+from stablesr_min.weights import WeightFiles, WeightsError, convert_ckpt, load_module
+
+SMALL = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+
+
+def vae_state(prefix="first_stage_model.", dtype=torch.float32):
+    torch.manual_seed(0)
+    return {prefix + k: v.to(dtype) for k, v in AutoencoderKL(SMALL).state_dict().items()}
+
+
+def load_vae(*paths):
+    return load_module(AutoencoderKL(SMALL), WeightFiles(paths), "first_stage_model.")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_loads_fp32_and_fp16_files_into_fp32(tmp_path, dtype):
+    state = vae_state(dtype=dtype)
+    save_file(state, tmp_path / "vae.safetensors")
+    vae = load_vae(tmp_path / "vae.safetensors")
+    for k, v in vae.state_dict().items():
+        assert v.dtype == torch.float32
+        assert torch.equal(v, state["first_stage_model." + k].float()), k
+
+
+def test_loads_into_requested_dtype_and_meta_module(tmp_path):
+    save_file(vae_state(), tmp_path / "vae.safetensors")
+    with torch.device("meta"):
+        vae = AutoencoderKL(SMALL)
+    load_module(vae, WeightFiles([tmp_path / "vae.safetensors"]), "first_stage_model.", dtype=torch.bfloat16)
+    assert {p.dtype for p in vae.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in vae.parameters()} == {"cpu"}
+
+
+def test_missing_key_is_named(tmp_path):
+    state = vae_state()
+    del state["first_stage_model.decoder.conv_out.bias"]
+    save_file(state, tmp_path / "vae.safetensors")
+    with pytest.raises(WeightsError) as e:
+        load_vae(tmp_path / "vae.safetensors")
+    msg = str(e.value)
+    assert "vae.safetensors" in msg and "1 missing (decoder.conv_out.bias)" in msg
+    assert "\n" not in msg
+
+
+def test_unexpected_key_is_named(tmp_path):
+    state = vae_state()
+    state["first_stage_model.decoder.extra.weight"] = torch.zeros(3)
+    save_file(state, tmp_path / "vae.safetensors")
+    with pytest.raises(WeightsError, match=r"1 unexpected \(first_stage_model\.decoder\.extra\.weight\)"):
+        load_vae(tmp_path / "vae.safetensors")
+
+
+def test_wrong_shape_is_named(tmp_path):
+    state = vae_state()
+    state["first_stage_model.quant_conv.bias"] = torch.zeros(5)
+    save_file(state, tmp_path / "vae.safetensors")
+    with pytest.raises(WeightsError, match=r"1 with the wrong shape \(quant_conv\.bias: file \[5\] vs model \[8\]\)"):
+        load_vae(tmp_path / "vae.safetensors")
+
+
+def test_cfw_file_passed_as_stablesr_says_so(tmp_path):
+    state = {k.removeprefix("first_stage_model."): v for k, v in vae_state().items()}
+    state["decoder.fusion_layer_1.encode_enc_1.conv1.weight"] = torch.zeros(1)
+    save_file(state, tmp_path / "cfw.safetensors")
+    with pytest.raises(WeightsError, match="CFW checkpoint .*pass it as --cfw"):
+        load_vae(tmp_path / "cfw.safetensors")
+
+
+def test_a_key_in_two_files_is_refused(tmp_path):
+    save_file(vae_state(), tmp_path / "a.safetensors")
+    save_file(vae_state(), tmp_path / "b.safetensors")
+    with pytest.raises(WeightsError, match="also in"):
+        load_vae(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+
+
+def test_weights_split_over_two_files_load(tmp_path):
+    state = vae_state()
+    keys = sorted(state)
+    save_file({k: state[k] for k in keys[::2]}, tmp_path / "a.safetensors")
+    save_file({k: state[k] for k in keys[1::2]}, tmp_path / "b.safetensors")
+    vae = load_vae(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert torch.equal(vae.decoder.conv_out.weight, state["first_stage_model.decoder.conv_out.weight"])
+
+
+def test_a_ckpt_passed_as_safetensors_says_convert(tmp_path):
+    torch.save({"state_dict": vae_state()}, tmp_path / "model.ckpt")
+    with pytest.raises(WeightsError, match="convert it first"):
+        load_vae(tmp_path / "model.ckpt")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(WeightsError, match="no such file"):
+        load_vae(tmp_path / "nope.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------
+# The .ckpt converter
+
+
+@pytest.fixture
+def lightning_ckpt(tmp_path):
+    """A Lightning-style checkpoint whose callbacks reference a class from a module that is then gone."""
+    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+    modules = {name: types.ModuleType(name) for name in names}
+
+    class ModelCheckpoint:
+        def __init__(self):
+            self.monitor = "val/loss"
+            self.best_model_score = torch.tensor(0.25)
+
+    ModelCheckpoint.__module__ = names[-1]
+    ModelCheckpoint.__qualname__ = "ModelCheckpoint"
+    modules[names[-1]].ModelCheckpoint = ModelCheckpoint
+    sys.modules.update(modules)
+    state = vae_state()
+    state["first_stage_model.decoder.conv_in.weight"] = state["first_stage_model.decoder.conv_in.weight"].half()
+    shared = torch.arange(6.0)
+    state["tied.a"], state["tied.b"] = shared, shared.view(2, 3)  # two views of one storage
+    try:
+        torch.save({
+            "epoch": 3, "global_step": 1500, "pytorch-lightning_version": "1.4.2",
+            "state_dict": state,
+            "callbacks": {ModelCheckpoint: {"best_model_path": "x"}, "ckpt": ModelCheckpoint()},
+        }, tmp_path / "model.ckpt")
+    finally:
+        for name in names:
+            del sys.modules[name]
+    return tmp_path / "model.ckpt", state
+
+
+def test_ckpt_converts_bit_exactly(lightning_ckpt, tmp_path):
+    ckpt, state = lightning_ckpt
+    with pytest.raises(ModuleNotFoundError):
+        torch.load(ckpt, weights_only=False)  # what a plain load would need: the foreign module
+    convert_ckpt(ckpt, tmp_path / "model.safetensors")
+    files = WeightFiles([tmp_path / "model.safetensors"])
+    assert sorted(files.keys()) == sorted(state)
+    for k, v in state.items():
+        got = files.tensor(k)
+        assert got.dtype == v.dtype and torch.equal(got, v), k
+    assert not list(tmp_path.glob("*.tmp")), "the temp file must be renamed away"
+
+
+def test_convert_command_line(lightning_ckpt, tmp_path, capsys):
+    ckpt, state = lightning_ckpt
+    assert main(["convert", str(ckpt), str(tmp_path / "out.safetensors")]) == 0
+    assert sorted(WeightFiles([tmp_path / "out.safetensors"]).keys()) == sorted(state)
+    assert main(["convert", str(ckpt), str(ckpt)]) == 2
+    assert "overwrite the input" in capsys.readouterr().err
+
+
+class Evil:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+class EvalEvil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return eval, (f"open({str(self.marker)!r}, 'w')",)
+
+
+@pytest.mark.parametrize("make_payload", [lambda m: Evil(f"touch {m}"), lambda m: EvalEvil(m)],
+                         ids=["os.system", "builtins.eval"])
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
+def test_malicious_pickle_is_refused_without_running(tmp_path, make_payload, legacy):
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": vae_state(), "payload": make_payload(marker)}, ckpt,
+               _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(WeightsError, match="refused to unpickle .* is not allowed"):
+        convert_ckpt(ckpt, tmp_path / "out.safetensors")
+    assert not marker.exists()
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "junk.ckpt").write_bytes(b"hello world")
+    with pytest.raises(WeightsError, match="junk.ckpt"):
+        convert_ckpt(tmp_path / "junk.ckpt", tmp_path / "out.safetensors")
+
+
+def test_pickle_without_state_dict(tmp_path):
+    torch.save([1, 2, 3], tmp_path / "list.ckpt")
+    with pytest.raises(WeightsError, match="holds no state_dict"):
+        convert_ckpt(tmp_path / "list.ckpt", tmp_path / "out.safetensors")

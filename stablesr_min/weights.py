@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 import types
 import zipfile
 from collections import OrderedDict
@@ -28,6 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from .atomic import atomic_write
 
 CONFIG_METADATA_KEY = "stablesr_min.config"
 
@@ -192,7 +193,8 @@ def load_module(
     live on the `meta` device: its tensors are then replaced, not copied into.
     """
     expected = {k: list(v.shape) for k, v in module.state_dict().items()}
-    found = {k[len(prefix):]: files.shape(k) for k in files.keys() if k.startswith(prefix)}
+    found = {k[len(prefix):]: files.shape(k) for k in files.keys()
+             if k.startswith(prefix) and not is_ignorable(k)}
     missing, unexpected, misshaped = check_keys(expected, found)
     if missing or unexpected or misshaped:
         kind = guess_kind(files.keys())
@@ -234,14 +236,7 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
             t = t.clone()
         seen.add(t.untyped_storage().data_ptr())
         clean[k] = t
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        save_file(clean, tmp, metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=dict(metadata or {})))
 
 
 # --------------------------------------------------------------------------------------------------

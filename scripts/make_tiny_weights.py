@@ -1,0 +1,33 @@
+"""Write small, deterministic (random-looking) StableSR and CFW weights for CPU demos and tests.
+
+    python scripts/make_tiny_weights.py --golden tests/golden --out tiny
+
+writes `tiny/stablesr.safetensors` and `tiny/cfw.safetensors`: the golden set's small models filled by
+the FORMAT.md rule, with their config in the safetensors metadata (so `--config` is not needed). The
+weights are NOT trained: outputs made with them show the computation, not super-resolution.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from stablesr_min.golden import GoldenSet  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--golden", default="tests/golden", help="a golden set folder (cases.json, manifest.json)")
+    parser.add_argument("--out", required=True, help="folder to write stablesr.safetensors and cfw.safetensors")
+    args = parser.parse_args()
+    try:
+        golden = GoldenSet(args.golden)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+    for path in golden.write_weights(args.out):
+        print(f"wrote {path} (random weights, for demos and tests only)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Reading photos into [-1, 1] tensors and writing results atomically.
+
+Every PIL mode a photo comes in is accepted: RGB; grayscale (L, and 16-bit I;16 / I, scaled by its full
+range), palette (P, expanded through its palette), CMYK/YCbCr (converted), and images with alpha (RGBA,
+LA, P with transparency). The diffusion model sees RGB only: the alpha channel is set aside, upscaled on
+its own with bicubic interpolation, and put back on the output, so transparency survives the upscale.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .atomic import atomic_write
+
+
+class ImageError(ValueError):
+    """An input image that cannot be used: the message is one line a user can act on."""
+
+
+@dataclass
+class LoadedImage:
+    rgb: torch.Tensor  # (1, 3, H, W) in [-1, 1]
+    alpha: torch.Tensor | None  # (1, 1, H, W) in [0, 1], or None
+    mode: str  # the file's PIL mode, for messages
+
+
+def _to_float(image: Image.Image) -> np.ndarray:
+    """PIL image -> float32 array in [0, 1], (H, W, C)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float32)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        return (array / top).clip(0, 1)[..., None]
+    if image.mode == "F":
+        return np.asarray(image, dtype=np.float32).clip(0, 1)[..., None]
+    return np.asarray(image, dtype=np.float32)[..., None] / 255.0 if image.mode == "L" else \
+        np.asarray(image, dtype=np.float32) / 255.0
+
+
+def load_image(path: str | os.PathLike) -> LoadedImage:
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageError(f"{path}: is a folder, not an image")
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image PIL can read (PNG, JPEG, WebP, TIFF, BMP, ...)") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read it ({e})") from None
+    mode = image.mode
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode == "PA":
+        image = image.convert("RGBA")
+    alpha = None
+    if image.mode in ("RGBA", "LA", "La", "RGBa"):
+        alpha = _to_float(image.getchannel("A"))
+        image = image.convert("RGB" if image.mode.startswith("RGB") else "L")
+    if image.mode not in ("RGB", "L", "I;16", "I;16B", "I;16L", "I", "F"):
+        image = image.convert("RGB")
+    array = _to_float(image)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    # (H, W, C) in [0, 1] -> (1, C, H, W) in [-1, 1]
+    rgb = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None] * 2 - 1
+    alpha_t = torch.from_numpy(np.ascontiguousarray(alpha)).permute(2, 0, 1)[None] if alpha is not None else None
+    return LoadedImage(rgb=rgb, alpha=alpha_t, mode=mode)
+
+
+def to_pil(image: torch.Tensor, alpha: torch.Tensor | None = None) -> Image.Image:
+    """(1, 3, H, W) in [0, 1] (and an optional (1, 1, H, W) alpha) -> 8-bit RGB or RGBA PIL image."""
+    channels = image if alpha is None else torch.cat([image, alpha], dim=1)
+    array = (channels[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array, "RGB" if alpha is None else "RGBA")
+
+
+def save_png_atomically(image: Image.Image, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

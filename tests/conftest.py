@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from stablesr_min.golden import GoldenSet
+from stablesr_min.model import load_cfw, load_stablesr
 from stablesr_min.weights import WeightFiles
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -27,3 +28,14 @@ def stablesr_files(golden_weights) -> WeightFiles:
 @pytest.fixture(scope="session")
 def cfw_files(golden_weights) -> WeightFiles:
     return WeightFiles([golden_weights[1]])
+
+
+@pytest.fixture(scope="session")
+def stablesr(golden_weights):
+    """The golden-size StableSR model, loaded through the project's strict loader."""
+    return load_stablesr([golden_weights[0]])
+
+
+@pytest.fixture(scope="session")
+def cfw(golden_weights):
+    return load_cfw(golden_weights[1])

@@ -1,0 +1,288 @@
+"""LR image -> SR image, as the official canvas script does it (`sr_val_ddpm_text_T_vqganfin_oldcanvas.py`).
+
+    lr --bicubic x scale--> upsampled --zero-pad--> canvas --VAE--> z_0 --q(x_999|z_0)--> x_T
+       --N respaced DDPM steps, aggregation over tiles (Sec. 3.3)--> x_0
+       --CFW decoder with the canvas's encoder features, weight w (Sec. 3.2)--> crop --colour fix--> SR
+
+Each stage is a function of its own, so a notebook can run them one by one. Every random draw (the VAE
+posterior sample, the noise of x_T, one noise per step) comes from one seeded `torch.Generator`, in that
+order, unless the caller passes the draws in (`Noises`), as the golden pipeline case does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .cfw import CFWAutoencoder
+from .colorfix import color_fix
+from .model import StableSR
+from .sampler import Progress, aggregation_step, gaussian_weights, tile_starts
+from .schedule import Schedule
+from .text import tokenize
+from .vae import AutoencoderKL, DiagonalGaussian
+
+
+@dataclass
+class UpscaleOptions:
+    scale: float = 4.0  # output size / input size
+    steps: int = 200  # respaced DDPM steps (the official default)
+    tile: int = 64  # latent tile of aggregation sampling (64 latents = 512 px, the training size)
+    overlap: int = 32  # latent overlap between neighbouring tiles
+    tile_batch: int = 4  # tiles per network call
+    tile_weights: str = "paper"  # "paper": centred Gaussian; "official": the reference's (row centre T/2)
+    dec_w: float = 0.5  # CFW fusion weight w of Eq. 2: 0 = most realistic, 1 = most faithful
+    colorfix: str = "adain"  # "adain" (the paper's), "wavelet" (the official repo's) or "none"
+    prompt: str = ""  # text prompt; StableSR was trained with the empty prompt
+    vae_tile: int = 512  # VAE/CFW tile in pixels for large images (0: never tile); see `tiled_vae`
+    vae_overlap: int = 64  # pixel overlap of VAE tiles
+
+    def __post_init__(self):
+        checks = [
+            (self.scale > 0, f"scale must be > 0, got {self.scale}"),
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.tile >= 8, f"tile must be >= 8 latents, got {self.tile}"),
+            (0 <= self.overlap < self.tile, f"overlap must be in [0, tile), got {self.overlap}"),
+            (self.tile_batch >= 1, f"tile_batch must be >= 1, got {self.tile_batch}"),
+            (self.tile_weights in ("paper", "official"), f"tile_weights: 'paper' or 'official', got {self.tile_weights!r}"),
+            (0 <= self.dec_w <= 1, f"dec_w (the CFW weight w) must be in [0, 1], got {self.dec_w}"),
+            (self.colorfix in ("adain", "wavelet", "none"), f"colorfix: adain, wavelet or none, got {self.colorfix!r}"),
+            (self.vae_tile == 0 or (self.vae_tile % 64 == 0 and self.vae_tile > 0), f"vae_tile must be 0 or a multiple of 64, got {self.vae_tile}"),
+            (self.vae_overlap % 8 == 0 and 0 <= self.vae_overlap < max(self.vae_tile, 1) / 2 or self.vae_tile == 0,
+             f"vae_overlap must be a multiple of 8 below vae_tile / 2, got {self.vae_overlap}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class Noises:
+    """Random draws passed in from outside; whatever is None is drawn from the generator."""
+
+    vae: torch.Tensor | None = None  # posterior sample noise, latent-shaped
+    x_T: torch.Tensor | None = None  # noise of q(x_999 | z_0)
+    steps: list[torch.Tensor] = field(default_factory=list)  # one per step taken, first step first
+
+
+# ------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def upsample(lr: torch.Tensor, scale: float) -> torch.Tensor:
+    """Bicubic upscale (align_corners False, no antialias), clamped to [-1, 1] as the official script."""
+    h, w = lr.shape[-2:]
+    size = (int(h * scale), int(w * scale))
+    return F.interpolate(lr, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def pad_canvas(image: torch.Tensor, min_size: int, multiple: int = 8) -> torch.Tensor:
+    """Zero-pad bottom/right to at least `min_size` (one full tile) and to a multiple of the VAE's 8.
+
+    The official script pads only to `min_size`; an image side that is not a multiple of 8 then loses its
+    last pixels in the VAE. Rounding up to 8 changes nothing where the official script works.
+    """
+    h, w = image.shape[-2:]
+    new_h = math.ceil(max(h, min_size) / multiple) * multiple
+    new_w = math.ceil(max(w, min_size) / multiple) * multiple
+    return F.pad(image, (0, new_w - w, 0, new_h - h))
+
+
+def text_context(model: StableSR, prompt: str, batch: int) -> torch.Tensor:
+    tokens = tokenize([prompt] * batch).to(next(model.text_encoder.parameters()).device)
+    return model.text_encoder(tokens)
+
+
+def start_latent(schedule: Schedule, z0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x_T = sqrt(ab_999) z_0 + sqrt(1 - ab_999) noise, with the 1000-step schedule.
+
+    StableSR starts from the LR latent noised to the last training step, not from pure noise: at
+    t = 999 almost nothing of z_0 survives (sqrt(ab) ~ 0.068), but the little that does anchors the
+    low frequencies.
+    """
+    return schedule.q_sample(z0, len(schedule) - 1, noise)
+
+
+def make_denoiser(model: StableSR, context: torch.Tensor):
+    """The per-tile network call: time-aware encoder on the LR tile, then the UNet modulated by it."""
+
+    def denoise(x_tiles: torch.Tensor, lr_tiles: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # tiles are stacked tile-major: row i belongs to image i % B
+        ctx = context.repeat(x_tiles.shape[0] // context.shape[0], 1, 1)
+        struct_cond = model.time_encoder(lr_tiles, t) if model.time_encoder is not None else None
+        return model.unet(x_tiles, t, ctx, struct_cond)
+
+    return denoise
+
+
+def tile_weight_map(opts: UpscaleOptions) -> torch.Tensor:
+    return gaussian_weights(opts.tile, opts.tile, official=opts.tile_weights == "official")
+
+
+# ------------------------------------------------------------------------------------------------------
+# The whole pipeline
+
+StepCallback = Callable[[int, int, torch.Tensor], None]  # (step taken, steps, x after the step)
+
+
+class StableSRPipeline:
+    def __init__(self, model: StableSR, cfw: CFWAutoencoder):
+        self.model = model
+        self.cfw = cfw
+        self.cfg = model.cfg
+        self.train_schedule = Schedule.from_config(self.cfg.diffusion)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.unet.parameters()).dtype
+
+    def encode(self, canvas: torch.Tensor, noise: torch.Tensor | None, opts: UpscaleOptions,
+               generator: torch.Generator | None) -> torch.Tensor:
+        """Canvas in [-1, 1] -> z_0 = scale_factor * (mean + std * noise)."""
+        posterior = tiled_encode(self.model.vae, canvas, opts)
+        if noise is None:
+            noise = draw(posterior.mean, generator)
+        return self.cfg.diffusion.scale_factor * posterior.sample(noise.to(posterior.mean))
+
+    def sample(self, x: torch.Tensor, z0: torch.Tensor, context: torch.Tensor, opts: UpscaleOptions,
+               noises: list[torch.Tensor], generator: torch.Generator | None,
+               weights: torch.Tensor | None = None, progress: Progress | None = None,
+               on_step: StepCallback | None = None) -> torch.Tensor:
+        """N reverse steps with aggregation; the time-aware encoder is conditioned on z_0."""
+        schedule = self.train_schedule.respace(opts.steps)
+        weights = tile_weight_map(opts) if weights is None else weights
+        denoise = make_denoiser(self.model, context)
+        for i, k in enumerate(reversed(range(opts.steps))):
+            noise = noises[i] if i < len(noises) else draw(x, generator)
+            x = aggregation_step(schedule, x, z0, k, denoise, noise.to(x), tile=opts.tile,
+                                 overlap=opts.overlap, weights=weights, batch_size=opts.tile_batch,
+                                 progress=progress)
+            if on_step is not None:
+                on_step(i + 1, opts.steps, x)
+        return x
+
+    def decode(self, x0: torch.Tensor, canvas: torch.Tensor, opts: UpscaleOptions) -> torch.Tensor:
+        """CFW decode of the final latent, fused with the canvas's encoder features (Eq. 2)."""
+        return tiled_cfw_decode(self.cfw, x0 / self.cfg.diffusion.scale_factor, canvas, opts)
+
+    @torch.inference_mode()
+    def __call__(self, lr: torch.Tensor, opts: UpscaleOptions | None = None, *,
+                 generator: torch.Generator | None = None, noises: Noises | None = None,
+                 weights: torch.Tensor | None = None, progress: Progress | None = None,
+                 on_step: StepCallback | None = None) -> torch.Tensor:
+        """lr: (B, 3, h, w) in [-1, 1] -> SR image (B, 3, int(h*scale), int(w*scale)) in [0, 1]."""
+        opts = opts or UpscaleOptions()
+        noises = noises or Noises()
+        lr = lr.to(self.device, self.dtype)
+        upsampled = upsample(lr, opts.scale)
+        canvas = pad_canvas(upsampled, opts.tile * self.model.vae.downscale)
+        z0 = self.encode(canvas, noises.vae, opts, generator)
+        x_T = start_latent(self.train_schedule, z0, noises.x_T if noises.x_T is not None else draw(z0, generator))
+        context = text_context(self.model, opts.prompt, lr.shape[0]).to(self.dtype)
+        x0 = self.sample(x_T, z0, context, opts, noises.steps, generator, weights, progress, on_step)
+        decoded = self.decode(x0, canvas, opts)[..., : upsampled.shape[-2], : upsampled.shape[-1]]
+        fixed = color_fix(decoded.float(), upsampled.float(), opts.colorfix)
+        return ((fixed + 1) / 2).clamp(0, 1)
+
+
+def draw(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like `like`, drawn on the CPU (the same numbers on every device)."""
+    return torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Bounded memory: the VAE encoder and the CFW decoder in overlapping pixel tiles
+
+
+@dataclass
+class VAETile:
+    rows: slice  # pixel rows of the canvas
+    cols: slice  # pixel columns
+    borders: tuple[bool, bool, bool, bool]  # does it touch the canvas's top, bottom, left, right?
+
+    def latent(self, f: int) -> tuple[slice, slice]:
+        return slice(self.rows.start // f, self.rows.stop // f), slice(self.cols.start // f, self.cols.stop // f)
+
+    def weight(self, f: int, overlap: int) -> torch.Tensor:
+        """Blending weights at 1/f resolution: linear ramps across the overlap, flat at canvas borders."""
+        top, bottom, left, right = self.borders
+        h, w = (self.rows.stop - self.rows.start) // f, (self.cols.stop - self.cols.start) // f
+        return torch.outer(_ramp(h, overlap // f, top, bottom), _ramp(w, overlap // f, left, right))
+
+
+def _ramp(size: int, overlap: int, start_is_border: bool, end_is_border: bool) -> torch.Tensor:
+    w = torch.ones(size, dtype=torch.float64)
+    ramp = (torch.arange(overlap, dtype=torch.float64) + 0.5) / overlap
+    if overlap and not start_is_border:
+        w[:overlap] = ramp
+    if overlap and not end_is_border:
+        w[-overlap:] = ramp.flip(0)
+    return w
+
+
+def vae_tiles(h: int, w: int, opts: UpscaleOptions) -> list[VAETile]:
+    """Overlapping pixel tiles of an (h, w) canvas; one tile when tiling is off or not needed."""
+    if opts.vae_tile == 0 or (h <= opts.vae_tile and w <= opts.vae_tile):
+        return [VAETile(slice(0, h), slice(0, w), (True, True, True, True))]
+    tile, overlap = opts.vae_tile, opts.vae_overlap
+    tops, lefts = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    th, tw = min(tile, h), min(tile, w)
+    return [VAETile(slice(top, top + th), slice(left, left + tw),
+                    (top == tops[0], top == tops[-1], left == lefts[0], left == lefts[-1]))
+            for top in tops for left in lefts]
+
+
+def tiled_encode(vae: AutoencoderKL, canvas: torch.Tensor, opts: UpscaleOptions) -> DiagonalGaussian:
+    """The VAE posterior of the canvas. Large canvases are encoded in overlapping tiles whose moments
+    are blended with linear ramps.
+
+    Trade-off: GroupNorm statistics are then per tile, not per image, so tiles can differ slightly in
+    tone; the overlap ramps hide the seams. Memory stays at one tile's activations (`vae_tile=0` turns
+    tiling off and reproduces the official whole-image encoding exactly).
+    """
+    f = vae.downscale
+    tiles = vae_tiles(*canvas.shape[-2:], opts)
+    if len(tiles) == 1:
+        return vae.encode(canvas)
+    b, _, h, w = canvas.shape
+    moments = canvas.new_zeros(b, 2 * vae.cfg.embed_dim, h // f, w // f)
+    total = canvas.new_zeros(h // f, w // f)
+    for tile in tiles:
+        rows, cols = tile.latent(f)
+        weight = tile.weight(f, opts.vae_overlap).to(canvas)
+        moments[..., rows, cols] += weight * vae.moments(canvas[..., tile.rows, tile.cols])
+        total[rows, cols] += weight
+    return DiagonalGaussian(moments / total)
+
+
+def tiled_cfw_decode(cfw: CFWAutoencoder, z: torch.Tensor, canvas: torch.Tensor, opts: UpscaleOptions):
+    """CFW decode (Eq. 2) of an unscaled latent with the canvas's encoder features, in overlapping pixel
+    tiles for large canvases: each tile runs the CFW encoder on its own canvas region (so the features
+    never exist for the whole image at once) and decodes its latent region; tiles are blended with
+    linear ramps. Same trade-off as `tiled_encode`."""
+    f = cfw.downscale
+    tiles = vae_tiles(*canvas.shape[-2:], opts)
+    if len(tiles) == 1:
+        return _cfw_decode_tile(cfw, z, canvas, opts.dec_w)
+    out = torch.zeros_like(canvas)
+    total = canvas.new_zeros(canvas.shape[-2:])
+    for tile in tiles:
+        rows, cols = tile.latent(f)
+        weight = tile.weight(1, opts.vae_overlap).to(canvas)
+        out[..., tile.rows, tile.cols] += weight * _cfw_decode_tile(
+            cfw, z[..., rows, cols], canvas[..., tile.rows, tile.cols], opts.dec_w)
+        total[tile.rows, tile.cols] += weight
+    return out / total
+
+
+def _cfw_decode_tile(cfw: CFWAutoencoder, z: torch.Tensor, canvas: torch.Tensor, w: float) -> torch.Tensor:
+    features = cfw.encode_with_features(canvas)[1] if w != 0 else None
+    return cfw.decode(z, features, w)

@@ -1,4 +1,7 @@
-"""Command line: `python -m stablesr_min convert IN.ckpt OUT.safetensors`.
+"""Command line.
+
+    python -m stablesr_min upscale photo.png [more.png ...] --out results/
+    python -m stablesr_min convert stablesr_000117.ckpt stablesr_000117.safetensors
 
 Every user error ends in one line on stderr and exit code 2; no traceback.
 """
@@ -6,8 +9,15 @@ Every user error ends in one line on stderr and exit code 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
+from .image_io import ImageError, load_image, save_png_atomically, to_pil
 from .weights import WeightsError, convert_ckpt, guess_kind
 
 
@@ -15,14 +25,187 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
+# ------------------------------------------------------------------------------------------------------
+# convert
+
+
 def cmd_convert(args) -> None:
     tensors = convert_ckpt(args.input, args.output)
     print(f"wrote {args.output}: {len(tensors)} tensors ({guess_kind(tensors)} checkpoint)")
 
 
+# ------------------------------------------------------------------------------------------------------
+# upscale
+
+
+class ProgressLine:
+    """One status line on stderr: rewritten in place on a terminal, one line per step otherwise."""
+
+    def __init__(self, name: str, steps: int):
+        self.name, self.steps, self.step = name, steps, 0
+        self.tty = sys.stderr.isatty()
+        self.start = time.monotonic()
+
+    def tiles(self, done: int, total: int) -> None:
+        if self.tty:
+            self._write(f"step {self.step + 1}/{self.steps}, tile {done}/{total}", end="\r")
+
+    def step_done(self, step: int, steps: int, x: torch.Tensor) -> None:
+        self.step = step
+        if self.tty or step == steps or step % max(1, steps // 10) == 0:
+            self._write(f"step {step}/{steps}", end="\r" if self.tty and step < steps else "\n")
+
+    def _write(self, text: str, end: str) -> None:
+        elapsed = time.monotonic() - self.start
+        print(f"\x1b[2K{self.name}: {text} ({elapsed:.0f} s)" if self.tty else f"{self.name}: {text} ({elapsed:.0f} s)",
+              end=end, file=sys.stderr, flush=True)
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
+    return device
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "float16" and device.type == "cpu":
+        raise UsageError("--dtype float16 needs a GPU; on the CPU use float32 or bfloat16")
+    return DTYPES[name]
+
+
+def output_paths(inputs: list[Path], out_dir: Path) -> list[Path]:
+    """DIR/<name>.png per input; refuses to overwrite an input or to write two inputs to one file."""
+    outputs = [out_dir / f"{p.stem}.png" for p in inputs]
+    resolved_inputs = {p.resolve() for p in inputs}
+    seen: dict[Path, Path] = {}
+    for src, dst in zip(inputs, outputs):
+        if dst.resolve() in resolved_inputs:
+            raise UsageError(f"{dst}: writing it would overwrite an input; choose another --out folder")
+        if dst in seen:
+            raise UsageError(f"{src} and {seen[dst]} would both be written to {dst}; rename one of them")
+        seen[dst] = src
+    return outputs
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def canvas_bytes(h: int, w: int, scale: float, dtype: torch.dtype) -> int:
+    """What grows with the image: about eight full-size RGB float buffers (upsampled, canvas, CFW
+    output and its blend weights, colour fix, result) and a handful of latent-sized ones. Network
+    activations are bounded by the tiles and do not grow with the image."""
+    out_pixels = int(h * scale) * int(w * scale)
+    return out_pixels * 3 * 4 * 8 + out_pixels // 64 * 4 * torch.finfo(dtype).bits // 8 * 8
+
+
+def cmd_upscale(args) -> None:
+    # Imported here so that `convert` and `--help` stay fast.
+    from .model import RANDOM_WEIGHTS_WARNING, find_weights, load_cfw, load_stablesr
+    from .pipeline import StableSRPipeline, UpscaleOptions
+
+    inputs = [Path(p) for p in args.inputs]
+    images = {}
+    for path in inputs:
+        images[path] = load_image(path)  # fails fast, before the models load
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir}: exists and is not a folder")
+    outputs = output_paths(inputs, out_dir)
+    try:
+        opts = UpscaleOptions(scale=args.scale, steps=args.steps, tile=args.tile, overlap=args.overlap,
+                              tile_batch=args.tile_batch, tile_weights=args.tile_weights, dec_w=args.dec_w,
+                              colorfix=args.colorfix, prompt=args.prompt, vae_tile=args.vae_tile)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+
+    free = free_memory_bytes(device)
+    for path, image in images.items():
+        h, w = image.rgb.shape[-2:]
+        need = canvas_bytes(h, w, opts.scale, dtype)
+        if need > free:
+            raise UsageError(f"{path}: {w}x{h} at --scale {opts.scale:g} needs about {need / 2**30:.1f} GB "
+                             f"for the image canvas, but {device} has {free / 2**30:.1f} GB free; use a "
+                             "smaller --scale, split the image, or another device")
+
+    if args.weights:
+        if not args.cfw:
+            raise UsageError("--weights needs --cfw too (the CFW decoder, vqgan_cfw_00011.safetensors)")
+        stablesr_paths, cfw_path, random = args.weights, args.cfw, False
+    else:
+        choice = find_weights()
+        stablesr_paths, cfw_path, random = choice.stablesr, args.cfw or choice.cfw, choice.random
+    if random:
+        print("WARNING: " + RANDOM_WEIGHTS_WARNING.replace("**", ""), file=sys.stderr)
+    model = load_stablesr(stablesr_paths, args.config, dtype=dtype, device=device)
+    cfw = load_cfw(cfw_path, args.config, dtype=dtype, device=device)
+    pipeline = StableSRPipeline(model, cfw)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for (path, image), out_path in zip(images.items(), outputs):
+        progress = ProgressLine(path.name, opts.steps)
+        generator = torch.Generator().manual_seed(args.seed)
+        sr = pipeline(image.rgb, opts, generator=generator, progress=progress.tiles, on_step=progress.step_done)
+        alpha = None
+        if image.alpha is not None:
+            # Alpha is not an image the model knows: it is upscaled on its own (bicubic) and put back.
+            alpha = F.interpolate(image.alpha, size=sr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+        save_png_atomically(to_pil(sr.float().cpu(), alpha), out_path)
+        print(f"wrote {out_path} ({sr.shape[-1]}x{sr.shape[-2]})")
+
+
+# ------------------------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stablesr_min", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m stablesr_min",
+                                     description="StableSR super-resolution, from the official weights.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("upscale", help="super-resolve images (default 4x)",
+                        description="Super-resolve images with StableSR. Without --weights it uses "
+                                    "$STABLESR_WEIGHTS, or tiny RANDOM weights (a demo of the computation).")
+    up.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (PNG, JPEG, ...)")
+    up.add_argument("--out", required=True, metavar="DIR", help="folder for DIR/<name>.png")
+    up.add_argument("--weights", nargs="+", metavar="FILE", help="StableSR .safetensors (stablesr_000117)")
+    up.add_argument("--cfw", metavar="FILE", help="CFW .safetensors (vqgan_cfw_00011)")
+    up.add_argument("--config", metavar="JSON", help="model config (files written by this project carry it)")
+    up.add_argument("--steps", type=int, default=200, help="DDPM steps (default 200)")
+    up.add_argument("--scale", type=float, default=4.0, help="upscaling factor (default 4)")
+    up.add_argument("--dec-w", type=float, default=0.5, help="CFW weight w in [0, 1]: 0 realistic, 1 faithful (0.5)")
+    up.add_argument("--colorfix", choices=["adain", "wavelet", "none"], default="adain", help="colour correction")
+    up.add_argument("--tile", type=int, default=64, help="latent tile of aggregation sampling (64 = 512 px)")
+    up.add_argument("--overlap", type=int, default=32, help="latent overlap of tiles (default 32)")
+    up.add_argument("--tile-batch", type=int, default=4, help="tiles per network call (default 4)")
+    up.add_argument("--tile-weights", choices=["paper", "official"], default="paper",
+                    help="Gaussian tile weights: the paper's centred map, or the official code's")
+    up.add_argument("--vae-tile", type=int, default=512, help="VAE tile in pixels for large images (0: off)")
+    up.add_argument("--prompt", default="", help="text prompt (StableSR was trained with none)")
+    up.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    up.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    up.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype (GPU: float16/bfloat16)")
+    up.set_defaults(run=cmd_upscale)
+
     convert = sub.add_parser("convert", help="convert an official .ckpt to .safetensors, without running its code")
     convert.add_argument("input", help="the official .ckpt file")
     convert.add_argument("output", help="the .safetensors file to write")
@@ -34,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (UsageError, WeightsError) as e:
+    except (UsageError, WeightsError, ImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0

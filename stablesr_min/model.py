@@ -14,7 +14,10 @@ so the diffusion prior alone can be run for comparison.
 
 from __future__ import annotations
 
+import hashlib
 import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -22,6 +25,7 @@ from torch import nn
 
 from .cfw import CFWAutoencoder
 from .config import StableSRConfig
+from .golden import GoldenSet
 from .text import TextEncoder
 from .time_encoder import TimeAwareEncoder
 from .unet import UNet
@@ -106,3 +110,47 @@ def load_cfw(
         cfw = CFWAutoencoder(cfg.cfw)
     return load_module(cfw, files, "", what="the CFW autoencoder", dtype=dtype, device=device).eval()
 
+
+
+# ------------------------------------------------------------------------------------------------------
+# Where the weights are: the converted official files, or (for demos without them) tiny random ones
+
+OFFICIAL_STABLESR = "stablesr_000117.safetensors"  # from stablesr_000117.ckpt (or the turbo checkpoint)
+OFFICIAL_CFW = "vqgan_cfw_00011.safetensors"  # from vqgan_cfw_00011.ckpt
+RANDOM_WEIGHTS_WARNING = ("**These weights are RANDOM** (tiny models filled by a hash rule, from "
+                          "scripts/make_tiny_weights.py): outputs show the computation, not super-resolution. "
+                          "Convert the official checkpoints and point STABLESR_WEIGHTS (or --weights/--cfw) "
+                          "at them for real results.")
+
+
+@dataclass
+class WeightsChoice:
+    stablesr: list[Path]
+    cfw: Path
+    random: bool  # True: the tiny random demo weights
+
+
+def tiny_weights_dir() -> Path:
+    """Tiny random weights written (once) from the project's golden set into a cache folder."""
+    golden = GoldenSet()
+    tag = hashlib.sha1((golden.path / "manifest.json").read_bytes()).hexdigest()[:12]
+    root = Path(os.environ.get("STABLESR_CACHE", Path.home() / ".cache" / "stablesr-min"))
+    folder = root / f"tiny-{tag}"
+    if not all((folder / name).is_file() for name in ("stablesr.safetensors", "cfw.safetensors")):
+        golden.write_weights(folder)
+    return folder
+
+
+def find_weights(folder: str | os.PathLike | None = None) -> WeightsChoice:
+    """The official files in `folder` (default: $STABLESR_WEIGHTS); the tiny random ones if no folder is
+    named at all. A folder that is named but lacks the files is an error, not a silent fallback."""
+    folder = folder or os.environ.get("STABLESR_WEIGHTS")
+    if not folder:
+        tiny = tiny_weights_dir()
+        return WeightsChoice([tiny / "stablesr.safetensors"], tiny / "cfw.safetensors", random=True)
+    folder = Path(folder)
+    missing = [name for name in (OFFICIAL_STABLESR, OFFICIAL_CFW) if not (folder / name).is_file()]
+    if missing:
+        raise WeightsError(f"{folder}: lacks {', '.join(missing)}; convert the official .ckpt files into it "
+                           "(see the README, 'Official weights')")
+    return WeightsChoice([folder / OFFICIAL_STABLESR], folder / OFFICIAL_CFW, random=False)

@@ -1,0 +1,143 @@
+"""The command line: real runs on the tiny golden-size weights, and one clear line for each bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stablesr_min import cli
+from stablesr_min.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--steps", "2", "--tile", "16", "--overlap", "6", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    """A 40x28 RGB crop of a real photo (coffee.png from ../shared/images)."""
+    path = tmp_path_factory.mktemp("in") / "coffee.png"
+    Image.open(ROOT.parent / "shared" / "images" / "coffee.png").crop((250, 150, 290, 178)).save(path)
+    return path
+
+
+@pytest.fixture
+def weights(golden_weights):
+    stablesr, cfw = golden_weights
+    return ["--weights", str(stablesr), "--cfw", str(cfw)]
+
+
+def run(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_upscale_writes_exactly_scale_times_the_input(photo, weights, tmp_path, capsys):
+    code, out, err = run(["upscale", str(photo), "--scale", "2", "--out", str(tmp_path), *FAST, *weights], capsys)
+    assert code == 0, err
+    result = Image.open(tmp_path / "coffee.png")
+    assert result.size == (80, 56) and result.mode == "RGB"
+    assert "step 2/2" in err
+    assert not list(tmp_path.glob("*.tmp")), "outputs are renamed into place"
+
+
+def test_same_seed_same_image_other_seed_other_image(photo, weights, tmp_path, capsys):
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        args = ["upscale", str(photo), "--out", str(tmp_path / name), *FAST, *weights]
+        args[args.index("--seed") + 1] = seed
+        assert run(args, capsys)[0] == 0
+    a, b, c = (np.asarray(Image.open(tmp_path / n / "coffee.png"), dtype=np.int16) for n in "abc")
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).mean() > 0.5
+
+
+@pytest.mark.parametrize("mode,expect_mode", [("L", "RGB"), ("P", "RGB"), ("RGBA", "RGBA"), ("I;16", "RGB")])
+def test_image_modes(photo, weights, tmp_path, capsys, mode, expect_mode):
+    image = Image.open(photo)
+    if mode == "RGBA":
+        image = image.convert("RGBA")
+        alpha = np.zeros((28, 40), np.uint8)
+        alpha[:, 20:] = 255
+        image.putalpha(Image.fromarray(alpha))
+    elif mode == "I;16":
+        image = Image.fromarray(np.asarray(image.convert("L"), np.uint16) * 257)
+        assert image.mode == "I;16"
+    else:
+        image = image.convert(mode)
+    src = tmp_path / f"in_{mode.replace(';', '')}.png"
+    image.save(src)
+    code, _, err = run(["upscale", str(src), "--out", str(tmp_path / "out"), *FAST, *weights], capsys)
+    assert code == 0, err
+    result = Image.open(tmp_path / "out" / src.name)
+    assert result.size == (160, 112) and result.mode == expect_mode
+    if mode == "RGBA":  # alpha is upscaled on its own: transparent left half, opaque right half
+        a = np.asarray(result.getchannel("A"))
+        assert a[:, :70].max() == 0 and a[:, 90:].min() == 255
+
+
+def test_missing_input(tmp_path, capsys):
+    code, _, err = run(["upscale", str(tmp_path / "nope.png"), "--out", str(tmp_path)], capsys)
+    assert code == 2 and err == f"error: {tmp_path / 'nope.png'}: no such file\n"
+
+
+def test_not_an_image(tmp_path, capsys):
+    (tmp_path / "notes.png").write_text("not a picture")
+    code, _, err = run(["upscale", str(tmp_path / "notes.png"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "not an image" in err and err.count("\n") == 1
+
+
+def test_wrong_checkpoint_kind(photo, golden_weights, tmp_path, capsys):
+    stablesr, cfw = golden_weights
+    code, _, err = run(["upscale", str(photo), "--out", str(tmp_path), "--weights", str(cfw), "--cfw", str(cfw)],
+                       capsys)
+    assert code == 2 and "looks like the CFW checkpoint" in err and "--cfw" in err and err.count("\n") == 1
+    code, _, err = run(["upscale", str(photo), "--out", str(tmp_path), "--weights", str(stablesr), "--cfw",
+                        str(stablesr)], capsys)
+    assert code == 2 and "CFW autoencoder" in err and "StableSR checkpoint" in err
+
+
+def test_weights_without_cfw(photo, golden_weights, tmp_path, capsys):
+    code, _, err = run(["upscale", str(photo), "--out", str(tmp_path), "--weights", str(golden_weights[0])], capsys)
+    assert code == 2 and "--cfw" in err
+
+
+def test_never_overwrites_an_input(photo, weights, capsys):
+    before = photo.read_bytes()
+    code, _, err = run(["upscale", str(photo), "--out", str(photo.parent), *FAST, *weights], capsys)
+    assert code == 2 and "overwrite an input" in err
+    assert photo.read_bytes() == before
+
+
+def test_two_inputs_one_output_name(photo, tmp_path, capsys):
+    other = tmp_path / "coffee.jpg"
+    Image.open(photo).save(other)
+    code, _, err = run(["upscale", str(photo), str(other), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "would both be written" in err
+
+
+def test_image_too_large_for_the_device(photo, weights, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "free_memory_bytes", lambda device: 10 * 2**20)
+    code, _, err = run(["upscale", str(photo), "--scale", "40", "--out", str(tmp_path), *weights], capsys)
+    assert code == 2 and "needs about" in err and "GB free" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dec-w", "2"], "dec_w"),
+    (["--overlap", "64"], "overlap"),
+    (["--steps", "0"], "steps"),
+    (["--dtype", "float16", "--device", "cpu"], "float16 needs a GPU"),
+    (["--device", "tpu"], "not a device"),
+])
+def test_bad_options(photo, tmp_path, capsys, args, message):
+    code, _, err = run(["upscale", str(photo), "--out", str(tmp_path), *args], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_module_entry_point_exit_code(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "stablesr_min", "upscale", str(tmp_path / "x.png"),
+                             "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("x.png: no such file") and "Traceback" not in result.stderr

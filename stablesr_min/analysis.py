@@ -1,0 +1,392 @@
+"""The measurements behind the notebooks in `notebooks/`: one function per quantity a notebook plots.
+
+The notebooks only call these functions and the pipeline's stages (`pipeline.py`) and plot the results,
+so the tests of this module (`tests/test_analysis.py`) cover every number they show.
+
+    setup                    load_demo (weights, device, sizes), load_photo, to_numpy_image
+    the pipeline in pieces   sample_latent + finish, predicted_x0, sample_with_previews
+    Sec. 3.1 time awareness  snr, timestep_at_snr, log_snr_timesteps, sft_feature_similarity
+    Sec. 3.2 CFW trade-off   degrade, psnr, ssim, laplacian_variance
+    Sec. 3.3 aggregation     flat_weights, tile_borders, jump_profile, seam_strength
+    Sec. 3.4 colour          color_shift
+
+Images are (B, 3, H, W) tensors. Photos, degradations and metrics use [0, 1], the range of the pipeline's
+output; the pipeline's input and its intermediate images use [-1, 1] (`2 * x - 1` converts).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .colorfix import color_fix
+from .golden import GoldenSet
+from .image_io import load_image
+from .model import StableSR, find_weights, load_cfw, load_stablesr
+from .pipeline import (StableSRPipeline, UpscaleOptions, draw, make_denoiser, pad_canvas, start_latent,
+                       text_context, tile_weight_map, upsample)
+from .sampler import aggregate, tile_grid, tile_starts
+from .schedule import Schedule
+from .unet import SFT
+
+# ------------------------------------------------------------------------------------------------------
+# Setup: weights, device, sizes, photos
+
+
+def demo_device() -> torch.device:
+    """$STABLESR_DEVICE if set, else cuda when available, else cpu."""
+    return torch.device(os.environ.get("STABLESR_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@dataclass
+class Demo:
+    """A loaded pipeline and the sizes a notebook runs it at."""
+
+    pipe: StableSRPipeline
+    random: bool  # True: the tiny random weights (the curves show the computation, not the paper's result)
+    device: torch.device
+
+    def options(self, **changes) -> UpscaleOptions:
+        """The paper's setting (the `UpscaleOptions` defaults: 64-latent = 512 px tiles, 200 steps) with
+        the official weights. With the tiny random weights: the tile, overlap and step count of the
+        golden set's pipeline case, the sizes those weights were made for."""
+        if self.random:
+            case = GoldenSet().params("pipeline")
+            changes = {"tile": case["tile"], "overlap": case["overlap"], "steps": case["steps"], **changes}
+        return UpscaleOptions(**changes)
+
+    @property
+    def tile_px(self) -> int:
+        """One sampling tile in output pixels."""
+        return self.options().tile * self.pipe.model.vae.downscale
+
+    def lr_size(self, tiles_high: float, tiles_wide: float, scale: float = 4.0) -> tuple[int, int]:
+        """(height, width) of an LR image whose upscaled output covers this many sampling tiles."""
+        return round(tiles_high * self.tile_px / scale), round(tiles_wide * self.tile_px / scale)
+
+
+def load_demo(device: str | torch.device | None = None) -> Demo:
+    """The pipeline on `find_weights()`: the official files in $STABLESR_WEIGHTS, else the tiny random
+    ones (made and cached on first use), on `device` (default `demo_device()`)."""
+    device = torch.device(device) if device is not None else demo_device()
+    choice = find_weights()
+    model = load_stablesr(choice.stablesr, device=device)
+    cfw = load_cfw(choice.cfw, device=device)
+    return Demo(StableSRPipeline(model, cfw), choice.random, device)
+
+
+def images_dir() -> Path:
+    """The project's photos: `../shared/images` next to the repository holding this package."""
+    folder = Path(__file__).resolve().parent.parent.parent / "shared" / "images"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: the shared photos are missing; the notebooks expect the repository "
+                                "checked out next to a `shared/images` folder (coffee.png, chelsea.png, ...)")
+    return folder
+
+
+def load_photo(name: str, size: tuple[int, int]) -> torch.Tensor:
+    """A photo of `images_dir()` as (1, 3, h, w) in [0, 1]: scaled (bicubic, antialiased) to cover
+    `size` = (h, w), then centre-cropped to it."""
+    image = (load_image(images_dir() / name).rgb + 1) / 2
+    (h, w), (src_h, src_w) = size, image.shape[-2:]
+    factor = max(h / src_h, w / src_w)
+    cover = (max(h, round(src_h * factor)), max(w, round(src_w * factor)))
+    image = F.interpolate(image, size=cover, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    top, left = (cover[0] - h) // 2, (cover[1] - w) // 2
+    return image[..., top:top + h, left:left + w]
+
+
+def to_numpy_image(image: torch.Tensor, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """First image of a (B, C, H, W) batch as an (H, W, C) float array in [0, 1], for `plt.imshow`."""
+    low, high = value_range
+    x = ((image[0].detach().float().cpu() - low) / (high - low)).clamp(0, 1)
+    return x.permute(1, 2, 0).numpy()
+
+
+# ------------------------------------------------------------------------------------------------------
+# The pipeline in pieces: sample once, then decode and colour-fix several ways
+
+
+@dataclass
+class Sampled:
+    upsampled: torch.Tensor  # bicubic-upscaled LR, [-1, 1]: the colour fix's reference
+    canvas: torch.Tensor  # `upsampled` zero-padded to whole tiles: the CFW encoder's input
+    x0: torch.Tensor  # the latent after the last reverse step
+
+
+@torch.no_grad()
+def sample_latent(pipe: StableSRPipeline, lr: torch.Tensor, opts: UpscaleOptions, generator: torch.Generator,
+                  weights: torch.Tensor | None = None) -> Sampled:
+    """`StableSRPipeline.__call__` up to the final latent, stage by stage with the same random draws.
+
+    lr: (B, 3, h, w) in [-1, 1]. `weights`: the tile weight map of aggregation (default: `opts`' map).
+    """
+    lr = lr.to(pipe.device, pipe.dtype)
+    upsampled = upsample(lr, opts.scale)
+    canvas = pad_canvas(upsampled, opts.tile * pipe.model.vae.downscale)
+    z0 = pipe.encode(canvas, None, opts, generator)
+    x_T = start_latent(pipe.train_schedule, z0, draw(z0, generator))
+    context = text_context(pipe.model, opts.prompt, lr.shape[0]).to(pipe.dtype)
+    x0 = pipe.sample(x_T, z0, context, opts, [], generator, weights)
+    return Sampled(upsampled, canvas, x0)
+
+
+@torch.no_grad()
+def finish(pipe: StableSRPipeline, sampled: Sampled, opts: UpscaleOptions) -> torch.Tensor:
+    """CFW decode with `opts.dec_w` (Eq. 2), crop, colour fix `opts.colorfix`: the SR image in [0, 1].
+    `finish(pipe, sample_latent(pipe, lr, opts, g), opts)` equals `pipe(lr, opts, generator=g)`."""
+    height, width = sampled.upsampled.shape[-2:]
+    decoded = pipe.decode(sampled.x0, sampled.canvas, opts)[..., :height, :width]
+    fixed = color_fix(decoded.float(), sampled.upsampled.float(), opts.colorfix)
+    return ((fixed + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def predicted_x0(pipe: StableSRPipeline, x: torch.Tensor, z0: torch.Tensor, context: torch.Tensor,
+                 opts: UpscaleOptions, k: int) -> torch.Tensor:
+    """The clean latent the network predicts from x_k (respaced step k), blended over tiles exactly as
+    a sampling step blends them: x_0 = sqrt(1/ab_k) x_k - sqrt(1/ab_k - 1) eps_theta (Ho et al. Eq. 15)."""
+    schedule = pipe.train_schedule.respace(opts.steps)
+    tiles = tile_grid(x.shape[-2], x.shape[-1], opts.tile, opts.overlap)
+    t = schedule.network_timestep(k, x.shape[0]).to(x.device)
+    output = aggregate(x, z0, t, make_denoiser(pipe.model, context), tiles, tile_weight_map(opts), opts.tile_batch)
+    return schedule.predict_x0(x, k, output)
+
+
+@dataclass
+class Preview:
+    steps_done: int  # reverse steps taken before this state (0: x_T)
+    timestep: int  # the training timestep of its noise level
+    x: torch.Tensor  # the noisy latent
+    x0: torch.Tensor  # the clean latent the network predicts from it
+
+
+@torch.no_grad()
+def sample_with_previews(pipe: StableSRPipeline, x_T: torch.Tensor, z0: torch.Tensor, context: torch.Tensor,
+                         opts: UpscaleOptions, generator: torch.Generator,
+                         at: Iterable[int]) -> tuple[torch.Tensor, list[Preview]]:
+    """`pipe.sample`, plus the predicted x_0 of the states after `at` steps (each in [0, opts.steps)).
+
+    Each preview costs one more network pass over all tiles; it draws no noise, so the final latent is
+    the one `pipe.sample` gives for the same generator.
+    """
+    at = sorted(set(at))
+    if any(not 0 <= n < opts.steps for n in at):
+        raise ValueError(f"previews must be taken after 0 .. {opts.steps - 1} steps, got {at}")
+    schedule = pipe.train_schedule.respace(opts.steps)
+    previews = []
+
+    def preview(steps_done: int, x: torch.Tensor) -> None:
+        k = opts.steps - 1 - steps_done  # the respaced step that would be taken next
+        x0 = predicted_x0(pipe, x, z0, context, opts, k)
+        previews.append(Preview(steps_done, int(schedule.timestep_map[k]), x, x0))
+
+    def on_step(steps_done: int, steps: int, x: torch.Tensor) -> None:
+        if steps_done in at:
+            preview(steps_done, x)
+
+    if 0 in at:
+        preview(0, x_T)
+    x0 = pipe.sample(x_T, z0, context, opts, [], generator, on_step=on_step)
+    return x0, previews
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sec. 3.1: time-aware guidance
+
+
+def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio of each timestep: x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps has signal power
+    ab_t and noise power 1 - ab_t, so SNR(t) = ab_t / (1 - ab_t)."""
+    return alphas_cumprod / (1 - alphas_cumprod)
+
+
+def timestep_at_snr(alphas_cumprod: torch.Tensor, target: float) -> int:
+    """The timestep whose SNR is closest to `target` on a log scale."""
+    return int((snr(alphas_cumprod).log() - math.log(target)).abs().argmin())
+
+
+def log_snr_timesteps(alphas_cumprod: torch.Tensor, n: int) -> list[int]:
+    """About `n` timesteps, ascending, evenly spread in log SNR from the first timestep to the last (an
+    even spread on a log-SNR axis; evenly spaced t would crowd the noisy end). Duplicates are dropped."""
+    values = snr(alphas_cumprod)
+    targets = torch.logspace(math.log10(values[0]), math.log10(values[-1]), n, dtype=torch.float64)
+    return sorted({timestep_at_snr(alphas_cumprod, float(target)) for target in targets})
+
+
+@torch.no_grad()
+def sft_feature_similarity(model: StableSR, z0: torch.Tensor, lr_latent: torch.Tensor, context: torch.Tensor,
+                           timesteps: Iterable[int], noise: torch.Tensor,
+                           fixed_encoder_t: int | None = None) -> torch.Tensor:
+    """How strongly the time-aware guidance modulates the UNet at each timestep (the paper's Fig. 3).
+
+    For each t, the clean latent `z0` is noised to x_t = sqrt(ab_t) z0 + sqrt(1 - ab_t) noise, the
+    time-aware encoder turns `lr_latent` and t into the conditions s, and the UNet runs on x_t. At every
+    SFT layer (Eq. 1, F_mod = (1 + alpha) F + beta with (alpha, beta) = M_theta(s); F is the GroupNorm-ed
+    UNet feature, as in the official code) a forward hook takes the cosine similarity between F and F_mod,
+    each flattened per image: 1 means s left the feature's direction alone, lower means stronger
+    modulation. Returns (len(timesteps),) float64: the mean over SFT layers and images.
+
+    fixed_encoder_t: feed the encoder this one timestep whatever t the UNet sees (the ablation without
+    time awareness); None feeds it t.
+    """
+    if model.time_encoder is None:
+        raise ValueError("this model has no SFT layers (use_sft=False): nothing modulates the UNet")
+    schedule = Schedule.from_config(model.cfg.diffusion)
+    batch = z0.shape[0]
+    layer_similarities: list[torch.Tensor] = []
+
+    def hook(module: SFT, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
+        feature = module.param_free_norm(inputs[0])
+        layer_similarities.append(F.cosine_similarity(feature.flatten(1).double(), output.flatten(1).double(), dim=1))
+
+    handles = [m.register_forward_hook(hook) for m in model.unet.modules() if isinstance(m, SFT)]
+    try:
+        similarities = []
+        for t in timesteps:
+            layer_similarities.clear()
+            unet_t = torch.full((batch,), int(t), device=z0.device)
+            encoder_t = unet_t if fixed_encoder_t is None else torch.full_like(unet_t, fixed_encoder_t)
+            x_t = schedule.q_sample(z0, int(t), noise)
+            model.unet(x_t, unet_t, context, model.time_encoder(lr_latent, encoder_t))
+            similarities.append(torch.stack(layer_similarities).mean())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(similarities).cpu()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sec. 3.2: the fidelity-realism trade-off of CFW, measured on a synthetically degraded photo
+
+
+def gaussian_kernel(sigma: float, radius: int | None = None) -> torch.Tensor:
+    """Normalised 1-D Gaussian taps, float64, radius ceil(3 sigma) unless given."""
+    radius = math.ceil(3 * sigma) if radius is None else radius
+    taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float64) ** 2 / (2 * sigma**2))
+    return taps / taps.sum()
+
+
+def _separable(image: torch.Tensor, taps: torch.Tensor, padding_mode: str | None) -> torch.Tensor:
+    """Convolve each channel with taps x taps (reflect-padded to keep the size, or 'valid' if None)."""
+    channels, radius = image.shape[1], len(taps) // 2
+    if padding_mode is not None:
+        image = F.pad(image, (radius,) * 4, mode=padding_mode)
+    taps = taps.to(image)
+    image = F.conv2d(image, taps.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(image, taps.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
+def jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
+    """JPEG-compress each image in memory with Pillow (8-bit, default 4:2:0 chroma) and decode it back."""
+    decoded = []
+    for one in image.detach().cpu():
+        array = (one.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+        with Image.open(buffer) as reloaded:
+            decoded.append(torch.from_numpy(np.asarray(reloaded.convert("RGB"), dtype=np.float32) / 255))
+    return torch.stack(decoded).permute(0, 3, 1, 2).to(image)
+
+
+def degrade(hr: torch.Tensor, scale: int, blur_sigma: float, noise_sigma: float, jpeg_quality: int | None,
+            generator: torch.Generator) -> torch.Tensor:
+    """A synthetic real-world LR image: blur, downscale, noise, JPEG (one pass of the classical order
+    that Real-ESRGAN's degradation model, which StableSR trains on, repeats twice).
+
+    hr: (B, 3, H, W) in [0, 1] -> (B, 3, H // scale, W // scale) in [0, 1]. blur_sigma: Gaussian blur in HR
+    pixels (0: none); downscale: bicubic, antialiased; noise_sigma: additive Gaussian noise on the [0, 1]
+    scale (0: none), drawn from `generator` on the CPU; jpeg_quality: 1-95 (None: no JPEG).
+    """
+    x = _separable(hr, gaussian_kernel(blur_sigma), "reflect") if blur_sigma > 0 else hr
+    x = F.interpolate(x, size=(hr.shape[-2] // scale, hr.shape[-1] // scale), mode="bicubic",
+                      antialias=True, align_corners=False)
+    if noise_sigma > 0:
+        x = x + noise_sigma * torch.randn(x.shape, generator=generator).to(x)
+    x = x.clamp(0, 1)
+    return jpeg(x, jpeg_quality) if jpeg_quality is not None else x
+
+
+def psnr(image: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio per image, in dB: 10 log10(range^2 / MSE); inf for identical images."""
+    mse = (image.double() - reference.double()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(data_range**2 / mse)
+
+
+def ssim(image: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Structural similarity per image (Wang et al. 2004), the standard setting: 11x11 Gaussian window
+    with sigma 1.5, K1 = 0.01, K2 = 0.03, over every window fully inside the image, averaged over
+    windows and channels:
+
+        SSIM = (2 mu_x mu_y + C1)(2 sigma_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(sigma_x^2 + sigma_y^2 + C2)),
+        C1 = (K1 L)^2, C2 = (K2 L)^2, L = data_range.
+    """
+    x, y = image.double(), reference.double()
+    taps = gaussian_kernel(1.5, radius=5)
+    mean = lambda z: _separable(z, taps, None)  # noqa: E731 (local weighted mean over each window)
+    mu_x, mu_y = mean(x), mean(y)
+    var_x, var_y, cov = mean(x * x) - mu_x**2, mean(y * y) - mu_y**2, mean(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(1)
+
+
+def laplacian_variance(image: torch.Tensor) -> torch.Tensor:
+    """A no-reference sharpness proxy per image: the variance of the 4-neighbour Laplacian of the grey
+    image (the channel mean), over every pixel with all four neighbours. Blur lowers it; fine texture,
+    real or hallucinated, raises it. Not a realism metric: noise raises it too."""
+    grey = image.double().mean(1, keepdim=True)
+    kernel = torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=torch.float64).view(1, 1, 3, 3)
+    return F.conv2d(grey, kernel.to(grey.device)).flatten(1).var(1, unbiased=False)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sec. 3.3: aggregation sampling vs naive tiling
+
+
+def flat_weights(opts: UpscaleOptions) -> torch.Tensor:
+    """A constant tile weight map: with `overlap=0` the sampler then runs naive tiling, each latent cell
+    denoised by exactly one tile."""
+    return torch.ones(opts.tile, opts.tile, dtype=torch.float64)
+
+
+def tile_borders(size: int, tile: int, downscale: int = 1) -> list[int]:
+    """Where naive (non-overlapping) tiles of a latent side `size` meet, in pixels at `downscale` per
+    latent cell (a border p lies between pixels p - 1 and p)."""
+    return [start * downscale for start in tile_starts(size, tile, 0)[1:]]
+
+
+def jump_profile(image: torch.Tensor, axis: int) -> torch.Tensor:
+    """Mean absolute difference between neighbouring rows (axis=-2) or columns (axis=-1), averaged over
+    batch, channels and the other axis: entry p - 1 is the jump across border p. Float64."""
+    jumps = image.double().diff(dim=axis).abs()
+    other = [d for d in range(image.dim()) if d != axis % image.dim()]
+    return jumps.mean(dim=other)
+
+
+def seam_strength(image: torch.Tensor, positions: Iterable[int], axis: int) -> float:
+    """Mean jump across the borders at `positions` divided by the mean jump across all other borders
+    along `axis` (see `jump_profile`): about 1 where the tiles join invisibly, > 1 for a visible seam."""
+    profile = jump_profile(image, axis)
+    at_seams = torch.zeros_like(profile, dtype=torch.bool)
+    at_seams[[p - 1 for p in positions]] = True
+    return (profile[at_seams].mean() / profile[~at_seams].mean()).item()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sec. 3.4: colour correction
+
+
+def color_shift(output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-image, per-channel mean of `output` minus that of `reference`, (B, C) float64. Sizes may
+    differ (an SR output against its LR input): only the means are compared."""
+    return output.double().mean(dim=(-2, -1)) - reference.double().mean(dim=(-2, -1))

@@ -1,0 +1,287 @@
+"""The notebooks' measurements (stablesr_min/analysis.py), each checked against numbers worked out by hand."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from stablesr_min.analysis import (Demo, color_shift, degrade, finish, jump_profile, laplacian_variance, load_photo,
+                                   log_snr_timesteps, psnr, sample_latent, sample_with_previews, seam_strength,
+                                   sft_feature_similarity, snr, ssim, tile_borders, timestep_at_snr, to_numpy_image)
+from stablesr_min.config import DiffusionConfig
+from stablesr_min.pipeline import (StableSRPipeline, UpscaleOptions, draw, pad_canvas, start_latent, text_context,
+                                   upsample)
+from stablesr_min.schedule import Schedule
+from stablesr_min.unet import SFT
+
+
+def rand(*shape, seed=0):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def checkerboard(size: int) -> torch.Tensor:
+    """(1, 3, size, size) of 0 and 1 alternating pixel by pixel."""
+    i = torch.arange(size)
+    return ((i[:, None] + i[None, :]) % 2).double().expand(1, 3, size, size)
+
+
+# ------------------------------------------------------------------------------------------------------
+# SNR
+
+
+def test_snr_is_alpha_bar_over_one_minus_alpha_bar():
+    assert snr(torch.tensor([0.5, 0.9, 0.2], dtype=torch.float64)).tolist() == pytest.approx([1.0, 9.0, 0.25])
+    ab = Schedule.from_config(DiffusionConfig()).alphas_cumprod
+    values = snr(ab)
+    # t = 0: ab = 1 - beta_0 = 0.99915, so SNR = 0.99915 / 0.00085
+    assert values[0].item() == pytest.approx(0.99915 / 0.00085, rel=1e-12)
+    assert values[-1].item() == pytest.approx(0.0046819, rel=1e-4)
+    assert bool((values.diff() < 0).all())
+
+
+def test_timestep_at_snr_finds_the_paper_s_5e_2():
+    ab = Schedule.from_config(DiffusionConfig()).alphas_cumprod
+    t = timestep_at_snr(ab, 5e-2)
+    assert t == 770
+    assert snr(ab)[t].item() == pytest.approx(5e-2, rel=0.01)
+
+
+def test_log_snr_timesteps_spread_evenly_in_log_snr():
+    ab = Schedule.from_config(DiffusionConfig()).alphas_cumprod
+    timesteps = log_snr_timesteps(ab, 20)
+    assert timesteps[0] == 0 and timesteps[-1] == 999 and timesteps == sorted(set(timesteps))
+    # Steps of log10 SNR: (log10 1175.5 - log10 0.00468) / 19 = 0.284 each, up to rounding t to an integer
+    # (which matters most near t = 0, where SNR falls fastest).
+    gaps = snr(ab)[timesteps].log10().diff().neg()
+    assert len(timesteps) == 20
+    assert gaps.tolist() == pytest.approx([0.284] * 19, abs=0.04)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Fidelity metrics and the sharpness proxy
+
+
+def test_psnr_of_a_constant_offset():
+    x = rand(2, 3, 16, 16) * 0.8
+    assert psnr(x, x).tolist() == [math.inf, math.inf]
+    # MSE = 0.1^2 = 0.01 -> 10 log10(1 / 0.01) = 20 dB
+    assert psnr(x + 0.1, x).tolist() == pytest.approx([20.0, 20.0])
+    assert psnr(x + 0.2, x, data_range=2.0).tolist() == pytest.approx([20.0, 20.0])
+
+
+def test_ssim_of_identical_images_is_one():
+    x = rand(2, 3, 24, 20)
+    assert ssim(x, x).tolist() == pytest.approx([1.0, 1.0], abs=1e-12)
+
+
+def test_ssim_of_two_flat_images_is_the_luminance_term():
+    a, b = torch.full((1, 3, 16, 16), 0.5), torch.full((1, 3, 16, 16), 0.25)
+    # No variance: the contrast-structure term is C2 / C2 = 1, leaving (2ab + C1) / (a^2 + b^2 + C1).
+    c1 = 0.01**2
+    expected = (2 * 0.5 * 0.25 + c1) / (0.5**2 + 0.25**2 + c1)
+    assert ssim(a, b).item() == pytest.approx(expected, rel=1e-12)
+    assert ssim(b, a).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_ssim_falls_with_noise():
+    x = rand(1, 3, 32, 32)
+    noisy = [(x + s * rand(1, 3, 32, 32, seed=1)).clamp(0, 1) for s in (0.05, 0.2, 0.5)]
+    values = [ssim(n, x).item() for n in noisy]
+    assert 1 > values[0] > values[1] > values[2] > 0
+
+
+def test_laplacian_variance():
+    assert laplacian_variance(torch.full((1, 3, 8, 8), 0.3)).item() == pytest.approx(0.0, abs=1e-24)
+    # Every pixel of a 0/1 checkerboard has four opposite neighbours: the Laplacian is +4 or -4, variance 16.
+    assert laplacian_variance(checkerboard(8)).item() == pytest.approx(16.0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The synthetic degradation
+
+
+def test_degrade_sizes_and_a_flat_grey():
+    g = torch.Generator().manual_seed(0)
+    lr = degrade(torch.full((2, 3, 64, 48), 0.5), 4, blur_sigma=1.5, noise_sigma=0, jpeg_quality=50, generator=g)
+    assert lr.shape == (2, 3, 16, 12)
+    # A flat grey survives blur and resizing, and 0.5 -> 8 bits -> round(127.5) = 128 survives JPEG.
+    assert torch.allclose(lr, torch.full_like(lr, 128 / 255), atol=1e-7)
+
+
+def test_degrade_noise_has_the_given_sigma_and_the_generator_decides_it():
+    hr = torch.full((1, 3, 256, 256), 0.5)
+    noisy = [degrade(hr, 2, 0, 0.1, None, torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    assert (noisy[0] - 0.5).std().item() == pytest.approx(0.1, rel=0.03)
+    assert torch.equal(noisy[0], noisy[1]) and not torch.equal(noisy[0], noisy[2])
+
+
+def test_degrade_blur_and_jpeg():
+    board = checkerboard(32).float()
+    g = torch.Generator()
+    # Blur at sigma 2 averages a checkerboard to nearly flat grey.
+    blurred = degrade(board, 1, 2.0, 0, None, g)
+    assert (blurred - 0.5).abs().max().item() < 1e-3
+    assert torch.equal(degrade(board, 1, 0, 0, None, g), board)
+    # JPEG output is 8-bit and lossy on texture.
+    x = rand(1, 3, 32, 32).float()
+    compressed = degrade(x, 1, 0, 0, 10, g)
+    assert torch.allclose(compressed * 255, (compressed * 255).round(), atol=1e-4)
+    assert 0.02 < (compressed - x).abs().mean().item() < 0.5
+
+
+# ------------------------------------------------------------------------------------------------------
+# Seams
+
+
+def test_tile_borders():
+    assert tile_borders(48, 16, 8) == [128, 256]
+    assert tile_borders(32, 16) == [16]
+    assert tile_borders(16, 16, 8) == []
+
+
+def test_seam_strength_finds_a_planted_seam():
+    rows = torch.arange(16, dtype=torch.float64)
+    # A ramp rising 0.1 per row, with a step of 1 added at row 8: the jump there is 1.1, elsewhere 0.1.
+    image = (0.1 * rows + (rows >= 8)).view(1, 1, 16, 1).expand(1, 3, 16, 10)
+    profile = jump_profile(image, axis=-2)
+    assert profile.shape == (15,)
+    assert profile[7].item() == pytest.approx(1.1)
+    assert seam_strength(image, [8], axis=-2) == pytest.approx(11.0)
+    assert seam_strength(image, [4], axis=-2) == pytest.approx(0.1 / ((13 * 0.1 + 1.1) / 14))
+    # A uniform ramp has no seam anywhere.
+    ramp = (0.1 * torch.arange(12, dtype=torch.float64)).expand(1, 3, 5, 12)
+    assert seam_strength(ramp, [3, 6, 9], axis=-1) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Colour shift
+
+
+def test_color_shift_is_the_per_channel_mean_difference():
+    reference = rand(1, 3, 8, 8)
+    output = torch.nn.functional.interpolate(reference, scale_factor=4, mode="nearest")
+    output = output + torch.tensor([0.1, -0.2, 0.0], dtype=torch.float64).view(1, 3, 1, 1)
+    assert color_shift(output, reference)[0].tolist() == pytest.approx([0.1, -0.2, 0.0], abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Photos and display
+
+
+def test_load_photo_covers_and_crops():
+    photo = load_photo("coffee.png", (40, 30))  # coffee.png is 600 x 400: scaled to height 40, then cropped
+    assert photo.shape == (1, 3, 40, 30)
+    assert 0 <= photo.min().item() and photo.max().item() <= 1
+
+
+def test_to_numpy_image_maps_the_value_range():
+    x = torch.tensor([-1.0, 0.0, 1.0, 3.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
+    image = to_numpy_image(x, value_range=(-1, 1))
+    assert image.shape == (2, 2, 3)
+    assert image[..., 0].ravel().tolist() == [0.0, 0.5, 1.0, 1.0]
+
+
+# ------------------------------------------------------------------------------------------------------
+# SFT similarity (Fig. 3), on the golden-size model
+
+
+@pytest.fixture
+def latents(stablesr):
+    g = torch.Generator().manual_seed(0)
+    z0, lr_latent, noise = (torch.randn(1, 4, 16, 16, generator=g) for _ in range(3))
+    with torch.no_grad():
+        context = text_context(stablesr, "", 1)
+    return z0, lr_latent, context, noise
+
+
+def sft_layers(model):
+    return [m for m in model.unet.modules() if isinstance(m, SFT)]
+
+
+def with_sft(model, gamma_bias: float, beta_bias: float):
+    """A copy of `model` whose SFT layers output (1 + gamma_bias) * F + beta_bias, F = the plain
+    normalisation of the feature (GroupNorm with weight 1, bias 0)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in sft_layers(model):
+            for conv, bias in ((layer.mlp_gamma, gamma_bias), (layer.mlp_beta, beta_bias)):
+                conv.weight.zero_()
+                conv.bias.fill_(bias)
+            layer.param_free_norm.weight.fill_(1)
+            layer.param_free_norm.bias.zero_()
+    return model
+
+
+def test_sft_similarity_of_known_modulations(stablesr, latents):
+    timesteps = [0, 500, 999]
+    identity = sft_feature_similarity(with_sft(stablesr, 0, 0), *latents[:3], timesteps, latents[3])
+    assert identity.tolist() == pytest.approx([1, 1, 1], abs=1e-12)
+    flipped = sft_feature_similarity(with_sft(stablesr, -2, 0), *latents[:3], timesteps, latents[3])
+    assert flipped.tolist() == pytest.approx([-1, -1, -1], abs=1e-12)
+    # F has zero mean per group and unit variance, so <F, F + 1> = |F|^2 = N and |F + 1|^2 = 2N:
+    # the cosine is 1 / sqrt(2) (up to GroupNorm's eps).
+    shifted = sft_feature_similarity(with_sft(stablesr, 0, 1), *latents[:3], timesteps, latents[3])
+    assert shifted.tolist() == pytest.approx([2**-0.5] * 3, abs=1e-4)
+
+
+def test_sft_similarity_with_a_fixed_encoder_timestep(stablesr, latents):
+    z0, lr_latent, context, noise = latents
+    aware = sft_feature_similarity(stablesr, z0, lr_latent, context, [100, 800], noise)
+    assert aware.shape == (2,) and bool((aware.abs() < 1).all())
+    # Fixing the encoder's t at the UNet's own t changes nothing; fixing it elsewhere does.
+    same = sft_feature_similarity(stablesr, z0, lr_latent, context, [800], noise, fixed_encoder_t=800)
+    assert same.item() == aware[1].item()
+    other = sft_feature_similarity(stablesr, z0, lr_latent, context, [800], noise, fixed_encoder_t=100)
+    assert other.item() != aware[1].item()
+    assert all(not layer._forward_hooks for layer in sft_layers(stablesr))
+
+
+# ------------------------------------------------------------------------------------------------------
+# The pipeline in pieces
+
+
+@pytest.fixture(scope="module")
+def pipe(stablesr, cfw):
+    return StableSRPipeline(stablesr, cfw)
+
+
+SMALL = dict(tile=16, overlap=6, steps=3)
+
+
+def test_sample_latent_then_finish_is_the_pipeline(pipe):
+    lr = rand(1, 3, 16, 24, seed=3).float() * 2 - 1
+    opts = UpscaleOptions(**SMALL, colorfix="wavelet", dec_w=0.3)
+    whole = pipe(lr, opts, generator=torch.Generator().manual_seed(7))
+    pieces = finish(pipe, sample_latent(pipe, lr, opts, torch.Generator().manual_seed(7)), opts)
+    assert torch.equal(pieces, whole)
+
+
+def test_previews_leave_sampling_alone_and_end_at_the_result(pipe):
+    opts = UpscaleOptions(**SMALL)
+    lr = rand(1, 3, 16, 16, seed=4).float() * 2 - 1
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        canvas = pad_canvas(upsample(lr, opts.scale), opts.tile * 8)
+        z0 = pipe.encode(canvas, None, opts, g)
+        x_T = start_latent(pipe.train_schedule, z0, draw(z0, g))
+        context = text_context(pipe.model, "", 1)
+        plain = pipe.sample(x_T, z0, context, opts, [], torch.Generator().manual_seed(2))
+    x0, previews = sample_with_previews(pipe, x_T, z0, context, opts, torch.Generator().manual_seed(2), at=[0, 2])
+    assert torch.equal(x0, plain)
+    assert [(p.steps_done, p.timestep) for p in previews] == [(0, 999), (2, 0)]
+    assert torch.equal(previews[0].x, x_T)
+    # The last step (k = 0) returns the posterior mean with coefficients (1, 0): the predicted x_0 itself.
+    assert torch.allclose(previews[1].x0, x0, atol=1e-6)
+    with pytest.raises(ValueError):
+        sample_with_previews(pipe, x_T, z0, context, opts, g, at=[3])
+
+
+def test_demo_sizes(pipe):
+    tiny = Demo(pipe, random=True, device=torch.device("cpu"))
+    opts = tiny.options(dec_w=0.25)
+    assert (opts.tile, opts.overlap, opts.steps, opts.dec_w) == (16, 6, 4, 0.25)  # the golden pipeline case
+    assert tiny.tile_px == 128
+    assert tiny.lr_size(1, 1.5) == (32, 48)
+    official = Demo(pipe, random=False, device=torch.device("cpu")).options()
+    assert (official.tile, official.overlap, official.steps) == (64, 32, 200)

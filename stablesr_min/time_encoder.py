@@ -2,10 +2,10 @@
 
 "Time-aware guidance": a small half-UNet encodes the LR latent into one feature map per UNet resolution,
 and those features modulate the frozen SD UNet through SFT (`unet.SFT`). The encoder also sees the
-timestep t: at large t (low SNR) the noisy latent carries little structure and the LR image should steer
-strongly, while near t = 0 the latent is almost clean and strong guidance would copy the LR degradations,
-so the guidance strength has to vary with the noise level. Conditioning the encoder on t lets it learn that
-schedule.
+timestep t, because the guidance strength should vary with the noise level: at large t (low SNR) the noisy
+latent holds little of the image and the LR condition has to supply its structure; as t falls (SNR rises)
+the latent holds more of it and the guidance should give way to the diffusion prior. A condition blind to t
+would have one strength for every step; with t as input the encoder learns a strength per noise level.
 
 Attribute names mirror the checkpoint keys under `structcond_stage_model.`.
 """
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TimeEncoderConfig
-from .unet import Downsample, ResBlock, TimestepBlocks, attention_heads, normalization, timestep_embedding
+from .unet import (Downsample, ResBlock, TimestepBlocks, attention_heads, conv3x3, normalization,
+                   timestep_embedding)
 
 
 class AttentionBlock(nn.Module):
@@ -68,7 +69,7 @@ class TimeAwareEncoder(nn.Module):
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
-        self.input_blocks = nn.ModuleList([TimestepBlocks([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([TimestepBlocks([conv3x3(cfg.in_channels, mc)])])
         feature_widths = []  # channels of each tapped feature: every level's end, then the middle block
         ch, ds = mc, 1
         for level, mult in enumerate(cfg.channel_mult):

@@ -43,8 +43,33 @@ def normalization(channels: int) -> GroupNorm32:
     return GroupNorm32(32, channels)
 
 
-def conv3x3(cin: int, cout: int) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, padding=1)
+class Conv3x3(nn.Conv2d):
+    """3x3 conv, padding 1.
+
+    On CPU, oneDNN's convolution is 2-4x slower than one matrix product over unfolded patches on the UNet's
+    deepest maps (8x8 outputs and smaller, 1280-2560 channels: few pixels, large weights), so those run as
+    a GEMM.
+    """
+
+    GEMM_MAX_PIXELS = 64
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__(cin, cout, 3, stride=stride, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        s = self.stride[0]
+        h_out, w_out = (h - 1) // s + 1, (w - 1) // s + 1
+        if x.device.type != "cpu" or h_out * w_out > self.GEMM_MAX_PIXELS:
+            return super().forward(x)
+        # (B, C, H, W) -> (B, C*9, H_out*W_out) patches; (Cout, C*9) @ patches -> (B, Cout, H_out*W_out)
+        patches = F.unfold(x, 3, padding=1, stride=s)
+        out = torch.baddbmm(self.bias[:, None], self.weight.flatten(1).expand(b, -1, -1), patches)
+        return out.view(b, -1, h_out, w_out)
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> Conv3x3:
+    return Conv3x3(cin, cout, stride)
 
 
 def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> tuple[int, int]:
@@ -55,12 +80,11 @@ def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> tu
 
 
 class SFT(nn.Module):
-    """Spatial feature transform: the features h are modulated by a condition s of the same size.
+    """Spatial feature transform: UNet features F modulated by the time-aware encoder's feature s of the same size.
 
-    Paper Eq. 1:  F_mod = (1 + alpha) * F + beta,  alpha, beta = M_theta(s).
-    The official code is a SPADE block: it GroupNorms h first (the paper's equation omits this), and
-    M_theta is a shared 3x3 conv + ReLU feeding one 3x3 conv for alpha (`mlp_gamma`) and one for beta.
-    We follow the official code, since its weights were trained with the normalisation.
+    Paper Eq. 1:  F_hat = (1 + alpha) ⊙ F + beta,   (alpha, beta) = M_theta(s)
+    M_theta is a shared 3x3 conv + ReLU feeding one 3x3 conv for alpha (`mlp_gamma`) and one for beta
+    (`mlp_beta`). The official code builds it as a SPADE block, hence the key names.
     """
 
     HIDDEN = 128  # width of the shared conv, fixed in the reference
@@ -74,15 +98,17 @@ class SFT(nn.Module):
 
     def forward(self, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         actv = self.mlp_shared(s)
-        # h = GroupNorm(h) * (1 + gamma(s)) + beta(s)
+        # F = GroupNorm(h): the official code normalises before modulating, Eq. 1 does not; we follow the code,
+        # since the released weights were trained that way.
         return self.param_free_norm(h) * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)
 
 
 class ResBlock(nn.Module):
-    """x -> skip(x) + out_layers(in_layers(x) + emb_layers(t_emb)), optionally SFT-modulated before the sum.
+    """x -> skip(x) + out_layers(in_layers(x) + emb_layers(t_emb)), with the time embedding added per channel.
 
-    With `semb_channels` set (StableSR's ResBlockDual), the residual branch ends with SFT, conditioned on the
-    struct_cond feature whose spatial width equals the branch's: skip(x) + SFT(out_layers(...), s).
+    With `semb_channels` set (StableSR's ResBlockDual) the residual branch ends with SFT: it modulates the
+    output of out_layers' last conv, before the skip addition, with the struct_cond feature of the same
+    width: skip(x) + SFT(out_layers(...), s). The skip path itself is not modulated.
     """
 
     def __init__(self, cin: int, emb_channels: int, cout: int, semb_channels: int | None = None):
@@ -132,7 +158,9 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        q, k, v = (split_heads(p(y), self.heads) for p, y in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
+        q = split_heads(self.to_q(x), self.heads)
+        k = split_heads(self.to_k(context), self.heads)
+        v = split_heads(self.to_v(context), self.heads)
         return self.to_out(merge_heads(F.scaled_dot_product_attention(q, k, v)))
 
 
@@ -204,7 +232,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = conv3x3(channels, channels, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -236,6 +264,8 @@ class TimestepBlocks(nn.ModuleList):
 
 
 class UNet(nn.Module):
+    """eps_theta(z_t, t, c, s): input blocks down, middle block, output blocks up with skip concatenations."""
+
     def __init__(self, cfg: UNetConfig | None = None):
         super().__init__()
         cfg = cfg or UNetConfig()
@@ -255,7 +285,7 @@ class UNet(nn.Module):
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
-        self.input_blocks = nn.ModuleList([TimestepBlocks([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([TimestepBlocks([conv3x3(cfg.in_channels, mc)])])
         skip_widths = [mc]  # width of every input block's output, consumed in reverse by the output blocks
         ch, ds = mc, 1  # current width and downsampling factor
         for level, mult in enumerate(cfg.channel_mult):

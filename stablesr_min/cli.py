@@ -159,7 +159,7 @@ def cmd_upscale(args) -> None:
         print("WARNING: " + RANDOM_WEIGHTS_WARNING.replace("**", ""), file=sys.stderr)
     model = load_stablesr(stablesr_paths, args.config, dtype=dtype, device=device)
     cfw = load_cfw(cfw_path, args.config, dtype=dtype, device=device)
-    pipeline = StableSRPipeline(model, cfw)
+    pipeline = StableSRPipeline(model, cfw).speed_up(args.channels_last, args.compile)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for (path, image), out_path in zip(images.items(), outputs):
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     up.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     up.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype (GPU: float16/bfloat16)")
+    up.add_argument("--channels-last", action="store_true", help="channels-last convolutions (for GPUs)")
+    up.add_argument("--compile", action="store_true", help="torch.compile the UNet and encoder (for GPUs)")
     up.set_defaults(run=cmd_upscale)
 
     convert = sub.add_parser("convert", help="convert an official .ckpt to .safetensors, without running its code")

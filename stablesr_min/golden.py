@@ -79,6 +79,11 @@ class GoldenSet:
         """`golden["vae.image"]`: one stored tensor."""
         return self._tensors.get_tensor(name)
 
+    def struct_cond(self) -> dict[int, torch.Tensor]:
+        """The time_encoder case's features keyed by spatial width, as the UNet takes them."""
+        names = [n for n in self.names("time_encoder") if n.startswith("feature_")]
+        return {int(n.removeprefix("feature_")): self[f"time_encoder.{n}"] for n in names}
+
     def write_weights(self, out_dir: str | os.PathLike) -> tuple[Path, Path]:
         """Write the filled weights as `stablesr.safetensors` and `cfw.safetensors`, config in metadata."""
         out_dir = Path(out_dir)

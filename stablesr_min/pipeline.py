@@ -12,6 +12,7 @@ order, unless the caller passes the draws in (`Noises`), as the golden pipeline 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -108,13 +109,19 @@ def start_latent(schedule: Schedule, z0: torch.Tensor, noise: torch.Tensor) -> t
 
 
 def make_denoiser(model: StableSR, context: torch.Tensor):
-    """The per-tile network call: time-aware encoder on the LR tile, then the UNet modulated by it."""
+    """The per-tile network call: time-aware encoder on the LR tile, then the UNet modulated by it.
+
+    The networks run in their own dtype (fp16/bf16 on a GPU); the latents and every DDPM update stay in
+    float32, so half precision never accumulates over the steps.
+    """
+    dtype = next(model.unet.parameters()).dtype
 
     def denoise(x_tiles: torch.Tensor, lr_tiles: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # tiles are stacked tile-major: row i belongs to image i % B
-        ctx = context.repeat(x_tiles.shape[0] // context.shape[0], 1, 1)
+        ctx = context.repeat(x_tiles.shape[0] // context.shape[0], 1, 1).to(dtype)
+        x_tiles, lr_tiles = x_tiles.to(dtype), lr_tiles.to(dtype)
         struct_cond = model.time_encoder(lr_tiles, t) if model.time_encoder is not None else None
-        return model.unet(x_tiles, t, ctx, struct_cond)
+        return model.unet(x_tiles, t, ctx, struct_cond).float()
 
     return denoise
 
@@ -136,6 +143,19 @@ class StableSRPipeline:
         self.cfg = model.cfg
         self.train_schedule = Schedule.from_config(self.cfg.diffusion)
 
+    def speed_up(self, channels_last: bool = False, compile: bool = False) -> "StableSRPipeline":
+        """Opt-in speed-ups meant for GPUs. Channels-last convolutions were 40% slower on this project's
+        CPU (oneDNN, 2 cores); `torch.compile` of the per-step networks took minutes to compile there and
+        gained nothing. Neither changes what is computed beyond rounding."""
+        if channels_last:
+            for module in (self.model, self.cfw):
+                module.to(memory_format=torch.channels_last)
+        if compile:
+            self.model.model.diffusion_model = torch.compile(self.model.unet)
+            if self.model.time_encoder is not None:
+                self.model.structcond_stage_model = torch.compile(self.model.time_encoder)
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -146,8 +166,9 @@ class StableSRPipeline:
 
     def encode(self, canvas: torch.Tensor, noise: torch.Tensor | None, opts: UpscaleOptions,
                generator: torch.Generator | None) -> torch.Tensor:
-        """Canvas in [-1, 1] -> z_0 = scale_factor * (mean + std * noise)."""
-        posterior = tiled_encode(self.model.vae, canvas, opts)
+        """Canvas in [-1, 1] -> z_0 = scale_factor * (mean + std * noise), in float32."""
+        moments = tiled_moments(self.model.vae, canvas.to(self.dtype), opts)
+        posterior = DiagonalGaussian(moments.float())
         if noise is None:
             noise = draw(posterior.mean, generator)
         return self.cfg.diffusion.scale_factor * posterior.sample(noise.to(posterior.mean))
@@ -170,8 +191,19 @@ class StableSRPipeline:
         return x
 
     def decode(self, x0: torch.Tensor, canvas: torch.Tensor, opts: UpscaleOptions) -> torch.Tensor:
-        """CFW decode of the final latent, fused with the canvas's encoder features (Eq. 2)."""
-        return tiled_cfw_decode(self.cfw, x0 / self.cfg.diffusion.scale_factor, canvas, opts)
+        """CFW decode of the final latent, fused with the canvas's encoder features (Eq. 2), in float32.
+
+        The SD VAE decoder is known to overflow in float16 on some images: a non-finite result is
+        decoded again in float32 (and the decoder stays float32 from then on), with a warning.
+        """
+        z = x0 / self.cfg.diffusion.scale_factor
+        dtype = next(self.cfw.parameters()).dtype
+        decoded = tiled_cfw_decode(self.cfw, z.to(dtype), canvas.to(dtype), opts).float()
+        if dtype != torch.float32 and not torch.isfinite(decoded).all():
+            warnings.warn(f"the CFW decoder overflowed in {dtype}; decoding again in float32", stacklevel=2)
+            self.cfw.float()
+            decoded = tiled_cfw_decode(self.cfw, z, canvas, opts)
+        return decoded
 
     @torch.inference_mode()
     def __call__(self, lr: torch.Tensor, opts: UpscaleOptions | None = None, *,
@@ -181,15 +213,15 @@ class StableSRPipeline:
         """lr: (B, 3, h, w) in [-1, 1] -> SR image (B, 3, int(h*scale), int(w*scale)) in [0, 1]."""
         opts = opts or UpscaleOptions()
         noises = noises or Noises()
-        lr = lr.to(self.device, self.dtype)
+        lr = lr.to(self.device, torch.float32)
         upsampled = upsample(lr, opts.scale)
         canvas = pad_canvas(upsampled, opts.tile * self.model.vae.downscale)
         z0 = self.encode(canvas, noises.vae, opts, generator)
         x_T = start_latent(self.train_schedule, z0, noises.x_T if noises.x_T is not None else draw(z0, generator))
-        context = text_context(self.model, opts.prompt, lr.shape[0]).to(self.dtype)
+        context = text_context(self.model, opts.prompt, lr.shape[0])
         x0 = self.sample(x_T, z0, context, opts, noises.steps, generator, weights, progress, on_step)
         decoded = self.decode(x0, canvas, opts)[..., : upsampled.shape[-2], : upsampled.shape[-1]]
-        fixed = color_fix(decoded.float(), upsampled.float(), opts.colorfix)
+        fixed = color_fix(decoded, upsampled, opts.colorfix)
         return ((fixed + 1) / 2).clamp(0, 1)
 
 
@@ -240,9 +272,9 @@ def vae_tiles(h: int, w: int, opts: UpscaleOptions) -> list[VAETile]:
             for top in tops for left in lefts]
 
 
-def tiled_encode(vae: AutoencoderKL, canvas: torch.Tensor, opts: UpscaleOptions) -> DiagonalGaussian:
-    """The VAE posterior of the canvas. Large canvases are encoded in overlapping tiles whose moments
-    are blended with linear ramps.
+def tiled_moments(vae: AutoencoderKL, canvas: torch.Tensor, opts: UpscaleOptions) -> torch.Tensor:
+    """The VAE posterior's moments (mean, log-variance) of the canvas. Large canvases are encoded in
+    overlapping tiles whose moments are blended with linear ramps.
 
     Trade-off: GroupNorm statistics are then per tile, not per image, so tiles can differ slightly in
     tone; the overlap ramps hide the seams. Memory stays at one tile's activations (`vae_tile=0` turns
@@ -251,7 +283,7 @@ def tiled_encode(vae: AutoencoderKL, canvas: torch.Tensor, opts: UpscaleOptions)
     f = vae.downscale
     tiles = vae_tiles(*canvas.shape[-2:], opts)
     if len(tiles) == 1:
-        return vae.encode(canvas)
+        return vae.moments(canvas)
     b, _, h, w = canvas.shape
     moments = canvas.new_zeros(b, 2 * vae.cfg.embed_dim, h // f, w // f)
     total = canvas.new_zeros(h // f, w // f)
@@ -260,14 +292,14 @@ def tiled_encode(vae: AutoencoderKL, canvas: torch.Tensor, opts: UpscaleOptions)
         weight = tile.weight(f, opts.vae_overlap).to(canvas)
         moments[..., rows, cols] += weight * vae.moments(canvas[..., tile.rows, tile.cols])
         total[rows, cols] += weight
-    return DiagonalGaussian(moments / total)
+    return moments / total
 
 
 def tiled_cfw_decode(cfw: CFWAutoencoder, z: torch.Tensor, canvas: torch.Tensor, opts: UpscaleOptions):
     """CFW decode (Eq. 2) of an unscaled latent with the canvas's encoder features, in overlapping pixel
     tiles for large canvases: each tile runs the CFW encoder on its own canvas region (so the features
     never exist for the whole image at once) and decodes its latent region; tiles are blended with
-    linear ramps. Same trade-off as `tiled_encode`."""
+    linear ramps. Same trade-off as `tiled_moments`."""
     f = cfw.downscale
     tiles = vae_tiles(*canvas.shape[-2:], opts)
     if len(tiles) == 1:

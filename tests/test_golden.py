@@ -66,18 +66,12 @@ def test_text(golden, stablesr_files):
     assert_close(encoder(tokens), golden["text.context"], "context")
 
 
-def golden_struct_cond(golden) -> dict[int, torch.Tensor]:
-    """The time_encoder case's features, keyed by spatial width as the UNet takes them."""
-    names = [n for n in golden.names("time_encoder") if n.startswith("feature_")]
-    return {int(n[len("feature_"):]): golden[f"time_encoder.{n}"] for n in names}
-
-
 @torch.inference_mode()
 def test_time_encoder(golden, stablesr_files):
     needs_case(golden, "time_encoder")
     encoder = load_module(TimeAwareEncoder(golden.config.time_encoder), stablesr_files, "structcond_stage_model.")
     features = encoder(golden["time_encoder.latent"], golden["time_encoder.t"])
-    expected = golden_struct_cond(golden)
+    expected = golden.struct_cond()
     assert sorted(features) == sorted(expected)
     for width, ref in expected.items():
         assert_close(features[width], ref, f"feature_{width}")
@@ -87,7 +81,7 @@ def test_time_encoder(golden, stablesr_files):
 def test_unet(golden, stablesr_files):
     needs_case(golden, "unet")
     unet = load_module(UNet(golden.config.unet), stablesr_files, "model.diffusion_model.")
-    output = unet(golden["unet.x"], golden["unet.t"], golden["unet.context"], golden_struct_cond(golden))
+    output = unet(golden["unet.x"], golden["unet.t"], golden["unet.context"], golden.struct_cond())
     assert_close(output, golden["unet.output"], "output")
 
 

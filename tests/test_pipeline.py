@@ -1,0 +1,132 @@
+"""Pipeline stages, the tiled VAE's blending, and the reduced-precision paths."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stablesr_min import pipeline as pl
+from stablesr_min.golden import relative_error
+from stablesr_min.pipeline import Noises, StableSRPipeline, UpscaleOptions, pad_canvas, upsample, vae_tiles
+from stablesr_min.unet import UNet
+from stablesr_min.weights import load_module
+
+
+def test_upsample_and_pad_sizes():
+    lr = torch.rand(1, 3, 21, 37) * 2 - 1
+    up = upsample(lr, 4)
+    assert up.shape[-2:] == (84, 148) and up.min() >= -1 and up.max() <= 1
+    canvas = pad_canvas(up, 128)
+    assert canvas.shape[-2:] == (128, 152)  # at least one tile, then a multiple of 8
+    assert torch.equal(canvas[..., :84, :148], up) and canvas[..., 84:, :].abs().max() == 0
+
+
+def test_vae_tiles_cover_the_canvas_once_after_blending():
+    opts = UpscaleOptions(vae_tile=128, vae_overlap=32)
+    total = torch.zeros(200, 328, dtype=torch.float64)
+    tiles = vae_tiles(200, 328, opts)
+    assert len(tiles) == 2 * 4  # rows start at 0, 72; columns at 0, 96, 192, 200
+    for tile in tiles:
+        total[tile.rows, tile.cols] += tile.weight(1, opts.vae_overlap)
+    assert total.min() > 0  # every pixel is covered, with weight
+
+
+class PointwiseVAE(nn.Module):
+    """A stand-in whose output at a pixel depends on that pixel's 8x8 cell only: tiling must not change it."""
+
+    downscale = 8
+
+    class cfg:
+        embed_dim = 4
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 1)
+        self.back = nn.Conv2d(4, 3, 1)
+
+    def moments(self, x):
+        return self.proj(F.avg_pool2d(x, 8))
+
+    def encode_with_features(self, x):
+        return self.moments(x), []
+
+    def decode(self, z, features=None, w=0.0):
+        return self.back(F.interpolate(z, scale_factor=8, mode="nearest"))
+
+
+def test_tiled_encode_and_decode_blend_back_to_the_whole_image_result():
+    torch.manual_seed(0)
+    vae = PointwiseVAE()
+    canvas = torch.randn(2, 3, 200, 328)
+    whole, tiled = UpscaleOptions(vae_tile=0), UpscaleOptions(vae_tile=128, vae_overlap=32)
+    assert len(vae_tiles(200, 328, tiled)) > 1
+    assert relative_error(pl.tiled_moments(vae, canvas, tiled), pl.tiled_moments(vae, canvas, whole)) < 1e-6
+    z = torch.randn(2, 4, 25, 41)
+    assert relative_error(pl.tiled_cfw_decode(vae, z, canvas, tiled), pl.tiled_cfw_decode(vae, z, canvas, whole)) < 1e-6
+
+
+def test_tiled_vae_on_the_real_networks_stays_close(stablesr, cfw):
+    """Tiles change GroupNorm statistics, so this is close, not equal: the seam trade-off in numbers."""
+    torch.manual_seed(0)
+    canvas = F.interpolate(torch.rand(1, 3, 20, 30) * 2 - 1, size=(160, 240), mode="bilinear")
+    with torch.inference_mode():
+        whole = pl.tiled_moments(stablesr.vae, canvas, UpscaleOptions(vae_tile=0))
+        tiled = pl.tiled_moments(stablesr.vae, canvas, UpscaleOptions(vae_tile=128, vae_overlap=32))
+    assert 0 < relative_error(tiled, whole) < 0.2
+
+
+@torch.inference_mode()
+def test_golden_unet_in_bfloat16_on_cpu(golden, stablesr_files):
+    """A precision smoke test, not parity: the golden `unet` case (its stored encoder features as
+    struct_cond) with bf16 weights and activations; GroupNorm and the attention softmax run in fp32."""
+    unet = load_module(UNet(golden.config.unet), stablesr_files, "model.diffusion_model.", dtype=torch.bfloat16)
+    struct_cond = {width: feature.bfloat16() for width, feature in golden.struct_cond().items()}
+    out = unet(golden["unet.x"].bfloat16(), golden["unet.t"], golden["unet.context"].bfloat16(), struct_cond)
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out, golden["unet.output"]) < 2e-2
+
+
+def small_run(pipe, generator_seed=0, **kw):
+    opts = UpscaleOptions(scale=2, steps=2, tile=16, overlap=6, **kw)
+    lr = torch.rand(1, 3, 24, 40, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    return pipe(lr, opts, generator=torch.Generator().manual_seed(generator_seed))
+
+
+def test_pipeline_in_bfloat16_is_close_to_float32(golden_weights):
+    from stablesr_min.model import load_cfw, load_stablesr
+
+    fp32 = StableSRPipeline(load_stablesr([golden_weights[0]]), load_cfw(golden_weights[1]))
+    bf16 = StableSRPipeline(load_stablesr([golden_weights[0]], dtype=torch.bfloat16),
+                            load_cfw(golden_weights[1], dtype=torch.bfloat16))
+    a, b = small_run(fp32), small_run(bf16)
+    assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape == (1, 3, 48, 80)
+    assert relative_error(b, a) < 0.05
+
+
+def test_fp16_decoder_overflow_falls_back_to_float32(stablesr, golden_weights, monkeypatch):
+    from stablesr_min.model import load_cfw
+
+    pipe = StableSRPipeline(stablesr, load_cfw(golden_weights[1], dtype=torch.float16))
+    real = pl.tiled_cfw_decode
+
+    def overflowing(cfw, z, canvas, opts):  # what an fp16 overflow looks like (without slow CPU fp16 convs)
+        if next(cfw.parameters()).dtype == torch.float16:
+            return torch.full_like(canvas, float("inf"))
+        return real(cfw, z, canvas, opts)
+
+    monkeypatch.setattr(pl, "tiled_cfw_decode", overflowing)
+    with pytest.warns(UserWarning, match="overflowed in torch.float16; decoding again in float32"):
+        out = small_run(pipe)
+    assert torch.isfinite(out).all()
+    assert next(pipe.cfw.parameters()).dtype == torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small_run(pipe)  # no second warning: the decoder stays float32
+
+
+def test_injected_noises_override_the_generator(stablesr, cfw):
+    pipe = StableSRPipeline(stablesr, cfw)
+    assert torch.equal(small_run(pipe, 0), small_run(pipe, 0))
+    assert not torch.equal(small_run(pipe, 0), small_run(pipe, 1))

@@ -19,24 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CFWConfig
-from .vae import AutoencoderKL, Decoder, Normalize, conv3x3
-
-
-class ResBlock(nn.Module):
-    """Pre-activation residual block without time embedding; 1x1 `conv_out` shortcut when widths differ."""
-
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.norm1 = Normalize(cin)
-        self.conv1 = conv3x3(cin, cout)
-        self.norm2 = Normalize(cout)
-        self.conv2 = conv3x3(cout, cout)
-        self.conv_out = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return h + self.conv_out(x)
+from .layers import conv3x3
+from .vae import AutoencoderKL, Decoder, ResnetBlock
 
 
 class ResidualDenseBlock(nn.Module):
@@ -75,9 +59,9 @@ class FusionLayer(nn.Module):
 
     def __init__(self, channels: int, num_blocks: int, growth: int):
         super().__init__()
-        self.encode_enc_1 = ResBlock(2 * channels, channels)
+        self.encode_enc_1 = ResnetBlock(2 * channels, channels, shortcut_name="conv_out")
         self.encode_enc_2 = nn.Sequential(*(RRDB(channels, growth) for _ in range(num_blocks)))
-        self.encode_enc_3 = ResBlock(channels, channels)
+        self.encode_enc_3 = ResnetBlock(channels, channels, shortcut_name="conv_out")
 
     def forward(self, enc_feat: torch.Tensor, dec_feat: torch.Tensor) -> torch.Tensor:
         h = self.encode_enc_1(torch.cat([enc_feat, dec_feat], dim=1))

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TimeEncoderConfig
-from .unet import (Downsample, ResBlock, TimestepBlocks, attention_heads, conv3x3, normalization,
-                   timestep_embedding)
+from .layers import conv3x3
+from .unet import Downsample, ResBlock, TimestepBlocks, attention_heads, normalization, timestep_embedding
 
 
 class AttentionBlock(nn.Module):

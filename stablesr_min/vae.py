@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
+from .layers import Upsample, conv3x3
 
 
 def Normalize(channels: int) -> nn.GroupNorm:
@@ -21,25 +22,25 @@ def Normalize(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6)
 
 
-def conv3x3(cin: int, cout: int) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, padding=1)
-
-
 class ResnetBlock(nn.Module):
-    """x + conv(swish(norm(conv(swish(norm(x)))))), with a 1x1 shortcut when the width changes."""
+    """x + conv(swish(norm(conv(swish(norm(x)))))), with a 1x1 shortcut when the width changes.
 
-    def __init__(self, cin: int, cout: int):
+    The shortcut's checkpoint key is `nin_shortcut` in the VAE and `conv_out` in the CFW fusion layers.
+    """
+
+    def __init__(self, cin: int, cout: int, shortcut_name: str = "nin_shortcut"):
         super().__init__()
         self.norm1 = Normalize(cin)
         self.conv1 = conv3x3(cin, cout)
         self.norm2 = Normalize(cout)
         self.conv2 = conv3x3(cout, cout)
-        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.shortcut_name = shortcut_name
+        self.add_module(shortcut_name, nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
-        return self.nin_shortcut(x) + h
+        return getattr(self, self.shortcut_name)(x) + h
 
 
 class AttnBlock(nn.Module):
@@ -73,17 +74,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x, then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = conv3x3(channels, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class MidBlock(nn.Module):

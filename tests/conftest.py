@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -6,6 +8,12 @@ from stablesr_min.model import load_cfw, load_stablesr
 from stablesr_min.weights import WeightFiles
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Tiny demo weights (notebooks, CLI without --weights) go to a temp folder, not ~/.cache."""
+    os.environ["STABLESR_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from stablesr_min.cfw import CFWAutoencoder
 from stablesr_min.golden import relative_error
 from stablesr_min.pipeline import Noises, StableSRPipeline, UpscaleOptions, make_denoiser
 from stablesr_min.sampler import aggregation_step
-from stablesr_min.schedule import Schedule, linear_betas
+from stablesr_min.schedule import Schedule
 from stablesr_min.text import TextEncoder
 from stablesr_min.tokenizer import tokenize
 from stablesr_min.time_encoder import TimeAwareEncoder

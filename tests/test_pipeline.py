@@ -9,7 +9,7 @@ from torch import nn
 
 from stablesr_min import pipeline as pl
 from stablesr_min.golden import relative_error
-from stablesr_min.pipeline import Noises, StableSRPipeline, UpscaleOptions, pad_canvas, upsample, vae_tiles
+from stablesr_min.pipeline import StableSRPipeline, UpscaleOptions, pad_canvas, upsample, vae_tiles
 from stablesr_min.unet import UNet
 from stablesr_min.weights import load_module
 

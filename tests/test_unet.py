@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stablesr_min.golden import filled_state_dict, relative_error
-from stablesr_min.unet import SFT, Conv3x3, UNet
+from stablesr_min.layers import Conv3x3
+from stablesr_min.unet import SFT, UNet
 from stablesr_min.weights import WeightFiles, WeightsError, load_module, save_safetensors
 
 PREFIX = "model.diffusion_model."

@@ -198,7 +198,8 @@ def load_module(
     missing, unexpected, misshaped = check_keys(expected, found)
     if missing or unexpected or misshaped:
         kind = guess_kind(files.keys())
-        where = f"{files.describe()} does not fit {what or type(module).__name__} (keys under {prefix!r})"
+        under = f" (keys under {prefix!r})" if prefix else ""
+        where = f"{files.describe()} does not fit {what or type(module).__name__}{under}"
         raise WeightsError(mismatch_message(where, missing, [prefix + k for k in unexpected], misshaped, kind))
     state = {}
     for name in expected:

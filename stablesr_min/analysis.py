@@ -4,7 +4,7 @@ The notebooks only call these functions and the pipeline's stages (`pipeline.py`
 so the tests of this module (`tests/test_analysis.py`) cover every number they show.
 
     setup                    load_demo (weights, device, sizes), load_photo, to_numpy_image
-    the pipeline in pieces   sample_latent + finish, predicted_x0, sample_with_previews
+    the pipeline in pieces   predicted_x0, sample_with_previews (and StableSRPipeline.sample_latent/finish)
     Sec. 3.1 time awareness  snr, timestep_at_snr, log_snr_timesteps, sft_feature_similarity
     Sec. 3.2 CFW trade-off   degrade, psnr, ssim, laplacian_variance
     Sec. 3.3 aggregation     flat_weights, tile_borders, jump_profile, seam_strength
@@ -28,12 +28,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .colorfix import color_fix
 from .golden import GoldenSet
 from .image_io import load_image
 from .model import StableSR, find_weights, load_cfw, load_stablesr
-from .pipeline import (StableSRPipeline, UpscaleOptions, draw, make_denoiser, pad_canvas, start_latent,
-                       text_context, tile_weight_map, upsample)
+from .pipeline import (StableSRPipeline, UpscaleOptions, make_denoiser, tile_weight_map)
 from .sampler import aggregate, tile_grid, tile_starts
 from .schedule import Schedule
 from .unet import SFT
@@ -114,40 +112,6 @@ def to_numpy_image(image: torch.Tensor, value_range: tuple[float, float] = (0.0,
 
 # ------------------------------------------------------------------------------------------------------
 # The pipeline in pieces: sample once, then decode and colour-fix several ways
-
-
-@dataclass
-class Sampled:
-    upsampled: torch.Tensor  # bicubic-upscaled LR, [-1, 1]: the colour fix's reference
-    canvas: torch.Tensor  # `upsampled` zero-padded to whole tiles: the CFW encoder's input
-    x0: torch.Tensor  # the latent after the last reverse step
-
-
-@torch.no_grad()
-def sample_latent(pipe: StableSRPipeline, lr: torch.Tensor, opts: UpscaleOptions, generator: torch.Generator,
-                  weights: torch.Tensor | None = None) -> Sampled:
-    """`StableSRPipeline.__call__` up to the final latent, stage by stage with the same random draws.
-
-    lr: (B, 3, h, w) in [-1, 1]. `weights`: the tile weight map of aggregation (default: `opts`' map).
-    """
-    lr = lr.to(pipe.device, pipe.dtype)
-    upsampled = upsample(lr, opts.scale)
-    canvas = pad_canvas(upsampled, opts.tile * pipe.model.vae.downscale)
-    z0 = pipe.encode(canvas, None, opts, generator)
-    x_T = start_latent(pipe.train_schedule, z0, draw(z0, generator))
-    context = text_context(pipe.model, opts.prompt, lr.shape[0]).to(pipe.dtype)
-    x0 = pipe.sample(x_T, z0, context, opts, [], generator, weights)
-    return Sampled(upsampled, canvas, x0)
-
-
-@torch.no_grad()
-def finish(pipe: StableSRPipeline, sampled: Sampled, opts: UpscaleOptions) -> torch.Tensor:
-    """CFW decode with `opts.dec_w` (Eq. 2), crop, colour fix `opts.colorfix`: the SR image in [0, 1].
-    `finish(pipe, sample_latent(pipe, lr, opts, g), opts)` equals `pipe(lr, opts, generator=g)`."""
-    height, width = sampled.upsampled.shape[-2:]
-    decoded = pipe.decode(sampled.x0, sampled.canvas, opts)[..., :height, :width]
-    fixed = color_fix(decoded.float(), sampled.upsampled.float(), opts.colorfix)
-    return ((fixed + 1) / 2).clamp(0, 1)
 
 
 @torch.no_grad()

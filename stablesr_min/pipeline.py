@@ -82,10 +82,11 @@ def upsample(lr: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def pad_canvas(image: torch.Tensor, min_size: int, multiple: int = 8) -> torch.Tensor:
-    """Zero-pad bottom/right to at least `min_size` (one full tile) and to a multiple of the VAE's 8.
+    """Zero-pad bottom/right to at least `min_size` (one full tile) and to a multiple of `multiple`.
 
-    The official script pads only to `min_size`; an image side that is not a multiple of 8 then loses its
-    last pixels in the VAE. Rounding up to 8 changes nothing where the official script works.
+    The official script pads only to `min_size`. A longer side that is not a multiple of 8 then breaks
+    its CFW decoder (the VAE floors the latent, so encoder and decoder features differ by a pixel where
+    they are concatenated): padding to 8 departs from the official script only where it has no output.
     """
     h, w = image.shape[-2:]
     new_h = math.ceil(max(h, min_size) / multiple) * multiple
@@ -136,6 +137,13 @@ def tile_weight_map(opts: UpscaleOptions) -> torch.Tensor:
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step taken, steps, x after the step)
 
 
+@dataclass
+class Sampled:
+    upsampled: torch.Tensor  # bicubic-upscaled LR, [-1, 1]: the colour fix's reference
+    canvas: torch.Tensor  # `upsampled` zero-padded to whole tiles: the CFW encoder's input
+    x0: torch.Tensor  # the latent after the last reverse step
+
+
 class StableSRPipeline:
     def __init__(self, model: StableSR, cfw: CFWAutoencoder):
         self.model = model
@@ -163,6 +171,10 @@ class StableSRPipeline:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.unet.parameters()).dtype
+
+    def canvas(self, upsampled: torch.Tensor, opts: UpscaleOptions) -> torch.Tensor:
+        """The padded image the VAE encodes: at least one sampling tile, and a multiple of 8."""
+        return pad_canvas(upsampled, opts.tile * self.model.vae.downscale, self.model.vae.downscale)
 
     def encode(self, canvas: torch.Tensor, noise: torch.Tensor | None, opts: UpscaleOptions,
                generator: torch.Generator | None) -> torch.Tensor:
@@ -206,23 +218,38 @@ class StableSRPipeline:
         return decoded
 
     @torch.inference_mode()
+    def sample_latent(self, lr: torch.Tensor, opts: UpscaleOptions, *, generator: torch.Generator | None = None,
+                      noises: Noises | None = None, weights: torch.Tensor | None = None,
+                      progress: Progress | None = None, on_step: StepCallback | None = None) -> Sampled:
+        """Everything up to the final latent: upsample, pad, encode, x_T, N reverse steps."""
+        noises = noises or Noises()
+        lr = lr.to(self.device, torch.float32)
+        upsampled = upsample(lr, opts.scale)
+        canvas = self.canvas(upsampled, opts)
+        z0 = self.encode(canvas, noises.vae, opts, generator)
+        x_T = start_latent(self.train_schedule, z0, noises.x_T if noises.x_T is not None else draw(z0, generator))
+        context = text_context(self.model, opts.prompt, lr.shape[0])
+        x0 = self.sample(x_T, z0, context, opts, noises.steps, generator, weights, progress, on_step)
+        return Sampled(upsampled, canvas, x0)
+
+    @torch.inference_mode()
+    def finish(self, sampled: Sampled, opts: UpscaleOptions) -> torch.Tensor:
+        """CFW decode with `opts.dec_w` (Eq. 2), crop, colour fix: the SR image in [0, 1]. w and the colour
+        fix only enter here, so one sampled latent can be finished several ways."""
+        upsampled = sampled.upsampled
+        decoded = self.decode(sampled.x0, sampled.canvas, opts)[..., : upsampled.shape[-2], : upsampled.shape[-1]]
+        fixed = color_fix(decoded, upsampled, opts.colorfix)
+        return ((fixed + 1) / 2).clamp(0, 1)
+
     def __call__(self, lr: torch.Tensor, opts: UpscaleOptions | None = None, *,
                  generator: torch.Generator | None = None, noises: Noises | None = None,
                  weights: torch.Tensor | None = None, progress: Progress | None = None,
                  on_step: StepCallback | None = None) -> torch.Tensor:
         """lr: (B, 3, h, w) in [-1, 1] -> SR image (B, 3, int(h*scale), int(w*scale)) in [0, 1]."""
         opts = opts or UpscaleOptions()
-        noises = noises or Noises()
-        lr = lr.to(self.device, torch.float32)
-        upsampled = upsample(lr, opts.scale)
-        canvas = pad_canvas(upsampled, opts.tile * self.model.vae.downscale)
-        z0 = self.encode(canvas, noises.vae, opts, generator)
-        x_T = start_latent(self.train_schedule, z0, noises.x_T if noises.x_T is not None else draw(z0, generator))
-        context = text_context(self.model, opts.prompt, lr.shape[0])
-        x0 = self.sample(x_T, z0, context, opts, noises.steps, generator, weights, progress, on_step)
-        decoded = self.decode(x0, canvas, opts)[..., : upsampled.shape[-2], : upsampled.shape[-1]]
-        fixed = color_fix(decoded, upsampled, opts.colorfix)
-        return ((fixed + 1) / 2).clamp(0, 1)
+        sampled = self.sample_latent(lr, opts, generator=generator, noises=noises, weights=weights,
+                                     progress=progress, on_step=on_step)
+        return self.finish(sampled, opts)
 
 
 def draw(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from stablesr_min.analysis import (Demo, color_shift, degrade, finish, jump_profile, laplacian_variance, load_photo,
-                                   log_snr_timesteps, psnr, sample_latent, sample_with_previews, seam_strength,
+from stablesr_min.analysis import (Demo, color_shift, degrade, jump_profile, laplacian_variance, load_photo,
+                                   log_snr_timesteps, psnr, sample_with_previews, seam_strength,
                                    sft_feature_similarity, snr, ssim, tile_borders, timestep_at_snr, to_numpy_image)
 from stablesr_min.config import DiffusionConfig
 from stablesr_min.pipeline import (StableSRPipeline, UpscaleOptions, draw, pad_canvas, start_latent, text_context,
@@ -247,14 +247,6 @@ def pipe(stablesr, cfw):
 
 
 SMALL = dict(tile=16, overlap=6, steps=3)
-
-
-def test_sample_latent_then_finish_is_the_pipeline(pipe):
-    lr = rand(1, 3, 16, 24, seed=3).float() * 2 - 1
-    opts = UpscaleOptions(**SMALL, colorfix="wavelet", dec_w=0.3)
-    whole = pipe(lr, opts, generator=torch.Generator().manual_seed(7))
-    pieces = finish(pipe, sample_latent(pipe, lr, opts, torch.Generator().manual_seed(7)), opts)
-    assert torch.equal(pieces, whole)
 
 
 def test_previews_leave_sampling_alone_and_end_at_the_result(pipe):

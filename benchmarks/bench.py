@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stablesr_min.cfw import CFWAutoencoder  # noqa: E402
+from stablesr_min.cli import DTYPES  # noqa: E402
 from stablesr_min.config import StableSRConfig  # noqa: E402
 from stablesr_min.model import StableSR  # noqa: E402
 from stablesr_min.pipeline import StableSRPipeline, UpscaleOptions  # noqa: E402
@@ -42,7 +43,6 @@ RESULT_KEYS = (
     "vae_encode_s_256", "vae_decode_s_256", "vae_encode_s_512", "vae_decode_s_512",
     "e2e_s_128to512", "peak_mem_gb",
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def synchronize(device: torch.device) -> None:

@@ -31,7 +31,7 @@ from PIL import Image
 from .golden import GoldenSet
 from .image_io import load_image
 from .model import StableSR, find_weights, load_cfw, load_stablesr
-from .pipeline import (StableSRPipeline, UpscaleOptions, make_denoiser, tile_weight_map)
+from .pipeline import StableSRPipeline, UpscaleOptions, make_denoiser, tile_weight_map
 from .sampler import aggregate, tile_grid, tile_starts
 from .schedule import Schedule
 from .unet import SFT

@@ -56,9 +56,9 @@ class ProgressLine:
             self._write(f"step {step}/{steps}", end="\r" if self.tty and step < steps else "\n")
 
     def _write(self, text: str, end: str) -> None:
+        clear_line = "\x1b[2K" if self.tty else ""
         elapsed = time.monotonic() - self.start
-        print(f"\x1b[2K{self.name}: {text} ({elapsed:.0f} s)" if self.tty else f"{self.name}: {text} ({elapsed:.0f} s)",
-              end=end, file=sys.stderr, flush=True)
+        print(f"{clear_line}{self.name}: {text} ({elapsed:.0f} s)", end=end, file=sys.stderr, flush=True)
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -109,12 +109,13 @@ def free_memory_bytes(device: torch.device) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def canvas_bytes(h: int, w: int, scale: float, dtype: torch.dtype) -> int:
-    """What grows with the image: about eight full-size RGB float buffers (upsampled, canvas, CFW
-    output and its blend weights, colour fix, result) and a handful of latent-sized ones. Network
-    activations are bounded by the tiles and do not grow with the image."""
+def canvas_bytes(h: int, w: int, scale: float) -> int:
+    """What grows with the image: about eight full-size RGB float32 buffers (upsampled, canvas, CFW
+    output and its blend weights, colour fix, result) and about eight latent-sized float32 ones (the
+    pipeline keeps both in float32 whatever the network dtype). Network activations are bounded by the
+    tiles and do not grow with the image."""
     out_pixels = int(h * scale) * int(w * scale)
-    return out_pixels * 3 * 4 * 8 + out_pixels // 64 * 4 * torch.finfo(dtype).bits // 8 * 8
+    return out_pixels * 3 * 4 * 8 + out_pixels // 64 * 4 * 4 * 8
 
 
 def cmd_upscale(args) -> None:
@@ -142,7 +143,7 @@ def cmd_upscale(args) -> None:
     free = free_memory_bytes(device)
     for path, image in images.items():
         h, w = image.rgb.shape[-2:]
-        need = canvas_bytes(h, w, opts.scale, dtype)
+        need = canvas_bytes(h, w, opts.scale)
         if need > free:
             raise UsageError(f"{path}: {w}x{h} at --scale {opts.scale:g} needs about {need / 2**30:.1f} GB "
                              f"for the image canvas, but {device} has {free / 2**30:.1f} GB free; use a "

@@ -38,8 +38,8 @@ def _to_float(image: Image.Image) -> np.ndarray:
         return (array / top).clip(0, 1)[..., None]
     if image.mode == "F":
         return np.asarray(image, dtype=np.float32).clip(0, 1)[..., None]
-    return np.asarray(image, dtype=np.float32)[..., None] / 255.0 if image.mode == "L" else \
-        np.asarray(image, dtype=np.float32) / 255.0
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return array[..., None] if image.mode == "L" else array
 
 
 def load_image(path: str | os.PathLike) -> LoadedImage:

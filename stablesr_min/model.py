@@ -111,7 +111,6 @@ def load_cfw(
     return load_module(cfw, files, "", what="the CFW autoencoder", dtype=dtype, device=device).eval()
 
 
-
 # ------------------------------------------------------------------------------------------------------
 # Where the weights are: the converted official files, or (for demos without them) tiny random ones
 

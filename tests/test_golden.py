@@ -5,17 +5,20 @@ A case that the set does not contain is skipped with that reason (the public set
 `colorfix` case; their unit tests live in test_schedule.py and test_colorfix.py).
 """
 
+import re
+
 import pytest
 import torch
 
 from stablesr_min.cfw import CFWAutoencoder
+from stablesr_min.colorfix import METHODS, color_fix
 from stablesr_min.golden import relative_error
 from stablesr_min.pipeline import Noises, StableSRPipeline, UpscaleOptions, make_denoiser
 from stablesr_min.sampler import aggregation_step
-from stablesr_min.schedule import Schedule
+from stablesr_min.schedule import TABLES, Schedule
 from stablesr_min.text import TextEncoder
-from stablesr_min.tokenizer import tokenize
 from stablesr_min.time_encoder import TimeAwareEncoder
+from stablesr_min.tokenizer import tokenize
 from stablesr_min.unet import UNet
 from stablesr_min.vae import AutoencoderKL
 from stablesr_min.weights import load_module
@@ -89,10 +92,6 @@ def test_schedule(golden):
     """Every stored table, by its reference buffer name: `schedule.<table>` for the training schedule;
     `schedule.schedule_<N>.<table>`, `schedule.schedule_<N>_<table>` or `schedule_<N>.<table>` for the
     schedule respaced to N steps. A name of any other form fails the test."""
-    import re
-
-    from stablesr_min.schedule import TABLES, Schedule
-
     cases = [case for case in golden.cases if re.fullmatch(r"schedule(_\d+)?", case)]
     if not cases:
         needs_case(golden, "schedule")
@@ -112,8 +111,6 @@ def test_schedule(golden):
 
 def test_colorfix(golden):
     """`content` corrected towards `style`, once per stored method (`adain`, `wavelet`, `none`)."""
-    from stablesr_min.colorfix import METHODS, color_fix
-
     needs_case(golden, "colorfix")
     content, style = golden["colorfix.content"], golden["colorfix.style"]
     methods = [name for name in golden.names("colorfix") if name not in ("content", "style")]
@@ -128,7 +125,7 @@ def test_canvas_step(golden, stablesr):
     needs_case(golden, "canvas_step")
     p = golden.params("canvas_step")
     cfg = golden.config.diffusion
-    assert p.get("parameterization", "eps") == cfg.parameterization
+    assert p.get("parameterization", cfg.parameterization) == cfg.parameterization
     schedule = Schedule.from_config(cfg).respace(p["steps"])
     assert schedule.timestep_map[p["step_index"]] == p["timestep"]
     denoise = make_denoiser(stablesr, golden["canvas_step.context"])
@@ -143,7 +140,7 @@ def test_pipeline(golden, stablesr, cfw):
     needs_case(golden, "pipeline")
     p = golden.params("pipeline")
     model = stablesr
-    assert p.get("parameterization", "eps") == model.cfg.diffusion.parameterization
+    assert p.get("parameterization", model.cfg.diffusion.parameterization) == model.cfg.diffusion.parameterization
     opts = UpscaleOptions(scale=p["upscale"], steps=p["steps"], tile=p["tile"], overlap=p["overlap"],
                           dec_w=p["dec_w"], colorfix=p["colorfix"], prompt=p["prompt"],
                           tile_weights="official", vae_tile=0)

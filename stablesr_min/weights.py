@@ -201,13 +201,16 @@ def load_module(
         under = f" (keys under {prefix!r})" if prefix else ""
         where = f"{files.describe()} does not fit {what or type(module).__name__}{under}"
         raise WeightsError(mismatch_message(where, missing, [prefix + k for k in unexpected], misshaped, kind))
-    state = {}
-    for name in expected:
-        t = files.tensor(prefix + name)
-        if t.is_floating_point():
-            t = t.to(dtype or torch.float32)
-        state[name] = t.to(device)
-    module.load_state_dict(state, strict=True, assign=True)
+    # Ordinary tensors even when loaded under inference_mode: their version counter then tells an in-place
+    # edit, which the CPU convolutions' kept Winograd filters rely on (layers.Conv3x3).
+    with torch.inference_mode(False):
+        state = {}
+        for name in expected:
+            t = files.tensor(prefix + name)
+            if t.is_floating_point():
+                t = t.to(dtype or torch.float32)
+            state[name] = t.to(device)
+        module.load_state_dict(state, strict=True, assign=True)
     return module
 
 

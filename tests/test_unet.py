@@ -8,11 +8,9 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stablesr_min.golden import filled_state_dict, relative_error
-from stablesr_min.layers import Conv3x3
 from stablesr_min.unet import SFT, UNet
 from stablesr_min.weights import WeightFiles, WeightsError, load_module, save_safetensors
 
@@ -105,17 +103,3 @@ def test_struct_cond_required_with_sft_and_refused_without(golden):
         UNet(golden.config.unet)(x, t, context)
     with pytest.raises(ValueError, match="use_sft=False"):
         UNet(plain_config(golden))(x, t, context, golden_struct_cond(golden))
-
-
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("size", [(8, 8), (3, 5), (16, 16)])
-@torch.inference_mode()
-def test_conv3x3_matches_conv2d(size, stride):
-    # Maps of at most GEMM_MAX_PIXELS output pixels take the unfold + GEMM path, larger ones oneDNN's.
-    torch.manual_seed(0)
-    conv = Conv3x3(48, 40, stride)
-    x = torch.randn(2, 48, *size)
-    ref = F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=1)
-    out = conv(x)
-    assert out.shape == ref.shape
-    assert relative_error(out, ref) < 1e-6

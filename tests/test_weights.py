@@ -35,6 +35,14 @@ def test_loads_fp32_and_fp16_files_into_fp32(tmp_path, dtype):
         assert torch.equal(v, state["first_stage_model." + k].float()), k
 
 
+def test_weights_loaded_under_inference_mode_are_ordinary_tensors(tmp_path):
+    # In-place edits of ordinary tensors bump their version, which the kept Winograd filters rely on.
+    save_file(vae_state(), tmp_path / "vae.safetensors")
+    with torch.inference_mode():
+        vae = load_vae(tmp_path / "vae.safetensors")
+    assert not any(t.is_inference() for t in vae.state_dict().values())
+
+
 def test_loads_into_requested_dtype_and_meta_module(tmp_path):
     save_file(vae_state(), tmp_path / "vae.safetensors")
     with torch.device("meta"):

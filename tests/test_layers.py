@@ -1,0 +1,80 @@
+"""The 3x3 convolution's CPU paths (unfold + GEMM, Winograd F(2x2, 3x3), NNPACK, oneDNN) all compute F.conv2d."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stablesr_min import layers
+from stablesr_min.golden import relative_error
+from stablesr_min.layers import Conv3x3, winograd_conv3x3, winograd_filters
+
+TOL = 1e-5  # float32 rounding, against a float64 reference
+
+
+def reference(conv: Conv3x3, x: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride=conv.stride, padding=1)
+
+
+def path_taken(conv: Conv3x3, x: torch.Tensor, monkeypatch) -> str:
+    calls = []
+    nnpack = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: calls.append(1) or nnpack(*a))
+    conv._winograd = None
+    conv(x)
+    if calls:
+        return "nnpack"
+    return "winograd" if conv._winograd is not None else "other"
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(8, 8), (3, 5), (16, 16), (17, 13), (32, 32), (64, 64), (65, 70)])
+def test_conv3x3_matches_conv2d(size, stride, monkeypatch):
+    torch.manual_seed(0)
+    conv = Conv3x3(24, 40, stride)  # made outside inference_mode, like loaded weights
+    x = torch.randn(2, 24, *size)
+    with torch.inference_mode():
+        out = conv(x)
+        assert out.shape == reference(conv, x).shape
+        assert relative_error(out, reference(conv, x)) < TOL
+        pixels = ((size[0] - 1) // stride + 1) * ((size[1] - 1) // stride + 1)
+        if stride == 1 and Conv3x3.GEMM_MAX_PIXELS < pixels < Conv3x3.NNPACK_MIN_PIXELS:
+            assert path_taken(conv, x, monkeypatch) == "winograd"
+        if stride == 1 and pixels >= Conv3x3.NNPACK_MIN_PIXELS and layers.NNPACK:
+            assert path_taken(conv, x, monkeypatch) == "nnpack"
+
+
+def test_winograd_f2x3_is_exact_in_float64():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(1, 5, 9, 6).double(), torch.randn(7, 5, 3, 3).double(), torch.randn(7).double()
+    out = winograd_conv3x3(x, winograd_filters(weight), bias)
+    assert relative_error(out, F.conv2d(x, weight, bias, padding=1)) < 1e-14
+
+
+def test_winograd_filters_follow_weight_changes():
+    torch.manual_seed(0)
+    conv, x = Conv3x3(8, 6), torch.randn(1, 8, 16, 16)
+    with torch.no_grad():
+        conv(x)
+        kept = conv._winograd[1]
+        conv.weight.mul_(-2)  # an in-place edit bumps the version counter
+        assert relative_error(conv(x), reference(conv, x)) < TOL
+        assert conv._winograd[1] is not kept
+        conv.load_state_dict({"weight": torch.randn(6, 8, 3, 3), "bias": torch.randn(6)}, assign=True)
+        assert relative_error(conv(x), reference(conv, x)) < TOL
+
+
+def test_winograd_is_skipped_where_it_could_be_stale_or_cut_gradients(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 16, 16)
+    conv = Conv3x3(8, 6)
+    out = conv(x)  # autograd on: PyTorch's convolution, gradients reach the weights
+    out.sum().backward()
+    assert conv.weight.grad is not None and conv._winograd is None
+    with torch.inference_mode():
+        made_in_inference_mode = Conv3x3(8, 6)  # no version counter: an in-place edit could not be seen
+        assert relative_error(made_in_inference_mode(x), reference(made_in_inference_mode, x)) < TOL
+        assert made_in_inference_mode._winograd is None
+    monkeypatch.setattr(Conv3x3, "KEEP_WINOGRAD_FILTERS", False)
+    with torch.no_grad():
+        assert relative_error(conv(x), reference(conv, x)) < TOL
+        assert conv._winograd is None

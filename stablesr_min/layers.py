@@ -55,20 +55,20 @@ class Conv3x3(nn.Conv2d):
     Measured on this project's 2-core CPUs (float32, batch 1; see the README's Performance section):
     * At most 64 output pixels (the UNet's deepest maps: few pixels, 1280-2560 channels, large weights):
       one matrix product over unfolded patches, 2-4x faster than oneDNN's direct convolution.
-    * 16x16 to 32x32 maps, stride 1: Winograd F(2x2, 3x3) above, 1.3-2.5x faster than oneDNN. The
+    * 16x16 to 32x32 maps, stride 1: Winograd F(2x2, 3x3) above, 1.1-2.6x faster than oneDNN. The
       transformed filters are kept (16/9 the size of the weights) and rebuilt when the weights change.
     * At least 64x64 output pixels, stride 1 (the first UNet level of a 512 px tile, the VAE): NNPACK's
-      Winograd F(6x6, 3x3), 1.5-2.5x faster than oneDNN. It transforms the weights at every call, which
-      is why it is slower than oneDNN on small maps with many channels.
-    Winograd's rounding differs from the direct convolution's by about 1e-6 relative (F(2x2, 3x3) is the
-    closer of the two to float64). Everything else (GPUs, half precision, autograd through Winograd) takes
-    PyTorch's convolution.
+      Winograd F(6x6, 3x3), 1.5-2.5x faster than oneDNN on all but the thinnest layers. It transforms the
+      weights at every call, which is why it is slower than oneDNN on small maps with many channels.
+    Against float64, F(2x2, 3x3) lands nearer than the direct convolution (3e-7 against 1e-6 relative),
+    NNPACK a little further (3e-6). Everything else (GPUs, half precision, stride 2 beyond 64 pixels,
+    autograd through Winograd) takes PyTorch's convolution.
     """
 
     GEMM_MAX_PIXELS = 64
     NNPACK_MIN_PIXELS = 64 * 64
     # The kept filters cost about 2 GB for the full-size UNet and encoder at a 64x64 latent tile; False
-    # saves that memory for about 15% slower CPU steps.
+    # saves that memory for about 10% slower CPU steps.
     KEEP_WINOGRAD_FILTERS = True
 
     def __init__(self, cin: int, cout: int, stride: int = 1):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from stablesr_min import cli
@@ -141,3 +142,10 @@ def test_module_entry_point_exit_code(tmp_path):
                              "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.strip().endswith("x.png: no such file") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("fast_kernels", [True, False])
+def test_bfloat16_on_a_cpu_without_fast_kernels_warns(fast_kernels, monkeypatch, capsys):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: fast_kernels)
+    assert cli.pick_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
+    assert ("no fast bfloat16 kernels" in capsys.readouterr().err) is not fast_kernels

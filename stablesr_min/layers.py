@@ -75,6 +75,10 @@ class Conv3x3(nn.Conv2d):
         super().__init__(cin, cout, 3, stride=stride, padding=1)
         self._winograd: tuple[tuple, torch.Tensor] | None = None  # (weight identity, U); not in the state dict
 
+    def _apply(self, fn, recurse=True):
+        self._winograd = None  # .to(), .cuda(), .half(): the kept filters belong to the old weights
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         s = self.stride[0]

@@ -61,6 +61,8 @@ def test_winograd_filters_follow_weight_changes():
         assert conv._winograd[1] is not kept
         conv.load_state_dict({"weight": torch.randn(6, 8, 3, 3), "bias": torch.randn(6)}, assign=True)
         assert relative_error(conv(x), reference(conv, x)) < TOL
+    torch.nn.Sequential(conv).to(torch.float64)  # moving the weights drops the kept filters with them
+    assert conv._winograd is None
 
 
 def test_winograd_is_skipped_where_it_could_be_stale_or_cut_gradients(monkeypatch):

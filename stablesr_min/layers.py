@@ -93,12 +93,14 @@ class Conv3x3(nn.Conv2d):
             return out.view(b, -1, h_out, w_out)
         if s != 1 or x.dtype != torch.float32:
             return super().forward(x)
-        if pixels >= self.NNPACK_MIN_PIXELS and NNPACK and x.is_contiguous():
-            return torch._nnpack_spatial_convolution(x, self.weight, self.bias, [1, 1])
-        filters = self.winograd_filters()
+        if pixels >= self.NNPACK_MIN_PIXELS:
+            if NNPACK and x.is_contiguous():
+                return torch._nnpack_spatial_convolution(x, self.weight, self.bias, [1, 1])
+            return super().forward(x)
+        filters = self.kept_winograd_filters()
         return super().forward(x) if filters is None else winograd_conv3x3(x, filters, self.bias)
 
-    def winograd_filters(self) -> torch.Tensor | None:
+    def kept_winograd_filters(self) -> torch.Tensor | None:
         """The kept U = G g G^T of the current weights; None when switched off, with autograd on (U would
         cut the weights' gradient), or for weights made under inference_mode, which have no version counter
         to tell an in-place change. (An edit through `.data` bumps no version either: edit weights in place

@@ -43,6 +43,16 @@ def test_conv3x3_matches_conv2d(size, stride, monkeypatch):
             assert path_taken(conv, x, monkeypatch) == "nnpack"
 
 
+def test_large_maps_nnpack_cannot_take_go_to_pytorch_not_winograd(monkeypatch):
+    # Winograd's tile buffers are 4x the input: it is kept to maps below NNPACK_MIN_PIXELS.
+    torch.manual_seed(0)
+    conv = Conv3x3(8, 6)
+    x = torch.randn(1, 8, 64, 64).contiguous(memory_format=torch.channels_last)  # NNPACK needs contiguous
+    with torch.inference_mode():
+        assert relative_error(conv(x), reference(conv, x)) < TOL
+        assert path_taken(conv, x, monkeypatch) == "other"
+
+
 def test_winograd_f2x3_is_exact_in_float64():
     torch.manual_seed(0)
     x, weight, bias = torch.randn(1, 5, 9, 6).double(), torch.randn(7, 5, 3, 3).double(), torch.randn(7).double()

@@ -63,8 +63,13 @@ def median_seconds(run, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+@torch.inference_mode(False)
 def random_models(device: torch.device, dtype: torch.dtype):
-    """Full-size StableSR + CFW with small random weights, built without a slow initialisation."""
+    """Full-size StableSR + CFW with small random weights, built without a slow initialisation.
+
+    Ordinary tensors even when called under inference_mode, as a loaded checkpoint's are
+    (`weights.load_module`): the CPU convolutions keep Winograd filters only for those (`layers.Conv3x3`).
+    """
     cfg = StableSRConfig()
     with torch.device("meta"):
         model, cfw = StableSR(cfg), CFWAutoencoder(cfg.cfw)
@@ -84,19 +89,12 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+@torch.inference_mode()
 def measure(args) -> dict:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    # Built outside inference_mode, as a loaded checkpoint is: weights made under it are inference tensors,
-    # for which the CPU convolutions keep no Winograd filters (layers.Conv3x3).
+    results = dict.fromkeys(RESULT_KEYS)
     model, cfw = random_models(device, dtype)
     pipe = StableSRPipeline(model, cfw).speed_up(args.channels_last, args.compile)
-    with torch.inference_mode():
-        return measure_models(args, model, cfw, pipe)
-
-
-def measure_models(args, model: StableSR, cfw: CFWAutoencoder, pipe: StableSRPipeline) -> dict:
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    results = dict.fromkeys(RESULT_KEYS)
     gen = torch.Generator(device).manual_seed(0)
 
     def randn(*shape):

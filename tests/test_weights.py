@@ -63,19 +63,17 @@ def test_missing_key_is_named(tmp_path):
     assert "\n" not in msg
 
 
-def test_unexpected_key_is_named(tmp_path):
+@pytest.mark.parametrize("key, tensor, message", [
+    ("first_stage_model.decoder.extra.weight", torch.zeros(3),
+     r"1 unexpected \(first_stage_model\.decoder\.extra\.weight\)"),
+    ("first_stage_model.quant_conv.bias", torch.zeros(5),
+     r"1 with the wrong shape \(quant_conv\.bias: file \[5\] vs model \[8\]\)"),
+], ids=["unexpected", "wrong_shape"])
+def test_unexpected_or_misshaped_key_is_named(tmp_path, key, tensor, message):
     state = vae_state()
-    state["first_stage_model.decoder.extra.weight"] = torch.zeros(3)
+    state[key] = tensor
     save_file(state, tmp_path / "vae.safetensors")
-    with pytest.raises(WeightsError, match=r"1 unexpected \(first_stage_model\.decoder\.extra\.weight\)"):
-        load_vae(tmp_path / "vae.safetensors")
-
-
-def test_wrong_shape_is_named(tmp_path):
-    state = vae_state()
-    state["first_stage_model.quant_conv.bias"] = torch.zeros(5)
-    save_file(state, tmp_path / "vae.safetensors")
-    with pytest.raises(WeightsError, match=r"1 with the wrong shape \(quant_conv\.bias: file \[5\] vs model \[8\]\)"):
+    with pytest.raises(WeightsError, match=message):
         load_vae(tmp_path / "vae.safetensors")
 
 

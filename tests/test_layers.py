@@ -1,4 +1,5 @@
-"""The 3x3 convolution's CPU paths (unfold + GEMM, Winograd F(2x2, 3x3), NNPACK, oneDNN) all compute F.conv2d."""
+"""The CPU paths of the 3x3 convolution (unfold + GEMM, Winograd F(2x2, 3x3) and F(4x4, 3x3), NNPACK, oneDNN) all
+compute F.conv2d; the few-token product of `linear` computes F.linear."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 
 from stablesr_min import layers
 from stablesr_min.golden import relative_error
-from stablesr_min.layers import Conv3x3, winograd_conv3x3, winograd_filters
+from stablesr_min.layers import F2X3, F4X3, Conv3x3, Linear, linear, winograd_conv3x3, winograd_filters
 
 TOL = 1e-5  # float32 rounding, against a float64 reference
 
@@ -23,11 +24,11 @@ def path_taken(conv: Conv3x3, x: torch.Tensor, monkeypatch) -> str:
     conv(x)
     if calls:
         return "nnpack"
-    return "winograd" if conv._winograd is not None else "other"
+    return "other" if conv._winograd is None else f"winograd F({conv._winograd[0][-1]}x{conv._winograd[0][-1]})"
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("size", [(8, 8), (3, 5), (16, 16), (17, 13), (32, 32), (64, 64), (65, 70)])
+@pytest.mark.parametrize("size", [(8, 8), (3, 5), (16, 16), (17, 13), (32, 32), (33, 35), (64, 64), (65, 70)])
 def test_conv3x3_matches_conv2d(size, stride, monkeypatch):
     torch.manual_seed(0)
     conv = Conv3x3(24, 40, stride)  # made outside inference_mode, like loaded weights
@@ -37,8 +38,10 @@ def test_conv3x3_matches_conv2d(size, stride, monkeypatch):
         assert out.shape == reference(conv, x).shape
         assert relative_error(out, reference(conv, x)) < TOL
         pixels = ((size[0] - 1) // stride + 1) * ((size[1] - 1) // stride + 1)
-        if stride == 1 and Conv3x3.GEMM_MAX_PIXELS < pixels < Conv3x3.NNPACK_MIN_PIXELS:
-            assert path_taken(conv, x, monkeypatch) == "winograd"
+        if stride == 1 and Conv3x3.GEMM_MAX_PIXELS < pixels < Conv3x3.WINOGRAD_F4_MIN_PIXELS:
+            assert path_taken(conv, x, monkeypatch) == "winograd F(2x2)"
+        if stride == 1 and Conv3x3.WINOGRAD_F4_MIN_PIXELS <= pixels < Conv3x3.NNPACK_MIN_PIXELS:
+            assert path_taken(conv, x, monkeypatch) == "winograd F(4x4)"
         if stride == 1 and pixels >= Conv3x3.NNPACK_MIN_PIXELS and layers.NNPACK:
             assert path_taken(conv, x, monkeypatch) == "nnpack"
 
@@ -53,10 +56,11 @@ def test_large_maps_nnpack_cannot_take_go_to_pytorch_not_winograd(monkeypatch):
         assert path_taken(conv, x, monkeypatch) == "other"
 
 
-def test_winograd_f2x3_is_exact_in_float64():
+@pytest.mark.parametrize("f", [F2X3, F4X3], ids=["F(2x2,3x3)", "F(4x4,3x3)"])
+def test_winograd_is_exact_in_float64(f):
     torch.manual_seed(0)
     x, weight, bias = torch.randn(1, 5, 9, 6).double(), torch.randn(7, 5, 3, 3).double(), torch.randn(7).double()
-    out = winograd_conv3x3(x, winograd_filters(weight), bias)
+    out = winograd_conv3x3(x, winograd_filters(weight, f), bias, f)
     assert relative_error(out, F.conv2d(x, weight, bias, padding=1)) < 1e-14
 
 
@@ -71,6 +75,9 @@ def test_winograd_filters_follow_weight_changes():
         assert conv._winograd[1] is not kept
         conv.load_state_dict({"weight": torch.randn(6, 8, 3, 3), "bias": torch.randn(6)}, assign=True)
         assert relative_error(conv(x), reference(conv, x)) < TOL
+        larger = torch.randn(1, 8, 32, 32)  # needs F(4x4, 3x3): its filters replace the F(2x2, 3x3) ones
+        assert relative_error(conv(larger), reference(conv, larger)) < TOL
+        assert conv._winograd[0][-1] == 4 and conv._winograd[1].shape == (36, 6, 8)
     torch.nn.Sequential(conv).to(torch.float64)  # moving the weights drops the kept filters with them
     assert conv._winograd is None
 
@@ -90,3 +97,18 @@ def test_winograd_is_skipped_where_it_could_be_stale_or_cut_gradients(monkeypatc
     with torch.no_grad():
         assert relative_error(conv(x), reference(conv, x)) < TOL
         assert conv._winograd is None
+
+
+@pytest.mark.parametrize("shape", [(5,), (1, 64, 5), (2, 3, 5), (1, 65, 5), (0, 5)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_f_linear_for_few_and_many_rows(shape, bias):
+    torch.manual_seed(0)
+    layer = Linear(5, 7, bias=bias)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        out = layer(x)
+        assert out.shape == (*shape[:-1], 7)
+        assert torch.allclose(out, F.linear(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
+        assert torch.allclose(linear(x, layer.weight, layer.bias), out)
+        rows = x.numel() // 5
+        assert out.is_contiguous() == (not 1 < rows <= Linear.TRANSPOSED_MAX_ROWS)  # (W x^T)^T is a transposed view

@@ -83,10 +83,11 @@ class Conv3x3(nn.Conv2d):
     Measured on this project's 2-core CPUs (float32, batch 1; see the README's Performance section):
     * At most 64 output pixels (the UNet's deepest maps: few pixels, 1280-2560 channels, large weights):
       one matrix product over unfolded patches, 2-4x faster than oneDNN's direct convolution.
-    * 16x16 up to 32x32 maps, stride 1: Winograd F(2x2, 3x3) above, 1.1-2.6x faster than oneDNN; from
-      32x32 (`WINOGRAD_F4_MIN_PIXELS`) F(4x4, 3x3), another 1.2-1.45x there (on 16x16 maps its larger
-      transforms eat the saving). The transformed filters are kept, (m+2)^2/9 the size of the weights
-      (16/9 or 4x), and rebuilt when the weights change or the layer meets a map that needs the other m.
+    * Larger maps up to 63x63, stride 1: Winograd above. F(2x2, 3x3) is 1.1-2.6x faster than oneDNN on
+      16x16 maps; from 32x32 (`WINOGRAD_F4_MIN_PIXELS`) F(4x4, 3x3) is another 1.2-1.45x faster (on
+      16x16 maps its larger transforms eat the saving). The transformed filters are kept, (m+2)^2/9 the
+      size of the weights (16/9 or 4x), and rebuilt when the weights change or the map needs the other m
+      (a layer sees one map size for a whole upscale: all sampling tiles have one size).
     * At least 64x64 output pixels, stride 1 (the first UNet level of a 512 px tile, the VAE): NNPACK's
       Winograd F(6x6, 3x3), 1.5-2.5x faster than oneDNN on all but the thinnest layers. It transforms the
       weights at every call, which is why it is slower than oneDNN on small maps with many channels.

@@ -99,8 +99,8 @@ class Conv3x3(nn.Conv2d):
     GEMM_MAX_PIXELS = 64
     WINOGRAD_F4_MIN_PIXELS = 32 * 32
     NNPACK_MIN_PIXELS = 64 * 64
-    # The kept filters cost about 2.5 GB for the full-size UNet and encoder at a 64x64 latent tile; False
-    # saves that memory for about 10% slower CPU steps.
+    # The kept filters cost about 2.6 GB for the full-size UNet and encoder at a 64x64 latent tile (the
+    # README's Performance section); False saves that memory for slower CPU steps.
     KEEP_WINOGRAD_FILTERS = True
 
     def __init__(self, cin: int, cout: int, stride: int = 1):
@@ -134,10 +134,12 @@ class Conv3x3(nn.Conv2d):
         return super().forward(x) if filters is None else winograd_conv3x3(x, filters, self.bias, f)
 
     def kept_winograd_filters(self, f: Winograd) -> torch.Tensor | None:
-        """The kept U = G g G^T of the current weights for F(m x m, 3 x 3); None when switched off, with autograd on (U would
-        cut the weights' gradient), or for weights made under inference_mode, which have no version counter
-        to tell an in-place change. (An edit through `.data` bumps no version either: edit weights in place
-        under torch.no_grad(), or assign new ones.)"""
+        """The kept U = G g G^T of the current weights for F(m x m, 3 x 3).
+
+        None when switched off, with autograd on (U would cut the weights' gradient), or for weights made
+        under inference_mode, which have no version counter to tell an in-place change. (An edit through
+        `.data` bumps no version either: edit weights in place under torch.no_grad(), or assign new ones.)
+        """
         weight = self.weight
         if not self.KEEP_WINOGRAD_FILTERS or torch.is_grad_enabled() or weight.is_inference():
             return None

@@ -58,12 +58,14 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor,
     b, c, h, w = x.shape
     m, a = f.m, f.m + 2
     th, tw = -(-h // m), -(-w // m)  # m x m output tiles down and across
-    # The conv's own padding (1), plus bottom/right padding up to whole tiles.
-    x = F.pad(x, (1, m * tw + 1 - w, 1, m * th + 1 - h))
-    # a x a input tiles at stride m: (B, C, th, tw, a, a) -> (a*a, C*B*th*tw), one column per tile and channel
-    d = x.unfold(2, a, m).unfold(3, a, m).permute(4, 5, 1, 0, 2, 3).reshape(a * a, -1)
-    # V = B^T d B for every tile: (a*a, C, B*th*tw)
-    v = (f.kron_bt.to(x) @ d).view(a * a, c, -1)
+    if (h, w) != (m * th, m * tw):
+        x = F.pad(x, (0, m * tw - w, 0, m * th - h))  # bottom/right zeros up to whole tiles
+    # V = B^T d B for every a x a input tile d (at stride m, with the conv's padding 1): row p of B^T ⊗ B^T
+    # is an a x a stencil, so this is one strided convolution with every channel as its own image.
+    # (B*C, 1, H, W) -> (B*C, a*a, th, tw) -> (a*a, C, B*th*tw): a view when B = 1
+    stencils = f.kron_bt.view(a * a, 1, a, a).to(x)
+    v = F.conv2d(x.reshape(b * c, 1, m * th, m * tw), stencils, stride=m, padding=1)
+    v = v.view(b, c, a * a, th * tw).permute(2, 1, 0, 3).reshape(a * a, c, -1)
     # M = sum over input channels of U ⊙ V: one (Cout, C) @ (C, B*th*tw) product per tile position
     prod = torch.bmm(filters, v)
     # Y = A^T M A: (a*a, Cout, B*th*tw) -> (m, m, Cout, B, th, tw) -> (B, Cout, m*th, m*tw)

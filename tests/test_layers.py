@@ -59,7 +59,7 @@ def test_large_maps_nnpack_cannot_take_go_to_pytorch_not_winograd(monkeypatch):
 @pytest.mark.parametrize("f", [F2X3, F4X3], ids=["F(2x2,3x3)", "F(4x4,3x3)"])
 def test_winograd_is_exact_in_float64(f):
     torch.manual_seed(0)
-    x, weight, bias = torch.randn(1, 5, 9, 6).double(), torch.randn(7, 5, 3, 3).double(), torch.randn(7).double()
+    x, weight, bias = torch.randn(2, 5, 9, 6).double(), torch.randn(7, 5, 3, 3).double(), torch.randn(7).double()
     out = winograd_conv3x3(x, winograd_filters(weight, f), bias, f)
     assert relative_error(out, F.conv2d(x, weight, bias, padding=1)) < 1e-14
 

@@ -95,7 +95,7 @@ class Conv3x3(nn.Conv2d):
       weights at every call, which is why it is slower than oneDNN on small maps with many channels.
     Against float64, F(2x2, 3x3) lands nearer than the direct convolution (3e-7 against 1e-6 relative),
     F(4x4, 3x3) and NNPACK a little further (2e-6, 3e-6). Everything else (GPUs, half precision, stride 2
-    beyond 64 pixels, autograd through Winograd) takes PyTorch's convolution.
+    beyond 64 pixels, autograd through Winograd, torch.compile) takes PyTorch's convolution.
     """
 
     GEMM_MAX_PIXELS = 64
@@ -118,7 +118,7 @@ class Conv3x3(nn.Conv2d):
         s = self.stride[0]
         h_out, w_out = (h - 1) // s + 1, (w - 1) // s + 1
         pixels = h_out * w_out
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
             return super().forward(x)
         if pixels <= self.GEMM_MAX_PIXELS:
             # (B, C, H, W) -> (B, C*9, H_out*W_out) patches; (Cout, C*9) @ patches -> (B, Cout, H_out*W_out)

@@ -99,6 +99,19 @@ def test_winograd_is_skipped_where_it_could_be_stale_or_cut_gradients(monkeypatc
         assert conv._winograd is None
 
 
+def test_torch_compile_gets_pytorchs_convolution(monkeypatch):
+    # The CPU paths check weight versions and keep filters, which a compiler cannot trace: under
+    # torch.compile every map takes PyTorch's convolution (compiling the golden UNet failed without this).
+    torch.manual_seed(0)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    conv = Conv3x3(8, 6)
+    with torch.inference_mode():
+        for size in (16, 32, 64):
+            x = torch.randn(1, 8, size, size)
+            assert relative_error(conv(x), reference(conv, x)) < TOL
+            assert path_taken(conv, x, monkeypatch) == "other"
+
+
 @pytest.mark.parametrize("shape", [(5,), (1, 64, 5), (2, 3, 5), (1, 65, 5), (0, 5)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_matches_f_linear_for_few_and_many_rows(shape, bias):

@@ -120,20 +120,20 @@ class Conv3x3(nn.Conv2d):
         pixels = h_out * w_out
         if x.device.type != "cpu" or torch.compiler.is_compiling():
             return super().forward(x)
+        if s == 1 and x.dtype == torch.float32 and self.GEMM_MAX_PIXELS < pixels < self.NNPACK_MIN_PIXELS:
+            f = F4X3 if pixels >= self.WINOGRAD_F4_MIN_PIXELS else F2X3
+            filters = self.kept_winograd_filters(f)
+            return super().forward(x) if filters is None else winograd_conv3x3(x, filters, self.bias, f)
+        self._winograd = None  # kept for a map size this layer no longer sees: free them
         if pixels <= self.GEMM_MAX_PIXELS:
             # (B, C, H, W) -> (B, C*9, H_out*W_out) patches; (Cout, C*9) @ patches -> (B, Cout, H_out*W_out)
             patches = F.unfold(x, 3, padding=1, stride=s)
             out = torch.baddbmm(self.bias[:, None], self.weight.flatten(1).expand(b, -1, -1), patches)
             return out.view(b, -1, h_out, w_out)
-        if s != 1 or x.dtype != torch.float32:
-            return super().forward(x)
-        if pixels >= self.NNPACK_MIN_PIXELS:
-            if NNPACK and x.is_contiguous():
-                return torch._nnpack_spatial_convolution(x, self.weight, self.bias, [1, 1])
-            return super().forward(x)
-        f = F4X3 if pixels >= self.WINOGRAD_F4_MIN_PIXELS else F2X3
-        filters = self.kept_winograd_filters(f)
-        return super().forward(x) if filters is None else winograd_conv3x3(x, filters, self.bias, f)
+        nnpack_fits = s == 1 and x.dtype == torch.float32 and NNPACK and x.is_contiguous()
+        if pixels >= self.NNPACK_MIN_PIXELS and nnpack_fits:
+            return torch._nnpack_spatial_convolution(x, self.weight, self.bias, [1, 1])
+        return super().forward(x)
 
     def kept_winograd_filters(self, f: Winograd) -> torch.Tensor | None:
         """The kept U = G g G^T of the current weights for F(m x m, 3 x 3).

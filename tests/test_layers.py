@@ -82,6 +82,18 @@ def test_winograd_filters_follow_weight_changes():
     assert conv._winograd is None
 
 
+def test_kept_filters_are_freed_when_a_map_takes_another_path():
+    # A layer keeps filters for the one map size it sees in an upscale; a map that takes the GEMM path,
+    # NNPACK or PyTorch's convolution frees them (an upscale of a larger image would otherwise hold both).
+    torch.manual_seed(0)
+    conv = Conv3x3(8, 6)
+    with torch.no_grad():
+        for size, kept in [(16, True), (64, False), (32, True), (8, False)]:
+            x = torch.randn(1, 8, size, size)
+            assert relative_error(conv(x), reference(conv, x)) < TOL
+            assert (conv._winograd is not None) == kept, size
+
+
 def test_winograd_is_skipped_where_it_could_be_stale_or_cut_gradients(monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(1, 8, 16, 16)

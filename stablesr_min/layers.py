@@ -88,8 +88,9 @@ class Conv3x3(nn.Conv2d):
     * Larger maps up to 63x63, stride 1: Winograd above. F(2x2, 3x3) is 1.1-2.6x faster than oneDNN on
       16x16 maps; from 32x32 (`WINOGRAD_F4_MIN_PIXELS`) F(4x4, 3x3) is another 1.2-1.45x faster (on
       16x16 maps its larger transforms eat the saving). The transformed filters are kept, (m+2)^2/9 the
-      size of the weights (16/9 or 4x), and rebuilt when the weights change or the map needs the other m
-      (a layer sees one map size for a whole upscale: all sampling tiles have one size).
+      size of the weights (16/9 or 4x), rebuilt when the weights change or the map needs the other m, and
+      freed when a map takes another path (a layer sees one map size for a whole upscale: all sampling
+      tiles have one size).
     * At least 64x64 output pixels, stride 1 (the first UNet level of a 512 px tile, the VAE): NNPACK's
       Winograd F(6x6, 3x3), 1.5-2.5x faster than oneDNN on all but the thinnest layers. It transforms the
       weights at every call, which is why it is slower than oneDNN on small maps with many channels.
@@ -120,7 +121,8 @@ class Conv3x3(nn.Conv2d):
         pixels = h_out * w_out
         if x.device.type != "cpu" or torch.compiler.is_compiling():
             return super().forward(x)
-        if s == 1 and x.dtype == torch.float32 and self.GEMM_MAX_PIXELS < pixels < self.NNPACK_MIN_PIXELS:
+        stride1_float32 = s == 1 and x.dtype == torch.float32  # what Winograd and NNPACK both need
+        if stride1_float32 and self.GEMM_MAX_PIXELS < pixels < self.NNPACK_MIN_PIXELS:
             f = F4X3 if pixels >= self.WINOGRAD_F4_MIN_PIXELS else F2X3
             filters = self.kept_winograd_filters(f)
             return super().forward(x) if filters is None else winograd_conv3x3(x, filters, self.bias, f)
@@ -130,8 +132,7 @@ class Conv3x3(nn.Conv2d):
             patches = F.unfold(x, 3, padding=1, stride=s)
             out = torch.baddbmm(self.bias[:, None], self.weight.flatten(1).expand(b, -1, -1), patches)
             return out.view(b, -1, h_out, w_out)
-        nnpack_fits = s == 1 and x.dtype == torch.float32 and NNPACK and x.is_contiguous()
-        if pixels >= self.NNPACK_MIN_PIXELS and nnpack_fits:
+        if stride1_float32 and pixels >= self.NNPACK_MIN_PIXELS and NNPACK and x.is_contiguous():
             return torch._nnpack_spatial_convolution(x, self.weight, self.bias, [1, 1])
         return super().forward(x)
 

@@ -68,7 +68,7 @@ def random_models(device: torch.device, dtype: torch.dtype):
     """Full-size StableSR + CFW with small random weights, built without a slow initialisation.
 
     Ordinary tensors even when called under inference_mode, as a loaded checkpoint's are
-    (`weights.load_module`): the CPU convolutions keep Winograd filters only for those (`layers.Conv3x3`).
+    (`weights.load_module`).
     """
     cfg = StableSRConfig()
     with torch.device("meta"):

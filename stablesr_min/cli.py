@@ -81,7 +81,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "float16" and device.type == "cpu":
         raise UsageError("--dtype float16 needs a GPU; on the CPU use float32 or bfloat16")
-    if name == "bfloat16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if name == "bfloat16" and device.type == "cpu" and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         # Without AVX-512, PyTorch runs bfloat16 convolutions through its slow reference kernel: 50-100x
         # slower than float32 (seen on an AVX2-only EPYC).
         print("WARNING: this CPU has no fast bfloat16 kernels (they need AVX-512); --dtype float32 will be "

@@ -82,6 +82,7 @@ class TextConfig:
     layers: int = 24  # transformer blocks stored in the checkpoint
     layer: str = "penultimate"  # output of which block: "last" or "penultimate" (SD 2.x skips the last)
     mlp_ratio: float = 4.0  # feed-forward width / width
+    embed_dim: int = 1024  # width of CLIP's contrastive head: text_projection is (width, embed_dim)
 
 
 @dataclass

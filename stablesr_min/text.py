@@ -76,9 +76,8 @@ class TextEncoder(nn.Module):
         self.transformer = nn.ModuleDict({"resblocks": nn.ModuleList(blocks)})
         self.ln_final = nn.LayerNorm(cfg.width)
         # CLIP's contrastive head (pooled-text projection, logit temperature): stored in every SD 2.x
-        # checkpoint and kept so that loading stays strict, but SD 2.x never uses them. ViT-H/14 projects
-        # to 1024 = its text width.
-        self.text_projection = nn.Parameter(torch.zeros(cfg.width, cfg.width))
+        # checkpoint and kept so that loading stays strict, but SD 2.x never uses them.
+        self.text_projection = nn.Parameter(torch.zeros(cfg.width, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.zeros(()))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

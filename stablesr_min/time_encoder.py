@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TimeEncoderConfig
-from .layers import Linear, conv3x3
+from .layers import conv3x3
 from .unet import Downsample, ResBlock, TimestepBlocks, attention_heads, normalization, timestep_embedding
 
 
@@ -67,7 +67,7 @@ class TimeAwareEncoder(nn.Module):
             heads, _ = attention_heads(channels, cfg.num_heads, cfg.num_head_channels)
             return AttentionBlock(channels, heads)
 
-        self.time_embed = nn.Sequential(Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         self.input_blocks = nn.ModuleList([TimestepBlocks([conv3x3(cfg.in_channels, mc)])])
         feature_widths = []  # channels of each tapped feature: every level's end, then the middle block

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig
-from .layers import Linear, Upsample, conv3x3, linear
+from .layers import Upsample, conv3x3
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -86,7 +86,7 @@ class ResBlock(nn.Module):
     def __init__(self, cin: int, emb_channels: int, cout: int, semb_channels: int | None = None):
         super().__init__()
         self.in_layers = nn.Sequential(normalization(cin), nn.SiLU(), conv3x3(cin, cout))
-        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_channels, cout))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, cout))
         if semb_channels is not None:
             self.spade = SFT(cout, semb_channels)
         # The reference falls back to one group per channel when the width is not a multiple of 32.
@@ -123,10 +123,10 @@ class CrossAttention(nn.Module):
         inner = heads * dim_head
         context_dim = context_dim or query_dim
         self.heads = heads
-        self.to_q = Linear(query_dim, inner, bias=False)
-        self.to_k = Linear(context_dim, inner, bias=False)
-        self.to_v = Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(Linear(inner, query_dim))  # index 1 held dropout in training
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim))  # index 1 held dropout in training
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
@@ -141,21 +141,18 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = Linear(dim_in, 2 * dim_out)
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Two products with the halves of `proj` rather than one product and a split: on CPU, MKL is 10-30%
-        # faster on the narrower outputs, and no strided half-tensors are made.
-        w_a, w_gate = self.proj.weight.chunk(2)
-        b_a, b_gate = self.proj.bias.chunk(2)
-        return linear(x, w_a, b_a) * F.gelu(linear(x, w_gate, b_gate))
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         # index 1 held dropout in training
-        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Identity(), Linear(mult * dim, dim))
+        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -186,11 +183,11 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.norm = GroupNorm32(32, channels, eps=1e-6)
-        self.proj_in = Linear(channels, inner)
+        self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)
         )
-        self.proj_out = Linear(inner, channels)
+        self.proj_out = nn.Linear(inner, channels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -247,7 +244,7 @@ class UNet(nn.Module):
             heads, dim_head = attention_heads(channels, cfg.num_heads, cfg.num_head_channels)
             return SpatialTransformer(channels, heads, dim_head, cfg.transformer_depth, cfg.context_dim)
 
-        self.time_embed = nn.Sequential(Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         self.input_blocks = nn.ModuleList([TimestepBlocks([conv3x3(cfg.in_channels, mc)])])
         skip_widths = [mc]  # width of every input block's output, consumed in reverse by the output blocks

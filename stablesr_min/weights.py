@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import types
+import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -201,8 +202,7 @@ def load_module(
         under = f" (keys under {prefix!r})" if prefix else ""
         where = f"{files.describe()} does not fit {what or type(module).__name__}{under}"
         raise WeightsError(mismatch_message(where, missing, [prefix + k for k in unexpected], misshaped, kind))
-    # Ordinary tensors even when loaded under inference_mode: their version counter then tells an in-place
-    # edit, which the CPU convolutions' kept Winograd filters rely on (layers.Conv3x3).
+    # Ordinary tensors even when loaded under inference_mode, so that the model can later be trained.
     with torch.inference_mode(False):
         state = {}
         for name in expected:
@@ -249,12 +249,36 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
 # Module prefixes whose classes a Lightning checkpoint names but we never need: they become stand-ins.
 FOREIGN_MODULES = ("pytorch_lightning", "lightning", "lightning_fabric", "omegaconf", "numpy", "pathlib",
                    "typing", "enum")
-# Exactly these globals may be called: tensor reconstruction and plain containers.
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
+    """A tensor viewing `storage`: what the pickle's tensor-rebuild calls ask for (extra arguments, such
+    as requires_grad and backward hooks, are dropped: we only keep the numbers)."""
+    with warnings.catch_warnings():  # torch.load hands us TypedStorage, whose every public use warns
+        warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
+        untyped, dtype = storage.untyped(), storage.dtype
+    return torch.empty(0, dtype=dtype, device=untyped.device).set_(untyped, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, *unused):
+    return data
+
+
+def _rebuild_from_type(func, new_type, args, state):
+    # `func` was itself resolved through the allow-list, so it is one of the rebuilders here.
+    return func(*args)
+
+
+# Exactly these globals may be called. PyTorch pickles name its tensor-rebuild helpers in its private
+# submodules `_utils` and `_tensor` of torch; we answer them with our own equivalents above, so nothing of
+# PyTorch's private API runs.
+TORCH_REBUILDERS = {
+    ("_utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("_utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("_utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("_tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+}
 ALLOWED_GLOBALS = {
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("torch._tensor", "_rebuild_from_type_v2"): torch._tensor._rebuild_from_type_v2,
     ("torch", "Tensor"): torch.Tensor,
     ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
     ("torch", "Size"): torch.Size,
@@ -286,6 +310,9 @@ class _AllowListUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in ALLOWED_GLOBALS:
             return ALLOWED_GLOBALS[(module, name)]
+        torch_submodule = module.split(".", 1)[1] if module.startswith("torch.") else None
+        if (torch_submodule, name) in TORCH_REBUILDERS:
+            return TORCH_REBUILDERS[(torch_submodule, name)]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         if module.split(".")[0] in FOREIGN_MODULES:

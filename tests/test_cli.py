@@ -146,6 +146,6 @@ def test_module_entry_point_exit_code(tmp_path):
 
 @pytest.mark.parametrize("fast_kernels", [True, False])
 def test_bfloat16_on_a_cpu_without_fast_kernels_warns(fast_kernels, monkeypatch, capsys):
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: fast_kernels)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512" if fast_kernels else "AVX2")
     assert cli.pick_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
     assert ("no fast bfloat16 kernels" in capsys.readouterr().err) is not fast_kernels

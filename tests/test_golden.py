@@ -1,8 +1,7 @@
 """One test per golden case: the official code's numbers, reproduced (FORMAT.md, relative L2 <= 1e-4).
 
 The set is read from STABLESR_GOLDEN (default tests/golden); every size and setting comes from its files.
-A case that the set does not contain is skipped with that reason (the public set has no `schedule` or
-`colorfix` case; their unit tests live in test_schedule.py and test_colorfix.py).
+A case that the set does not contain is skipped with that reason; the public set (version 2) has them all.
 """
 
 import re
@@ -153,3 +152,24 @@ def test_pipeline(golden, stablesr, cfw):
     assert len(latents) == p["steps"]
     assert_close(latents[-1], golden["pipeline.latent_0"], "latent_0 (the sampled latent)")
     assert_close(output, golden["pipeline.output"], "output")
+
+
+# The version-2 cases of features still being built: each fails until its issue lands (strict xfail).
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14: the fine-tuning objective is not built yet")
+def test_train_step(golden):
+    needs_case(golden, "train_step")
+    from stablesr_min import train  # noqa: F401
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14: the degradation pipeline is not built yet")
+def test_degradation(golden):
+    needs_case(golden, "degradation")
+    from stablesr_min import degradation  # noqa: F401
+
+
+@pytest.mark.xfail(strict=True, reason="issue 15: DDIM is not built yet")
+def test_ddim_step(golden):
+    needs_case(golden, "ddim_step")
+    from stablesr_min.sampler import ddim_step  # noqa: F401

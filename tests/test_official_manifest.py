@@ -34,20 +34,8 @@ BUILDERS = {
 }
 
 
-# One entry of the manifest we know to be wrong. OpenCLIP builds text_projection as (width, embed_dim),
-# and ViT-H/14 has embed_dim 1024, so the real SD 2.x / StableSR files store [1024, 1024]; the manifest
-# says [1024, 32] (apparently the small golden embed_dim). Building [1024, 32] would make the strict
-# loader refuse the real checkpoints, so we keep the true shape and accept either value here.
-MANIFEST_ERRATA = {"cond_stage_model.model.text_projection": ([1024, 32], [1024, 1024])}
-
-
 def section(checkpoint: str, prefix: str) -> dict:
-    entries = {}
-    for key, shape in MANIFEST[checkpoint].items():
-        if key.startswith(prefix):
-            wrong, right = MANIFEST_ERRATA.get(key, (None, None))
-            entries[key[len(prefix):]] = right if shape == wrong else shape
-    return entries
+    return {key[len(prefix):]: shape for key, shape in MANIFEST[checkpoint].items() if key.startswith(prefix)}
 
 
 @pytest.mark.parametrize("checkpoint,prefix", list(BUILDERS), ids=lambda x: x)
@@ -60,13 +48,11 @@ def test_prefix_matches_official(checkpoint, prefix):
     assert (missing, unexpected, misshaped) == ([], [], []), f"{checkpoint} {prefix}"
 
 
-def test_text_projection_has_the_true_openclip_shape():
-    """Ours is (width, embed_dim = width); the manifest holds the known wrong value or the true one."""
+def test_text_projection_is_width_by_embed_dim():
+    """OpenCLIP's contrastive head is (width, embed_dim): 1024 x 1024 for ViT-H/14."""
     with torch.device("meta"):
         text = TextEncoder(CFG.text)
-    assert list(text.text_projection.shape) == [CFG.text.width, CFG.text.width] == [1024, 1024]
-    for checkpoint in ("stablesr_000117", "sd21_base_512"):
-        assert MANIFEST[checkpoint]["cond_stage_model.model.text_projection"] in ([1024, 32], [1024, 1024])
+    assert list(text.text_projection.shape) == [CFG.text.width, CFG.text.embed_dim] == [1024, 1024]
 
 
 @pytest.mark.parametrize("checkpoint", ["stablesr_000117", "sd21_base_512", "vqgan_cfw_00011"])

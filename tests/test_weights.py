@@ -36,7 +36,7 @@ def test_loads_fp32_and_fp16_files_into_fp32(tmp_path, dtype):
 
 
 def test_weights_loaded_under_inference_mode_are_ordinary_tensors(tmp_path):
-    # In-place edits of ordinary tensors bump their version, which the kept Winograd filters rely on.
+    # A model loaded for inference can still be fine-tuned: inference tensors could not take gradients.
     save_file(vae_state(), tmp_path / "vae.safetensors")
     with torch.inference_mode():
         vae = load_vae(tmp_path / "vae.safetensors")

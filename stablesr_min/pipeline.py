@@ -134,10 +134,10 @@ def upsample(lr: torch.Tensor, scale: float) -> torch.Tensor:
 def pad_canvas(image: torch.Tensor, min_size: int, multiple: int = 8) -> torch.Tensor:
     """Zero-pad bottom/right to at least `min_size` (one full tile) and to a multiple of `multiple`.
 
-    The official script pads only to `min_size`. It never meets a side that is not a multiple of 8 at x4,
-    because it resizes the LR input to multiples of 8 first (`official_resize`); at other scales such a
-    side breaks its CFW decoder (the VAE floors the latent, so encoder and decoder features differ by a
-    pixel where they are concatenated). Padding to 8 is what lets this project keep exact output sizes.
+    The official script pads only to `min_size`. A longer side that is not a multiple of 8 breaks its CFW
+    decoder (the VAE floors the latent, so encoder and decoder features differ by a pixel where they are
+    concatenated); it meets one only at non-integer scales, because it resizes the LR input to sides of
+    8k first (`official_resize`). Without that resize, padding to 8 is what keeps exact output sizes.
     """
     h, w = image.shape[-2:]
     new_h = math.ceil(max(h, min_size) / multiple) * multiple

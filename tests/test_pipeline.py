@@ -147,7 +147,8 @@ def test_sample_latent_then_finish_is_the_pipeline(stablesr, cfw):
 
 def test_sides_that_are_not_a_multiple_of_8_keep_their_exact_size(stablesr, cfw):
     """4x of 37 px is 148, not a multiple of 8: the canvas is padded to 152 and the output cropped back.
-    (The official script has no output here: its CFW decoder fails on the floored latent.)"""
+    (The official script resizes 37 px to 32 first; given 148 px, its CFW decoder fails on the floored
+    latent.)"""
     pipe = StableSRPipeline(stablesr, cfw)
     lr = torch.rand(1, 3, 10, 37, generator=torch.Generator().manual_seed(0)) * 2 - 1
     for colorfix in ("adain", "wavelet"):

@@ -99,7 +99,9 @@ def official_resize(lr: torch.Tensor) -> torch.Tensor:
     RGB image the official script resizes, which gives its numbers exactly; any other image (16-bit
     files, computed tensors) in Pillow's 32-bit float mode, channel by channel: the same filter without
     the 8-bit path's rounding and clipping (also between its horizontal and vertical passes), so the
-    two differ by about a level on photos.
+    two differ by about a level on photos. It is a pipeline stage rather than part of `load_image` so that
+    one option (`UpscaleOptions.official_resize`) serves the command line, the Python API and tensors
+    that never were files, and the loader stays a plain reader of what is in the file.
     """
     h, w = lr.shape[-2:]
     size = official_size(h, w)

@@ -126,7 +126,7 @@ def canvas_bytes(h: int, w: int, scale: float) -> int:
 def cmd_upscale(args) -> None:
     # Imported here so that `convert` and `--help` stay fast.
     from .model import RANDOM_WEIGHTS_WARNING, find_weights, load_cfw, load_stablesr
-    from .pipeline import StableSRPipeline, UpscaleOptions
+    from .pipeline import StableSRPipeline, UpscaleOptions, official_size
 
     inputs = [Path(p) for p in args.inputs]
     images = {}
@@ -139,7 +139,8 @@ def cmd_upscale(args) -> None:
     try:
         opts = UpscaleOptions(scale=args.scale, steps=args.steps, tile=args.tile, overlap=args.overlap,
                               tile_batch=args.tile_batch, tile_weights=args.tile_weights, dec_w=args.dec_w,
-                              colorfix=args.colorfix, prompt=args.prompt, vae_tile=args.vae_tile)
+                              colorfix=args.colorfix, prompt=args.prompt, vae_tile=args.vae_tile,
+                              official_resize=args.official_resize)
     except ValueError as e:
         raise UsageError(str(e)) from None
     device = pick_device(args.device)
@@ -148,6 +149,11 @@ def cmd_upscale(args) -> None:
     free = free_memory_bytes(device)
     for path, image in images.items():
         h, w = image.rgb.shape[-2:]
+        if opts.official_resize:
+            try:
+                h, w = official_size(h, w)
+            except ValueError as e:
+                raise UsageError(f"{path}: --official-resize: {e}") from None
         need = canvas_bytes(h, w, opts.scale)
         if need > free:
             raise UsageError(f"{path}: {w}x{h} at --scale {opts.scale:g} needs about {need / 2**30:.1f} GB "
@@ -204,7 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--overlap", type=int, default=32, help="latent overlap of tiles (default 32)")
     up.add_argument("--tile-batch", type=int, default=4, help="tiles per network call (default 4)")
     up.add_argument("--tile-weights", choices=["paper", "official"], default="paper",
-                    help="Gaussian tile weights: the paper's centred map, or the official code's")
+                    help="Gaussian tile weights (std 0.1 tile, the official code's): centred on the tile, "
+                         "or the official code's map, rows half a pixel low")
+    up.add_argument("--official-resize", action="store_true",
+                    help="first cut each input side down to a multiple of 8 with Lanczos, as the official script "
+                         "does (37 px -> 32: the output is then not exactly --scale times the input)")
     up.add_argument("--vae-tile", type=int, default=512, help="VAE tile in pixels for large images (0: off)")
     up.add_argument("--prompt", default="", help="text prompt (StableSR was trained with none)")
     up.add_argument("--seed", type=int, default=42, help="random seed (default 42)")

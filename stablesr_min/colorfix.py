@@ -3,7 +3,8 @@
 Diffusion sampling can drift in colour. StableSR (Sec. 3.4) corrects it after decoding: AdaIN gives the
 output the per-channel mean and standard deviation of the LR image (the paper's choice); the official
 repo also offers a wavelet variant that keeps the output's fine detail and takes the coarse colour from
-the LR image. Both work on images in [-1, 1], shaped (B, C, H, W).
+the LR image (it comes, as the official file says, from Li Yi's sd-webui-stablesr extension). Both work
+on images in [-1, 1], shaped (B, C, H, W). The official script's default is no colour fix at all.
 """
 
 from __future__ import annotations

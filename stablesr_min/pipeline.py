@@ -1,6 +1,7 @@
 """LR image -> SR image, as the official canvas script does it (`sr_val_ddpm_text_T_vqganfin_oldcanvas.py`).
 
-    lr --bicubic x scale--> upsampled --zero-pad--> canvas --VAE--> z_0 --q(x_999|z_0)--> x_T
+    lr (--Lanczos to sides of 8k, opt-in: `official_resize`--> lr)
+       --bicubic x scale--> upsampled --zero-pad--> canvas --VAE--> z_0 --q(x_999|z_0)--> x_T
        --N respaced DDPM steps, aggregation over tiles (Sec. 3.3)--> x_0
        --CFW decoder with the canvas's encoder features, weight w (Sec. 3.2)--> crop --colour fix--> SR
 
@@ -16,8 +17,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .cfw import CFWAutoencoder
 from .colorfix import color_fix
@@ -31,16 +34,20 @@ from .vae import AutoencoderKL, DiagonalGaussian
 @dataclass
 class UpscaleOptions:
     scale: float = 4.0  # output size / input size
-    steps: int = 200  # respaced DDPM steps (the official default)
+    steps: int = 200  # respaced DDPM steps: the paper's setting, and what the official README's commands pass
+    #                   (the official script's own --ddpm_steps default is 1000)
     tile: int = 64  # latent tile of aggregation sampling (64 latents = 512 px, the training size)
     overlap: int = 32  # latent overlap between neighbouring tiles
     tile_batch: int = 4  # tiles per network call
-    tile_weights: str = "paper"  # "paper": centred Gaussian; "official": the reference's (row centre T/2)
+    tile_weights: str = "paper"  # Gaussian tile weights (std 0.1 tile: the official code's; the paper gives
+    #                              no sigma): "paper" centred on the tile, "official" the reference's (row centre T/2)
     dec_w: float = 0.5  # CFW fusion weight w of Eq. 2: 0 = most realistic, 1 = most faithful
     colorfix: str = "adain"  # "adain" (the paper's), "wavelet" (the official repo's) or "none"
     prompt: str = ""  # text prompt; StableSR was trained with the empty prompt
     vae_tile: int = 512  # VAE/CFW tile in pixels for large images (0: never tile); see `tiled_vae`
     vae_overlap: int = 64  # pixel overlap of VAE tiles
+    official_resize: bool = False  # first cut each LR side down to a multiple of 8 (Pillow's Lanczos), as the
+    #                                official script does: output int(8k * scale), not int(side * scale)
 
     def __post_init__(self):
         checks = [
@@ -74,6 +81,51 @@ class Noises:
 # Stages
 
 
+def official_size(h: int, w: int) -> tuple[int, int]:
+    """The LR size the official script works at: each side cut down to a multiple of 8 (37 -> 32)."""
+    if h < 8 or w < 8:
+        raise ValueError(f"the official resize cuts each side down to a multiple of 8, so it needs sides of "
+                         f"at least 8 px, got {w}x{h}; leave it off for this image")
+    return h - h % 8, w - w % 8
+
+
+def official_resize(lr: torch.Tensor) -> torch.Tensor:
+    """(B, 3, h, w) in [-1, 1] -> (B, 3, h - h % 8, w - w % 8): the official script's input resize.
+
+    Its `load_img` resizes every input with Pillow's Lanczos to sides cut down to a multiple of 8 before
+    the bicubic upscale. When the two sides lose different fractions the output is stretched (official
+    issue #81), which is why this is opt-in. Pillow does the resize here too, so it is the same
+    operation: an image of 8-bit values (every 8-bit file `load_image` reads) is resized as the 8-bit
+    RGB image the official script resizes, which gives its numbers exactly; any other image (16-bit
+    files, computed tensors) in Pillow's 32-bit float mode, channel by channel: the same filter without
+    the 8-bit path's rounding and clipping (also between its horizontal and vertical passes), so the
+    two differ by about a level on photos. It is a pipeline stage rather than part of `load_image` so that
+    one option (`UpscaleOptions.official_resize`) serves the command line, the Python API and tensors
+    that never were files, and the loader stays a plain reader of what is in the file.
+    """
+    h, w = lr.shape[-2:]
+    size = official_size(h, w)
+    if size == (h, w):
+        return lr  # Pillow's resize to the same size is a copy
+    return torch.stack([_pillow_lanczos(image, size) for image in lr.cpu().float()]).to(lr)
+
+
+def _pillow_lanczos(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(3, h, w) in [-1, 1] -> (3, *size) in [-1, 1], resized by Pillow's Lanczos filter."""
+    levels = (image.double() + 1) / 2 * 255
+    pil_size = (size[1], size[0])  # Pillow sizes are (width, height)
+    if (levels - levels.round()).abs().max() < 1e-3:
+        # (3, h, w) -> (h, w, 3) 8-bit, resized, -> (3, H, W) in [0, 1], as `load_image` divides
+        rgb = Image.fromarray(levels.round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+        resized = torch.from_numpy(np.asarray(rgb.resize(pil_size, Image.LANCZOS), dtype=np.float32) / 255.0)
+        resized = resized.permute(2, 0, 1)
+    else:
+        channels = ((image + 1) / 2).numpy()
+        resized = torch.stack([torch.from_numpy(np.array(Image.fromarray(c).resize(pil_size, Image.LANCZOS)))
+                               for c in channels]).clamp(0, 1)  # clipped to [0, 1] as the 8-bit resize clips
+    return resized * 2 - 1
+
+
 def upsample(lr: torch.Tensor, scale: float) -> torch.Tensor:
     """Bicubic upscale (align_corners False, no antialias), clamped to [-1, 1] as the official script."""
     h, w = lr.shape[-2:]
@@ -84,9 +136,10 @@ def upsample(lr: torch.Tensor, scale: float) -> torch.Tensor:
 def pad_canvas(image: torch.Tensor, min_size: int, multiple: int = 8) -> torch.Tensor:
     """Zero-pad bottom/right to at least `min_size` (one full tile) and to a multiple of `multiple`.
 
-    The official script pads only to `min_size`. A longer side that is not a multiple of 8 then breaks
-    its CFW decoder (the VAE floors the latent, so encoder and decoder features differ by a pixel where
-    they are concatenated): padding to 8 departs from the official script only where it has no output.
+    The official script pads only to `min_size`. A longer side that is not a multiple of 8 breaks its CFW
+    decoder (the VAE floors the latent, so encoder and decoder features differ by a pixel where they are
+    concatenated); it meets one only at non-integer scales, because it resizes the LR input to sides of
+    8k first (`official_resize`). Without that resize, padding to 8 is what keeps exact output sizes.
     """
     h, w = image.shape[-2:]
     new_h = math.ceil(max(h, min_size) / multiple) * multiple
@@ -221,9 +274,11 @@ class StableSRPipeline:
     def sample_latent(self, lr: torch.Tensor, opts: UpscaleOptions, *, generator: torch.Generator | None = None,
                       noises: Noises | None = None, weights: torch.Tensor | None = None,
                       progress: Progress | None = None, on_step: StepCallback | None = None) -> Sampled:
-        """Everything up to the final latent: upsample, pad, encode, x_T, N reverse steps."""
+        """Everything up to the final latent: (official resize,) upsample, pad, encode, x_T, N reverse steps."""
         noises = noises or Noises()
         lr = lr.to(self.device, torch.float32)
+        if opts.official_resize:
+            lr = official_resize(lr)
         upsampled = upsample(lr, opts.scale)
         canvas = self.canvas(upsampled, opts)
         z0 = self.encode(canvas, noises.vae, opts, generator)
@@ -245,7 +300,8 @@ class StableSRPipeline:
                  generator: torch.Generator | None = None, noises: Noises | None = None,
                  weights: torch.Tensor | None = None, progress: Progress | None = None,
                  on_step: StepCallback | None = None) -> torch.Tensor:
-        """lr: (B, 3, h, w) in [-1, 1] -> SR image (B, 3, int(h*scale), int(w*scale)) in [0, 1]."""
+        """lr: (B, 3, h, w) in [-1, 1] -> SR image (B, 3, int(h*scale), int(w*scale)) in [0, 1]; with
+        `opts.official_resize`, h and w are first cut down to multiples of 8."""
         opts = opts or UpscaleOptions()
         sampled = self.sample_latent(lr, opts, generator=generator, noises=noises, weights=weights,
                                      progress=progress, on_step=on_step)

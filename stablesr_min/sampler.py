@@ -1,9 +1,12 @@
 """Aggregation sampling (paper Sec. 3.3): reverse diffusion on a latent larger than the UNet's tile.
 
-The diffusion model was fine-tuned on 512x512 images (64x64 latents). For a larger output, each reverse
+Stable Diffusion 2.1-base, which StableSR keeps frozen, was trained at 512 x 512 (64 x 64 latents), and
+StableSR's time-aware encoder and SFT layers were trained on 512 px crops. For a larger output, each reverse
 step cuts the latent into overlapping tiles, runs the time-aware encoder and the UNet on every tile
 (with the same tile of the LR latent as condition), blends the per-tile predictions with a Gaussian
-weight map, which hides the seams, and then takes one ordinary DDPM step on the whole latent.
+weight map, which hides the seams, and then takes one ordinary DDPM step on the whole latent. The paper
+describes the Gaussian weight map but gives no sigma: the variance 0.01 (in tile lengths) is the official
+code's.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ def _gaussian(size: int, centre: float, var: float) -> torch.Tensor:
 
 
 def gaussian_weights(tile_h: int, tile_w: int, var: float = 0.01, official: bool = False) -> torch.Tensor:
-    """(tile_h, tile_w) float64 weight map: a separable Gaussian centred on the tile (the paper's).
+    """(tile_h, tile_w) float64 weight map: a separable Gaussian centred on the tile (the paper's Gaussian
+    map; `var` = 0.01 is the official code's, the paper gives none).
 
     official=True gives the reference's map instead: its column centre is (tile_w - 1)/2, the true
     centre, but its row centre is tile_h/2, half a pixel low. Use it to reproduce the official outputs.

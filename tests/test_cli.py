@@ -79,6 +79,26 @@ def test_image_modes(photo, weights, tmp_path, capsys, mode, expect_mode):
         assert a[:, :70].max() == 0 and a[:, 90:].min() == 255
 
 
+@pytest.mark.parametrize("flag,size", [([], (148, 116)), (["--official-resize"], (128, 96))])
+def test_official_resize_flag(photo, weights, tmp_path, capsys, flag, size):
+    """37x29 at x4: exactly 4x by default; the official script's 32x24 resize first with the flag."""
+    src = tmp_path / "in.png"
+    Image.open(photo).crop((0, 0, 37, 29)).save(src)
+    code, _, err = run(["upscale", str(src), "--scale", "4", "--out", str(tmp_path / "out"), *FAST, *flag,
+                        *weights], capsys)
+    assert code == 0, err
+    assert Image.open(tmp_path / "out" / "in.png").size == size
+
+
+def test_official_resize_of_a_side_under_8_px(photo, tmp_path, capsys):
+    src = tmp_path / "thin.png"
+    Image.open(photo).crop((0, 0, 37, 5)).save(src)
+    code, _, err = run(["upscale", str(src), "--official-resize", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and err == (f"error: {src}: --official-resize: the official resize cuts each side down to "
+                                 "a multiple of 8, so it needs sides of at least 8 px, got 37x5; leave it off "
+                                 "for this image\n")
+
+
 def test_missing_input(tmp_path, capsys):
     code, _, err = run(["upscale", str(tmp_path / "nope.png"), "--out", str(tmp_path)], capsys)
     assert code == 2 and err == f"error: {tmp_path / 'nope.png'}: no such file\n"

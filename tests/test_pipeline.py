@@ -2,14 +2,18 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from stablesr_min import pipeline as pl
 from stablesr_min.golden import relative_error
-from stablesr_min.pipeline import StableSRPipeline, UpscaleOptions, pad_canvas, upsample, vae_tiles
+from stablesr_min.image_io import load_image
+from stablesr_min.pipeline import (StableSRPipeline, UpscaleOptions, official_resize, pad_canvas, upsample,
+                                   vae_tiles)
 from stablesr_min.unet import UNet
 from stablesr_min.weights import load_module
 
@@ -143,9 +147,63 @@ def test_sample_latent_then_finish_is_the_pipeline(stablesr, cfw):
 
 def test_sides_that_are_not_a_multiple_of_8_keep_their_exact_size(stablesr, cfw):
     """4x of 37 px is 148, not a multiple of 8: the canvas is padded to 152 and the output cropped back.
-    (The official script has no output here: its CFW decoder fails on the floored latent.)"""
+    (The official script resizes 37 px to 32 first; given 148 px, its CFW decoder fails on the floored
+    latent.)"""
     pipe = StableSRPipeline(stablesr, cfw)
     lr = torch.rand(1, 3, 10, 37, generator=torch.Generator().manual_seed(0)) * 2 - 1
     for colorfix in ("adain", "wavelet"):
         opts = UpscaleOptions(tile=16, overlap=6, steps=1, colorfix=colorfix)
         assert pipe(lr, opts, generator=torch.Generator().manual_seed(0)).shape == (1, 3, 40, 148)
+
+
+def official_load_img(path, size):
+    """What the official script's `load_img` makes of a file, written out here as the reference: RGB,
+    Pillow's Lanczos to `size` (w, h), float32 / 255, to [-1, 1], (1, 3, h, w)."""
+    array = np.asarray(Image.open(path).convert("RGB").resize(size, Image.LANCZOS), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2 - 1
+
+
+@pytest.fixture
+def photo_37x29(tmp_path):
+    """A 37x29 8-bit RGB file of noise (Lanczos overshoots most on it, so the 8-bit clipping is exercised)."""
+    path = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (29, 37, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_official_resize_is_pillows_lanczos_to_multiples_of_8(photo_37x29):
+    lr = load_image(photo_37x29).rgb
+    assert torch.equal(official_resize(lr), official_load_img(photo_37x29, (32, 24)))
+    assert torch.equal(official_resize(lr[..., :24, :32]), lr[..., :24, :32])  # already multiples of 8
+
+
+def test_official_resize_of_a_non_8_bit_image_is_not_rounded_to_8_bits():
+    """An image that is not 8-bit levels (a 16-bit file, a computed tensor) goes through Pillow's float
+    mode: the same filter, within about a level of the 8-bit path (which rounds and clips between its
+    horizontal and vertical passes), and values that are not 8-bit levels."""
+    smooth = F.interpolate(torch.rand(1, 3, 4, 5, generator=torch.Generator().manual_seed(0)), size=(29, 37),
+                           mode="bilinear", align_corners=False)
+    eight_bit = (smooth * 255).round() / 255 * 2 - 1
+    finer = eight_bit + 0.3 / 127.5 * torch.rand(eight_bit.shape, generator=torch.Generator().manual_seed(1))
+    resized = official_resize(finer)
+    levels = (resized + 1) / 2 * 255
+    assert resized.shape == (1, 3, 24, 32) and (levels - levels.round()).abs().max() > 0.1
+    assert 0 < (resized - official_resize(eight_bit)).abs().max() < 2 / 127.5  # under 2 levels
+
+
+def test_official_resize_needs_sides_of_8(photo_37x29):
+    with pytest.raises(ValueError, match=r"needs sides of at least 8 px, got 37x7; leave it off"):
+        official_resize(load_image(photo_37x29).rgb[..., :7, :])
+
+
+def test_official_resize_option_gives_the_official_size_and_lr_stage(stablesr, cfw, photo_37x29):
+    """37x29 at x4: 128x96 with the official resize (its LR stage is Pillow's Lanczos to 32x24, then the
+    bicubic upscale), 148x116 by default."""
+    pipe = StableSRPipeline(stablesr, cfw)
+    lr = load_image(photo_37x29).rgb
+    official = UpscaleOptions(tile=16, overlap=6, steps=1, official_resize=True)
+    sampled = pipe.sample_latent(lr, official, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled.upsampled, upsample(official_load_img(photo_37x29, (32, 24)), 4))
+    assert pipe.finish(sampled, official).shape == (1, 3, 96, 128)
+    exact = UpscaleOptions(tile=16, overlap=6, steps=1)
+    assert pipe(lr, exact, generator=torch.Generator().manual_seed(0)).shape == (1, 3, 116, 148)

@@ -75,8 +75,8 @@ def prepare_for_finetuning(model: StableSR) -> dict[str, nn.Parameter]:
 # The model to start from
 
 
-def load_base(paths: list[str], config: str | None, time_aware: bool, seed: int) -> StableSR:
-    """A StableSR checkpoint (continue fine-tuning) or a Stable Diffusion 2.x one (start the new layers)."""
+def base_config(paths: list[str], config: str | None, time_aware: bool) -> StableSRConfig:
+    """The config of the model to train from a StableSR or SD 2.x base file; other files are refused."""
     files = WeightFiles(paths)
     kind = guess_kind(files.keys())
     if kind not in ("stablesr", "sd2"):
@@ -85,7 +85,12 @@ def load_base(paths: list[str], config: str | None, time_aware: bool, seed: int)
     cfg = StableSRConfig.from_dict(resolve_config(files, config).to_dict())  # a copy we may change
     cfg.unet.use_sft = True
     cfg.time_encoder.time_aware = time_aware
-    if kind == "stablesr":
+    return cfg
+
+
+def load_base(paths: list[str], cfg: StableSRConfig, seed: int) -> StableSR:
+    """A StableSR checkpoint (continue fine-tuning) or a Stable Diffusion 2.x one (start the new layers)."""
+    if guess_kind(WeightFiles(paths).keys()) == "stablesr":
         return load_stablesr(paths, cfg)
     return stablesr_from_sd2(paths, cfg, seed)
 
@@ -227,8 +232,10 @@ class SROptions:
     val_every: int = 100  # steps between validation losses (0: never)
 
 
-# Options a resumed run keeps from its start (the others may change: steps, device, dtype, save/val).
+# Options a resumed run keeps from its start; it also keeps STORED_OPTIONS unless they are given again
+# (the rest, --steps and --device, are given anew).
 KEPT_OPTIONS = ("base", "data", "config", "batch_size", "gt_size", "lr", "grad_accum", "time_blind", "seed")
+STORED_OPTIONS = KEPT_OPTIONS + ("dtype", "save_every", "val_every")
 SCALE = 4  # LR = GT / 4, as StableSR trains
 
 
@@ -243,7 +250,7 @@ def run_train_sr(args) -> None:
     if args.resume:
         state = RunFolder(args.out, resume=True).load_state()
         check_resumed_options(state.options, {k: given[k] for k in KEPT_OPTIONS})
-        given |= state.options
+        given = state.options | {k: v for k, v in given.items() if v is not None}
     elif args.base is None or args.data is None:
         raise UsageError("train sr needs --base FILE and --data DIR (or --resume to continue a run)")
     train_sr(SROptions(**{k: v for k, v in given.items() if v is not None}), state)
@@ -277,19 +284,19 @@ def train_sr(opts: SROptions, state: TrainState | None = None) -> None:
     if opts.resume and state is None:
         state = run.load_state()
 
-    # The model: the run's last checkpoint, or the base file
-    weights = [str(run.checkpoint_path)] if state else opts.base
-    cfg = resolve_config(WeightFiles(weights), None if state else opts.config)
+    # The model's config (the model itself loads once the data is found): the run's last checkpoint's, or
+    # the base file's
+    if state:
+        cfg = resolve_config(WeightFiles([run.checkpoint_path]), None)
+    else:
+        cfg = base_config(opts.base, opts.config, time_aware=not opts.time_blind)
     multiple = gt_size_multiple(cfg, SCALE)
     if opts.gt_size < multiple or opts.gt_size % multiple:
         raise UsageError(f"--gt-size {opts.gt_size}: must be a multiple of {multiple} (8 latents x the VAE's "
                          f"factor {2 ** (len(cfg.vae.ch_mult) - 1)}, so that every level of the networks is whole)")
     pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=DegradationConfig(), seed=seeds["data"],
                           scale=SCALE)
-    if state:
-        model = load_stablesr(weights)
-    else:
-        model = load_base(opts.base, opts.config, time_aware=not opts.time_blind, seed=seeds["init"])
+    model = load_stablesr([run.checkpoint_path]) if state else load_base(opts.base, cfg, seeds["init"])
     model.to(device)
     trainable = prepare_for_finetuning(model)
     schedule = Schedule.from_config(model.cfg.diffusion)
@@ -319,7 +326,7 @@ def train_sr(opts: SROptions, state: TrainState | None = None) -> None:
           f"{device}, {opts.dtype}; steps {step} -> {opts.steps}", file=sys.stderr)
 
     def save() -> None:
-        state = TrainState(step, {k: getattr(opts, k) for k in KEPT_OPTIONS},
+        state = TrainState(step, {k: getattr(opts, k) for k in STORED_OPTIONS},
                            {k: p.detach() for k, p in trainable.items()}, optimizer.state_dict(),
                            {"noise": generator.get_state()}, pairs.state_dict(),
                            {"seconds": seconds, "scaler": scaler.state_dict()})

@@ -249,6 +249,9 @@ def run_train_sr(args) -> None:
     state = None
     if args.resume:
         state = RunFolder(args.out, resume=True).load_state()
+        if args.steps <= state.step:
+            raise UsageError(f"--steps {args.steps}: the run in {args.out} is already at step {state.step}; "
+                             "pass a larger --steps to continue it")
         check_resumed_options(state.options, {k: given[k] for k in KEPT_OPTIONS})
         given = state.options | {k: v for k, v in given.items() if v is not None}
     elif args.base is None or args.data is None:

@@ -236,7 +236,10 @@ BAD_INPUTS = {
                                                  "continue it, or choose another folder"),
     "nothing to resume": ({}, ["--resume"], "error: --resume: {out} holds no run to resume (no state.safetensors); "
                                             "start it without --resume"),
-    "resume with other options": ({"--out": "{run_a}", "--batch-size": "1"}, ["--resume"],
+    "resume to a step already taken": ({"--out": "{run_a}", "--steps": "3"}, ["--resume"],
+                                       "error: --steps 3: the run in {run_a} is already at step 3; pass a larger "
+                                       "--steps to continue it"),
+    "resume with other options": ({"--out": "{run_a}", "--steps": "5", "--batch-size": "1"}, ["--resume"],
                                   "error: --batch-size 1: this run was started with 2, and a resumed run keeps "
                                   "its options; leave --batch-size out or start a new run"),
 }

@@ -248,7 +248,7 @@ def add_train_sr_parser(train_sub) -> None:
     sr.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     sr.add_argument("--dtype", choices=list(DTYPES), help="autocast dtype on a GPU (default float32; weights stay float32)")
     sr.add_argument("--resume", action="store_true", help="continue the run in --out")
-    sr.add_argument("--save-every", type=int, help="steps between saves (default 500; also at the end and on Ctrl-C)")
+    sr.add_argument("--save-every", type=int, help="steps between saves (default 500; 0: only at the end and on Ctrl-C, as always)")
     sr.add_argument("--val-every", type=int, help="steps between validation losses (default 100; 0: never)")
     sr.set_defaults(run=cmd_train_sr)
 

@@ -54,10 +54,14 @@ from .weights import KIND_HINTS, WeightFiles, WeightsError, config_metadata, gue
 # What trains
 
 
+def is_trainable(key: str) -> bool:
+    """Every `.spade.` parameter of the UNet and the whole time-aware encoder train."""
+    return key.startswith("structcond_stage_model.") or ".spade." in key
+
+
 def trainable_parameters(model: StableSR) -> dict[str, nn.Parameter]:
-    """Every `.spade.` parameter of the UNet and the whole time-aware encoder, by checkpoint key, sorted."""
-    return {name: p for name, p in sorted(model.named_parameters())
-            if name.startswith("structcond_stage_model.") or ".spade." in name}
+    """The trainable parameters by checkpoint key, sorted."""
+    return {name: p for name, p in sorted(model.named_parameters()) if is_trainable(name)}
 
 
 def prepare_for_finetuning(model: StableSR) -> dict[str, nn.Parameter]:
@@ -105,7 +109,7 @@ def stablesr_from_sd2(paths: list[str], cfg: StableSRConfig, seed: int) -> Stabl
         model = StableSR(cfg)
     missing, unexpected = model.load_state_dict(prior.state_dict(), strict=False, assign=True)
     new_modules = [model.time_encoder] + [m for m in model.unet.modules() if isinstance(m, SFT)]
-    new_keys = {k for k in model.state_dict() if k.startswith("structcond_stage_model.") or ".spade." in k}
+    new_keys = {k for k in model.state_dict() if is_trainable(k)}
     assert not unexpected and set(missing) == new_keys, "the SD 2.x tree and StableSR's differ beyond the new layers"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -203,7 +207,8 @@ class Validation:
 
     @torch.no_grad()
     def loss(self, model: StableSR, schedule: Schedule, context: torch.Tensor) -> float:
-        losses = [diffusion_loss(model, schedule, self.z_lr, self.z, torch.full_like(self.z[:, 0, 0, 0], t).long(),
+        batch, device = len(self.z), self.z.device
+        losses = [diffusion_loss(model, schedule, self.z_lr, self.z, torch.full((batch,), t, device=device),
                                  self.noise, context) for t in self.timesteps]
         return torch.stack(losses).mean().item()
 
@@ -224,10 +229,10 @@ class SROptions:
     lr: float = 5e-5  # AdamW learning rate (official: 5e-5, constant)
     grad_accum: int = 1  # micro-batches per optimizer step (official: 4)
     time_blind: bool = False  # the ablation: the encoder always sees t = 0
-    seed: int = 0
-    device: str | None = None
+    seed: int = 0  # every random stream's seed is drawn from it (training.derive_seeds)
+    device: str | None = None  # cpu, cuda, cuda:N (default: cuda if available)
     dtype: str = "float32"  # autocast dtype on a GPU; the weights stay float32
-    resume: bool = False
+    resume: bool = False  # continue the run in `out`
     save_every: int = 500  # steps between saves (and at the end, and on Ctrl-C)
     val_every: int = 100  # steps between validation losses (0: never)
 
@@ -297,6 +302,8 @@ def train_sr(opts: SROptions, state: TrainState | None = None) -> None:
     if opts.gt_size < multiple or opts.gt_size % multiple:
         raise UsageError(f"--gt-size {opts.gt_size}: must be a multiple of {multiple} (8 latents x the VAE's "
                          f"factor {2 ** (len(cfg.vae.ch_mult) - 1)}, so that every level of the networks is whole)")
+
+    # The data, the model (frozen but for the new layers), the empty prompt's context
     pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=DegradationConfig(), seed=seeds["data"],
                           scale=SCALE)
     model = load_stablesr([run.checkpoint_path]) if state else load_base(opts.base, cfg, seeds["init"])
@@ -314,6 +321,8 @@ def train_sr(opts: SROptions, state: TrainState | None = None) -> None:
     if state:
         step, seconds = restore(state, trainable, optimizer, scaler, generator, pairs)
         run.keep_log_until(step)
+
+    # A fixed batch for val_loss, from its own seeded pipeline
     validation = None
     if opts.val_every:
         val_pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=DegradationConfig(),
@@ -335,6 +344,7 @@ def train_sr(opts: SROptions, state: TrainState | None = None) -> None:
                            {"seconds": seconds, "scaler": scaler.state_dict()})
         run.save(model.state_dict(), config_metadata(model.cfg.to_json()), state)
 
+    # The loop: one optimizer step per iteration, over grad_accum micro-batches
     progress = TrainProgress("train sr", opts.steps, step)
     hint = "lower --batch-size or --gt-size (--grad-accum keeps the effective batch), or use --dtype bfloat16"
     with StopRequest() as stop, out_of_memory_is_a_usage_error(device, hint):

@@ -20,16 +20,12 @@ from stablesr_min.config import StableSRConfig
 from stablesr_min.model import load_stablesr
 from stablesr_min.pipeline import StableSRPipeline, UpscaleOptions, text_context
 from stablesr_min.time_encoder import AttentionBlock
-from stablesr_min.train import base_config, load_base
+from stablesr_min.train import base_config, is_trainable, load_base
 from stablesr_min.unet import SFT, ResBlock, timestep_embedding
 from stablesr_min.weights import config_metadata, save_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ARGS = ["--batch-size", "2", "--gt-size", "64", "--seed", "0"]
-
-
-def is_trainable(key: str) -> bool:
-    return key.startswith("structcond_stage_model.") or ".spade." in key
 
 
 def tensors(path) -> dict[str, torch.Tensor]:

@@ -44,8 +44,8 @@ from .model import StableSR, load_stablesr, resolve_config
 from .pipeline import draw, text_context, upsample
 from .schedule import Schedule
 from .time_encoder import AttentionBlock, TimeAwareEncoder
-from .training import (RunFolder, StopRequest, TrainProgress, TrainState, autocast, check_resumed_options,
-                       derive_seeds, out_of_memory_is_a_usage_error)
+from .training import (RunFolder, StopRequest, TrainProgress, TrainState, autocast, derive_seeds,
+                       out_of_memory_is_a_usage_error, resume_options)
 from .unet import SFT, ResBlock
 from .vae import DiagonalGaussian
 from .weights import KIND_HINTS, WeightFiles, WeightsError, config_metadata, guess_kind
@@ -253,12 +253,7 @@ def run_train_sr(args) -> None:
             given[name] = absolute(given[name])
     state = None
     if args.resume:
-        state = RunFolder(args.out, resume=True).load_state()
-        if args.steps <= state.step:
-            raise UsageError(f"--steps {args.steps}: the run in {args.out} is already at step {state.step}; "
-                             "pass a larger --steps to continue it")
-        check_resumed_options(state.options, {k: given[k] for k in KEPT_OPTIONS})
-        given = state.options | {k: v for k, v in given.items() if v is not None}
+        given, state = resume_options(args.out, args.steps, given, KEPT_OPTIONS)
     elif args.base is None or args.data is None:
         raise UsageError("train sr needs --base FILE and --data DIR (or --resume to continue a run)")
     train_sr(SROptions(**{k: v for k, v in given.items() if v is not None}), state)

@@ -157,13 +157,20 @@ class RunFolder:
         atomic_write(self.log_path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
 
 
-def check_resumed_options(stored: dict[str, Any], given: dict[str, Any]) -> None:
-    """A resumed run keeps the options it started with: a value given again must be the same."""
-    for name, value in given.items():
-        if value is not None and value != stored.get(name):
+def resume_options(out: str | Path, steps: int, given: dict[str, Any],
+                   kept: tuple[str, ...]) -> tuple[dict[str, Any], TrainState]:
+    """`--resume`: the run's state, and the options to continue with: the ones it stored, overridden by
+    those given again (None: not given). A `kept` option given again must have its stored value."""
+    state = RunFolder(out, resume=True).load_state()
+    if steps <= state.step:
+        raise UsageError(f"--steps {steps}: the run in {out} is already at step {state.step}; "
+                         "pass a larger --steps to continue it")
+    for name in kept:
+        if given[name] is not None and given[name] != state.options.get(name):
             flag = "--" + name.replace("_", "-")
-            raise UsageError(f"{flag} {value}: this run was started with {stored.get(name)}, and a resumed run "
-                             f"keeps its options; leave {flag} out or start a new run")
+            raise UsageError(f"{flag} {given[name]}: this run was started with {state.options.get(name)}, and a "
+                             f"resumed run keeps its options; leave {flag} out or start a new run")
+    return state.options | {k: v for k, v in given.items() if v is not None}, state
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ class TimeEncoderConfig:
     attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsample rates with self-attention
     num_heads: int = 4  # attention heads
     num_head_channels: int = -1  # -1: use num_heads
+    time_aware: bool = True  # False: the encoder is always given t = 0 (the paper's time-blind ablation)
 
 
 @dataclass

@@ -131,6 +131,11 @@ class Schedule:
         return (self._at(self.sqrt_alphas_cumprod, k, x0) * x0
                 + self._at(self.sqrt_one_minus_alphas_cumprod, k, x0) * noise)
 
+    def velocity(self, x0: torch.Tensor, k, noise: torch.Tensor) -> torch.Tensor:
+        """The v-prediction target (Salimans & Ho 2022, Sec. 4): v = sqrt(ab_k) eps - sqrt(1 - ab_k) x_0."""
+        return (self._at(self.sqrt_alphas_cumprod, k, x0) * noise
+                - self._at(self.sqrt_one_minus_alphas_cumprod, k, x0) * x0)
+
     def predict_x0(self, x_t: torch.Tensor, k, model_output: torch.Tensor) -> torch.Tensor:
         """x_0 from the network's output at step k: a noise (eps) or a velocity (v) prediction."""
         if self.parameterization == "eps":

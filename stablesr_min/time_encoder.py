@@ -90,7 +90,13 @@ class TimeAwareEncoder(nn.Module):
         self.fea_tran = nn.ModuleList(ResBlock(c, emb_dim, cfg.out_channels) for c in feature_widths)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> dict[int, torch.Tensor]:
-        """(B, C, H, W) LR latent, (B,) timesteps -> features keyed by their spatial width."""
+        """(B, C, H, W) LR latent, (B,) timesteps -> features keyed by their spatial width.
+
+        A time-blind encoder (`cfg.time_aware = False`, trained by `train sr --time-blind`) is given t = 0
+        whatever the noise level, in training and in sampling alike, so its features cannot follow the SNR.
+        """
+        if not self.cfg.time_aware:
+            timesteps = torch.zeros_like(timesteps)
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
         features = []
         h = x

@@ -11,12 +11,16 @@ import torch
 
 from stablesr_min.cfw import CFWAutoencoder
 from stablesr_min.colorfix import METHODS, color_fix
+from stablesr_min.degradation import (filter2d, gaussian_kernel, generalized_gaussian_kernel, plateau_kernel,
+                                      sinc_kernel, usm_sharpen)
 from stablesr_min.golden import relative_error
+from stablesr_min.model import load_stablesr
 from stablesr_min.pipeline import Noises, StableSRPipeline, UpscaleOptions, make_denoiser
 from stablesr_min.sampler import aggregation_step
 from stablesr_min.schedule import TABLES, Schedule
 from stablesr_min.text import TextEncoder
 from stablesr_min.time_encoder import TimeAwareEncoder
+from stablesr_min.train import diffusion_loss, prepare_for_finetuning
 from stablesr_min.tokenizer import tokenize
 from stablesr_min.unet import UNet
 from stablesr_min.vae import AutoencoderKL
@@ -154,19 +158,60 @@ def test_pipeline(golden, stablesr, cfw):
     assert_close(output, golden["pipeline.output"], "output")
 
 
+def test_train_step(golden, golden_weights):
+    """The fine-tuning objective (Sec. 3.1) on the golden batch: the loss, exactly which parameters train,
+    every gradient's norm and the stored full gradients."""
+    needs_case(golden, "train_step")
+    p = golden.params("train_step")
+    model = load_stablesr([golden_weights[0]])  # a fresh copy: gradients flow into it
+    assert p.get("parameterization", model.cfg.diffusion.parameterization) == model.cfg.diffusion.parameterization
+    trainable = prepare_for_finetuning(model)
+    assert list(trainable) == p["trainable"]
+    assert sorted(n for n, q in model.named_parameters() if q.requires_grad) == p["trainable"]
+    loss = diffusion_loss(model, Schedule.from_config(model.cfg.diffusion), golden["train_step.lr_latent"],
+                          golden["train_step.hr_latent"], golden["train_step.t"], golden["train_step.noise"],
+                          golden["train_step.context"])
+    loss.backward()
+    assert_close(loss.reshape(golden["train_step.loss"].shape), golden["train_step.loss"], "loss")
+    norms = torch.stack([trainable[name].grad.norm() for name in p["trainable"]])
+    assert_close(norms, golden["train_step.grad_norms"], "grad_norms")
+    for key, name in p["full_grads"].items():
+        assert_close(trainable[name].grad, golden[f"train_step.{key}"], f"{key} (d loss / d {name})")
+
+
 # The version-2 cases of features still being built: each fails until its issue lands (strict xfail).
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: the fine-tuning objective is not built yet")
-def test_train_step(golden):
-    needs_case(golden, "train_step")
-    from stablesr_min import train  # noqa: F401
+def kernel_from_spec(spec: list) -> torch.Tensor:
+    """A kernel from its cases.json spec (FORMAT.md): ['gaussian', size, sx, sy, theta, isotropic],
+    ['generalized' | 'plateau', size, sx, sy, theta, beta, isotropic], ['sinc', cutoff, size, pad_to]."""
+    kind, *args = spec
+    if kind == "sinc":
+        cutoff, size, pad_to = args
+        return sinc_kernel(cutoff, size, pad_to)
+    size, sigma_x, sigma_y, theta, *beta, isotropic = args
+    if isotropic:
+        sigma_y, theta = sigma_x, 0.0
+    make = {"gaussian": gaussian_kernel, "generalized": generalized_gaussian_kernel, "plateau": plateau_kernel}
+    return make[kind](size, sigma_x, sigma_y, theta, *beta)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: the degradation pipeline is not built yet")
 def test_degradation(golden):
     needs_case(golden, "degradation")
-    from stablesr_min import degradation  # noqa: F401
+    p = golden.params("degradation")
+    kernels = {name: kernel_from_spec(spec) for name, spec in p["kernels"].items()}
+    stored = [n.removeprefix("kernel_") for n in golden.names("degradation") if n.startswith("kernel_")]
+    assert sorted(kernels) == sorted(stored)
+    for name, kernel in kernels.items():
+        assert_close(kernel, golden[f"degradation.kernel_{name}"], f"kernel_{name}")
+    image = golden["degradation.image"]
+    per_image = torch.stack([kernels[name] for name in p["filter_pair"]])
+    assert_close(filter2d(image, per_image), golden["degradation.filtered_pair"], "filtered_pair")
+    assert_close(filter2d(image, kernels[p["filter_single"]]), golden["degradation.filtered_single"],
+                 "filtered_single")
+    usm = p["usm"]
+    sharpened = usm_sharpen(golden["degradation.usm_input"], usm["radius"], usm["weight"], usm["threshold"])
+    assert_close(sharpened, golden["degradation.usm_output"], "usm_output")
 
 
 @pytest.mark.xfail(strict=True, reason="issue 15: DDIM is not built yet")

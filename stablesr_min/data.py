@@ -1,0 +1,201 @@
+"""Training pairs: HR crops from folders of photos, degraded on the fly into (LR, GT) batches.
+
+As basicsr's `RealESRGANDataset` (StableSR's training set) and StableSR's `get_input`:
+  1. each image of a batch: a horizontal flip (and, with `use_rot`, a vertical flip and a transpose),
+     reflect-padded at the bottom/right up to the crop size if smaller (OpenCV's BORDER_REFLECT_101),
+     a random crop, and its three kernels (`degradation.draw_image_kernels`);
+  2. the batch: USM-sharpened (the target), degraded (`degradation.degrade`), cropped to gt_size in pairs,
+     with probability no_degradation_prob kept clean, then passed through the training pair pool.
+Everything random comes from one seeded `torch.Generator`; `state_dict()` holds all there is to continue
+bit-identically: the generator, the epoch's file order and position, and the pool's pairs.
+
+The official dataset silently swaps an image smaller than 384 x 384 pixels or under 100 KB for a random
+other one; here every image found is used (small ones padded), and an unreadable one is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .degradation import (DegradationConfig, PairPool, chance, clean_lr, degrade, draw_image_kernels,
+                          paired_random_crop, usm_sharpen)
+from .image_io import ImageError, load_image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """Training data that cannot be used: the message is one line a user can act on."""
+
+
+def find_images(folders: list[str | os.PathLike]) -> list[Path]:
+    """Every image file under the folders (recursively, by suffix), sorted within each folder."""
+    if not folders:
+        raise DataError("no training folders given")
+    files = []
+    for folder in map(Path, folders):
+        if not folder.exists():
+            raise DataError(f"{folder}: no such folder")
+        if not folder.is_dir():
+            raise DataError(f"{folder}: not a folder (give folders of training images)")
+        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not found:
+            raise DataError(f"{folder}: no images found ({', '.join(IMAGE_SUFFIXES)}, in it or its subfolders)")
+        files += found
+    return files
+
+
+def check_readable(path: Path) -> None:
+    """Open the file's header (cheap): a file that is no image fails before training starts."""
+    try:
+        with Image.open(path) as image:
+            image.size
+    except (OSError, ValueError):
+        raise DataError(f"{path}: not an image that can be read; fix or remove it") from None
+
+
+def read_rgb(path: Path) -> torch.Tensor:
+    """(3, H, W) float32 in [0, 1]: grey repeated to RGB, 16-bit scaled by its range, alpha dropped."""
+    try:
+        image = load_image(path)
+    except ImageError as e:
+        raise DataError(f"{e}; fix or remove it") from None
+    return (image.rgb[0] + 1) / 2
+
+
+def augment(img: torch.Tensor, gen: torch.Generator, hflip: bool, rot: bool) -> torch.Tensor:
+    """basicsr's `augment`: a horizontal flip, then (rotations) a vertical flip and a transpose, each
+    with probability 1/2."""
+    if hflip and chance(gen, 0.5):
+        img = img.flip(-1)
+    if rot and chance(gen, 0.5):
+        img = img.flip(-2)
+    if rot and chance(gen, 0.5):
+        img = img.transpose(-2, -1)
+    return img
+
+
+def reflect_101_index(length: int, size: int) -> torch.Tensor:
+    """Indices 0..size-1 folded back into 0..length-1 as OpenCV's BORDER_REFLECT_101 (…3 2 1 |0 1 2 3| 2 1…),
+    repeating as often as needed."""
+    if length == 1:
+        return torch.zeros(size, dtype=torch.int64)
+    period = 2 * (length - 1)
+    i = torch.arange(size) % period
+    return torch.where(i < length, i, period - i)
+
+
+def pad_and_crop(img: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Pad at the bottom/right up to `size` (reflect-101), then a random size x size window."""
+    h, w = img.shape[-2:]
+    if h < size:
+        img = img[:, reflect_101_index(h, size)]
+    if w < size:
+        img = img[:, :, reflect_101_index(w, size)]
+    h, w = img.shape[-2:]
+    top = int(torch.randint(h - size + 1, (), generator=gen))
+    left = int(torch.randint(w - size + 1, (), generator=gen))
+    return img[:, top:top + size, left:left + size]
+
+
+def smallest_gt_size(cfg: DegradationConfig, scale: int) -> int:
+    """The smallest multiple of `scale` whose LR, and whose first-stage downsizing, still exceed the
+    reflect padding of the largest kernel (and whose GT exceeds the USM kernel's)."""
+    pad = max(cfg.kernel_sizes) // 2
+    usm_pad = (cfg.usm_radius | 1) // 2 if cfg.use_usm else 0
+    size = scale
+    while (size // scale <= pad or int(size * cfg.resize_range[0]) <= pad or size <= usm_pad):
+        size += scale
+    return size
+
+
+class TrainingPairs:
+    """Batches of (LR, GT) pairs from folders of photos, degraded as StableSR trains.
+
+    `next_batch()` -> lr (B, 3, gt_size/scale, gt_size/scale), gt (B, 3, gt_size, gt_size), float32 in
+    [0, 1]; gt is USM-sharpened when cfg.use_usm.
+    """
+
+    def __init__(self, folders: list[str | os.PathLike], gt_size: int, batch_size: int,
+                 cfg: DegradationConfig = DegradationConfig(), seed: int = 0, scale: int = 4):
+        self.gt_size, self.batch_size, self.cfg, self.scale = gt_size, batch_size, cfg, scale
+        self.crop_size = cfg.crop_size or gt_size
+        self.check_sizes()
+        self.files = find_images(folders)
+        for path in self.files:
+            check_readable(path)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(len(self.files), generator=self.gen)
+        self.position = 0
+        self.pool = PairPool(cfg.queue_size, batch_size)
+
+    def check_sizes(self) -> None:
+        if self.batch_size < 1:
+            raise DataError(f"batch size {self.batch_size}: must be at least 1")
+        if self.gt_size % self.scale:
+            raise DataError(f"gt_size {self.gt_size} is not a multiple of the scale {self.scale}")
+        smallest = smallest_gt_size(self.cfg, self.scale)
+        if self.gt_size < smallest:
+            raise DataError(f"gt_size {self.gt_size} is too small for the {max(self.cfg.kernel_sizes)}x"
+                            f"{max(self.cfg.kernel_sizes)} blur kernels; use at least {smallest}")
+        if self.crop_size < self.gt_size or self.crop_size % self.scale:
+            raise DataError(f"crop_size {self.crop_size} must be a multiple of {self.scale} and at least "
+                            f"gt_size {self.gt_size}")
+        if self.cfg.queue_size % self.batch_size:
+            raise DataError(f"the pair pool's queue_size {self.cfg.queue_size} is not a multiple of the batch "
+                            f"size {self.batch_size}; choose a batch size that divides it")
+
+    def next_files(self) -> list[Path]:
+        """The next batch_size files of a shuffled order, reshuffled at the end of every epoch."""
+        files = []
+        for _ in range(self.batch_size):
+            if self.position == len(self.files):
+                self.order = torch.randperm(len(self.files), generator=self.gen)
+                self.position = 0
+            files.append(self.files[self.order[self.position]])
+            self.position += 1
+        return files
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        crops, kernels = [], []
+        for path in self.next_files():
+            img = augment(read_rgb(path), self.gen, cfg.use_hflip, cfg.use_rot)
+            crops.append(pad_and_crop(img, self.crop_size, self.gen))
+            kernels.append(draw_image_kernels(self.gen, cfg))
+        gt = torch.stack(crops)
+        if cfg.use_usm:
+            gt = usm_sharpen(gt, cfg.usm_radius, cfg.usm_weight, cfg.usm_threshold)
+        lr = degrade(gt, torch.stack(kernels), cfg, self.gen, self.scale)
+        lr, gt = paired_random_crop(lr, gt, self.gt_size, self.scale, self.gen)
+        if chance(self.gen, cfg.no_degradation_prob):
+            lr = clean_lr(gt, self.scale)
+        lr, gt = self.pool.exchange(lr.contiguous(), gt.contiguous(), self.gen)
+        return lr, gt
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "generator": self.gen.get_state(),
+            "order": self.order.clone(),
+            "position": torch.tensor(self.position),
+            "file_count": torch.tensor(len(self.files)),
+            "sizes": torch.tensor([self.gt_size, self.batch_size, self.scale, self.crop_size]),
+            **self.pool.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if int(state["file_count"]) != len(self.files):
+            raise DataError(f"the saved training state saw {int(state['file_count'])} images, these folders "
+                            f"hold {len(self.files)}; resume with the same data")
+        saved = state["sizes"].tolist()
+        if saved != [self.gt_size, self.batch_size, self.scale, self.crop_size]:
+            raise DataError(f"the saved training state used gt_size {saved[0]}, batch size {saved[1]}, "
+                            f"scale {saved[2]}, crop size {saved[3]}; resume with the same settings")
+        self.gen.set_state(state["generator"])
+        self.order = state["order"].clone()
+        self.position = int(state["position"])
+        self.pool.load_state_dict(state)

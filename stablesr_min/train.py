@@ -1,0 +1,387 @@
+"""Fine-tuning StableSR: the time-aware encoder and the SFT layers learn, Stable Diffusion stays frozen (Sec. 3.1).
+
+    python -m stablesr_min train sr --base v2-1_512-ema-pruned.safetensors --data photos/ --out runs/sr --steps N
+
+The objective. Paper Sec. 3.1 trains the new layers with the latent diffusion objective, conditioned on the
+LR image through the time-aware encoder; in the notation of LDM (Rombach et al. 2022, Eq. 3), with the
+encoder's features s as one more condition:
+
+    L = E_{z, z_lr, c, eps ~ N(0, I), t} [ || eps - eps_theta(z_t, t, c, s(z_lr, t)) ||_2^2 ],
+    z_t = sqrt(ab_t) z + sqrt(1 - ab_t) eps                               (DDPM, Ho et al. 2020, Eq. 4)
+
+where z = E(GT) and z_lr = E(bicubic-up(LR)) are latents of the frozen VAE, c is the empty prompt's text
+context, and eps_theta is the frozen SD UNet whose SFT layers (Eq. 1) apply s. A v-model (parameterization
+"v") regresses v = sqrt(ab_t) eps - sqrt(1 - ab_t) z instead of eps. One step, as the official trainer
+computes it (`LatentDiffusionSRTextWT.get_input`, `forward`, `p_losses`):
+
+    HR crop --Real-ESRGAN degradation (degradation.py, data.py)--> LR, 4x smaller, in [0, 1]
+    z_lr = scale_factor * sample of E(clamp(2 bicubic-up(LR) - 1))        posterior samples, not the mean
+    z    = scale_factor * sample of E(2 GT - 1)
+    t ~ U{0 .. T-1},  eps ~ N(0, I),  loss = mean of (eps_theta(...) - target)^2
+
+Trainable: every `.spade.` parameter of the UNet and the whole time-aware encoder; the VAE, the text
+encoder and the rest of the UNet are frozen (no gradients, eval mode). AdamW with the official settings
+(lr 5e-5, PyTorch's default betas (0.9, 0.999) and weight decay 0.01; constant lr). The official run
+used batch 6 per GPU x 8 GPUs x 4 accumulated batches (`--grad-accum`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cli import UsageError, pick_device, pick_dtype
+from .config import StableSRConfig
+from .model import StableSR, load_stablesr, resolve_config
+from .pipeline import draw, text_context, upsample
+from .schedule import Schedule
+from .time_encoder import AttentionBlock, TimeAwareEncoder
+from .training import (RunFolder, StopRequest, TrainProgress, TrainState, autocast, derive_seeds,
+                       out_of_memory_is_a_usage_error, resume_options)
+from .unet import SFT, ResBlock
+from .vae import DiagonalGaussian
+from .weights import KIND_HINTS, WeightFiles, WeightsError, config_metadata, guess_kind
+
+# ------------------------------------------------------------------------------------------------------
+# What trains
+
+
+def is_trainable(key: str) -> bool:
+    """Every `.spade.` parameter of the UNet and the whole time-aware encoder train."""
+    return key.startswith("structcond_stage_model.") or ".spade." in key
+
+
+def trainable_parameters(model: StableSR) -> dict[str, nn.Parameter]:
+    """The trainable parameters by checkpoint key, sorted."""
+    return {name: p for name, p in sorted(model.named_parameters()) if is_trainable(name)}
+
+
+def prepare_for_finetuning(model: StableSR) -> dict[str, nn.Parameter]:
+    """Freeze everything but the trainable parameters; the official trainer keeps the frozen networks
+    in eval mode and the time-aware encoder in train mode (neither has dropout, so it changes nothing)."""
+    model.requires_grad_(False).eval()
+    trainable = trainable_parameters(model)
+    for p in trainable.values():
+        p.requires_grad_(True)
+    model.time_encoder.train()
+    return trainable
+
+
+# ------------------------------------------------------------------------------------------------------
+# The model to start from
+
+
+def base_config(paths: list[str], config: str | None, time_aware: bool) -> StableSRConfig:
+    """The config of the model to train from a StableSR or SD 2.x base file; other files are refused."""
+    files = WeightFiles(paths)
+    kind = guess_kind(files.keys())
+    if kind not in ("stablesr", "sd2"):
+        raise WeightsError(f"{files.describe()}: --base needs a StableSR or Stable Diffusion 2.x checkpoint, "
+                           f"but this is {KIND_HINTS[kind].split(':')[0]}")
+    cfg = StableSRConfig.from_dict(resolve_config(files, config).to_dict())  # a copy we may change
+    cfg.unet.use_sft = True
+    cfg.time_encoder.time_aware = time_aware
+    return cfg
+
+
+def load_base(paths: list[str], cfg: StableSRConfig, seed: int) -> StableSR:
+    """A StableSR checkpoint (continue fine-tuning) or a Stable Diffusion 2.x one (start the new layers)."""
+    if guess_kind(WeightFiles(paths).keys()) == "stablesr":
+        return load_stablesr(paths, cfg)
+    return stablesr_from_sd2(paths, cfg, seed)
+
+
+def stablesr_from_sd2(paths: list[str], cfg: StableSRConfig, seed: int) -> StableSR:
+    """SD 2.x weights for the VAE, text encoder and UNet; the time-aware encoder and the SFT layers at
+    PyTorch's default initialisation (seeded), as the official run starts them."""
+    prior_cfg = StableSRConfig.from_dict(cfg.to_dict())
+    prior_cfg.unet.use_sft = False
+    prior = load_stablesr(paths, prior_cfg)  # strict: the whole SD 2.x tree
+    with torch.device("meta"):
+        model = StableSR(cfg)
+    missing, unexpected = model.load_state_dict(prior.state_dict(), strict=False, assign=True)
+    new_modules = [model.time_encoder] + [m for m in model.unet.modules() if isinstance(m, SFT)]
+    new_keys = {k for k in model.state_dict() if is_trainable(k)}
+    assert not unexpected and set(missing) == new_keys, "the SD 2.x tree and StableSR's differ beyond the new layers"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in new_modules:
+            module.to_empty(device="cpu")
+            for layer in module.modules():
+                if hasattr(layer, "reset_parameters"):  # what each layer's constructor calls
+                    layer.reset_parameters()
+    zero_init_like_official(model.time_encoder)
+    return model.eval()
+
+
+@torch.no_grad()
+def zero_init_like_official(encoder: TimeAwareEncoder) -> None:
+    """The official EncoderUNetModelWT wraps the last conv of every residual branch and the output
+    projection of every attention in `zero_module`, so each block starts as its skip path. (Its SPADE
+    layers keep PyTorch's default initialisation.)"""
+    for layer in encoder.modules():
+        if isinstance(layer, ResBlock):
+            out = layer.out_layers[-1]
+        elif isinstance(layer, AttentionBlock):
+            out = layer.proj_out
+        else:
+            continue
+        out.weight.zero_()
+        out.bias.zero_()
+
+
+def gt_size_multiple(cfg: StableSRConfig, scale: int) -> int:
+    """GT crops must give whole latents that survive every downsampling of the UNet and the encoder,
+    and a whole LR image: 8 x the VAE factor (8) = 64 px for the official networks."""
+    vae_factor = 2 ** (len(cfg.vae.ch_mult) - 1)
+    network_factor = 2 ** (max(len(cfg.unet.channel_mult), len(cfg.time_encoder.channel_mult)) - 1)
+    return math.lcm(vae_factor * network_factor, scale)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The objective
+
+
+def encode(model: StableSR, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Image in [-1, 1] -> scale_factor * a sample of the VAE posterior (the official trainer samples,
+    `get_first_stage_encoding`, for the LR and the GT alike), in float32."""
+    posterior = DiagonalGaussian(model.vae.moments(image).float())
+    return model.cfg.diffusion.scale_factor * posterior.sample(draw(posterior.mean, generator))
+
+
+def diffusion_loss(model: StableSR, schedule: Schedule, z_lr: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
+                   noise: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """|| eps_theta(z_t, t, c, s(z_lr, t)) - target ||^2, averaged over every element (so over the batch
+    of per-sample means)."""
+    # s: the time-aware encoder's features of the LR latent, one per UNet width
+    struct_cond = model.time_encoder(z_lr, t)
+    # z_t = sqrt(ab_t) z + sqrt(1 - ab_t) eps
+    z_t = schedule.q_sample(z, t, noise)
+    # the target: eps, or v = sqrt(ab_t) eps - sqrt(1 - ab_t) z
+    target = noise if schedule.parameterization == "eps" else schedule.velocity(z, t, noise)
+    # eps_theta(z_t, t, c, s)
+    output = model.unet(z_t, t, context, struct_cond)
+    return F.mse_loss(output.float(), target)
+
+
+def latents(model: StableSR, lr: torch.Tensor, gt: torch.Tensor,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z_lr, z) of an LR/GT pair in [0, 1]. The official trainer upsamples in [0, 1] and then maps to
+    [-1, 1]; bicubic weights sum to one, so upsampling in [-1, 1] (as inference does) differs by rounding."""
+    with torch.no_grad():
+        lr_up = upsample(lr * 2 - 1, gt.shape[-2] / lr.shape[-2])
+        return encode(model, lr_up, generator), encode(model, gt * 2 - 1, generator)
+
+
+def sample_loss(model: StableSR, schedule: Schedule, context: torch.Tensor, lr: torch.Tensor, gt: torch.Tensor,
+                generator: torch.Generator) -> torch.Tensor:
+    """One draw of the objective on a batch: posterior samples, t ~ U{0..T-1}, eps ~ N(0, I)."""
+    z_lr, z = latents(model, lr, gt, generator)
+    t = torch.randint(len(schedule), (z.shape[0],), generator=generator).to(z.device)
+    noise = draw(z, generator)
+    return diffusion_loss(model, schedule, z_lr, z, t, noise, context)
+
+
+VALIDATION_TIMESTEP_COUNT = 4  # val_loss: the mean over these many evenly spread timesteps
+
+
+class Validation:
+    """A fixed batch from its own seeded data pipeline, with fixed posterior samples and noise, scored at
+    fixed timesteps: the same inputs at every measurement, so val_loss compares the steps of a run."""
+
+    def __init__(self, model: StableSR, pairs, seed: int, timesteps: int, device: torch.device):
+        generator = torch.Generator().manual_seed(seed)
+        lr, gt = pairs.next_batch()
+        self.z_lr, self.z = latents(model, lr.to(device), gt.to(device), generator)
+        self.noise = draw(self.z, generator)
+        n = VALIDATION_TIMESTEP_COUNT
+        self.timesteps = [(2 * i + 1) * timesteps // (2 * n) for i in range(n)]  # 125, 375, 625, 875
+
+    @torch.no_grad()
+    def loss(self, model: StableSR, schedule: Schedule, context: torch.Tensor) -> float:
+        batch, device = len(self.z), self.z.device
+        losses = [diffusion_loss(model, schedule, self.z_lr, self.z, torch.full((batch,), t, device=device),
+                                 self.noise, context) for t in self.timesteps]
+        return torch.stack(losses).mean().item()
+
+
+# ------------------------------------------------------------------------------------------------------
+# The command
+
+
+@dataclass
+class SROptions:
+    out: str  # the run folder
+    steps: int  # optimizer steps in total (a resumed run continues up to it)
+    base: list[str] | None = None  # StableSR or SD 2.x safetensors
+    data: list[str] | None = None  # folders of HR photos
+    config: str | None = None  # model config JSON (default: the one stored in --base)
+    batch_size: int = 6  # per optimizer micro-step (official: 6 per GPU)
+    gt_size: int = 512  # HR crop size (official: 512)
+    lr: float = 5e-5  # AdamW learning rate (official: 5e-5, constant)
+    grad_accum: int = 1  # micro-batches per optimizer step (official: 4)
+    time_blind: bool = False  # the ablation: the encoder always sees t = 0
+    seed: int = 0  # every random stream's seed is drawn from it (training.derive_seeds)
+    device: str | None = None  # cpu, cuda, cuda:N (default: cuda if available)
+    dtype: str = "float32"  # autocast dtype on a GPU; the weights stay float32
+    resume: bool = False  # continue the run in `out`
+    save_every: int = 500  # steps between saves (and at the end, and on Ctrl-C)
+    val_every: int = 100  # steps between validation losses (0: never)
+
+
+# Options a resumed run keeps from its start; it also keeps STORED_OPTIONS unless they are given again
+# (the rest, --steps and --device, are given anew).
+KEPT_OPTIONS = ("base", "data", "config", "batch_size", "gt_size", "lr", "grad_accum", "time_blind", "seed")
+STORED_OPTIONS = KEPT_OPTIONS + ("dtype", "save_every", "val_every")
+SCALE = 4  # LR = GT / 4, as StableSR trains
+
+
+def run_train_sr(args) -> None:
+    """`python -m stablesr_min train sr ...`: argparse's namespace (None where an option was not given)
+    -> SROptions -> train_sr. A resumed run takes its kept options from its state."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SROptions)}
+    for name in ("base", "data", "config"):
+        if given[name] is not None:
+            given[name] = absolute(given[name])
+    state = None
+    if args.resume:
+        given, state = resume_options(args.out, args.steps, given, KEPT_OPTIONS)
+    elif args.base is None or args.data is None:
+        raise UsageError("train sr needs --base FILE and --data DIR (or --resume to continue a run)")
+    train_sr(SROptions(**{k: v for k, v in given.items() if v is not None}), state)
+
+
+def absolute(value):
+    return [str(Path(v).resolve()) for v in value] if isinstance(value, list) else str(Path(value).resolve())
+
+
+def check_options(opts: SROptions) -> None:
+    for name in ("steps", "batch_size", "grad_accum"):
+        if getattr(opts, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
+    for name in ("save_every", "val_every"):
+        if getattr(opts, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(opts, name)}")
+    if not opts.lr > 0:
+        raise UsageError(f"--lr must be > 0, got {opts.lr}")
+
+
+def train_sr(opts: SROptions, state: TrainState | None = None) -> None:
+    """Fine-tune for `opts.steps` steps in all; with `state` (and `opts.resume`), continue that run."""
+    from .data import TrainingPairs  # the data pipeline loads only for training
+    from .degradation import DegradationConfig
+
+    check_options(opts)
+    run = RunFolder(opts.out, resume=opts.resume)
+    device = pick_device(opts.device)
+    dtype = pick_dtype(opts.dtype, device)
+    seeds = derive_seeds(opts.seed, ["data", "noise", "init", "validation"])
+    if opts.resume and state is None:
+        state = run.load_state()
+
+    # The model's config (the model itself loads once the data is found): the run's last checkpoint's, or
+    # the base file's
+    if state:
+        cfg = resolve_config(WeightFiles([run.checkpoint_path]), None)
+    else:
+        cfg = base_config(opts.base, opts.config, time_aware=not opts.time_blind)
+    multiple = gt_size_multiple(cfg, SCALE)
+    if opts.gt_size < multiple or opts.gt_size % multiple:
+        raise UsageError(f"--gt-size {opts.gt_size}: must be a multiple of {multiple} (8 latents x the VAE's "
+                         f"factor {2 ** (len(cfg.vae.ch_mult) - 1)}, so that every level of the networks is whole)")
+
+    # The data, the model (frozen but for the new layers), the empty prompt's context
+    pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=DegradationConfig(), seed=seeds["data"],
+                          scale=SCALE)
+    model = load_stablesr([run.checkpoint_path]) if state else load_base(opts.base, cfg, seeds["init"])
+    model.to(device)
+    trainable = prepare_for_finetuning(model)
+    schedule = Schedule.from_config(model.cfg.diffusion)
+    with torch.no_grad():
+        context = text_context(model, "", opts.batch_size)
+
+    # AdamW with PyTorch's defaults besides the lr, as the official trainer; a loss scaler for float16
+    optimizer = torch.optim.AdamW(trainable.values(), lr=opts.lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    generator = torch.Generator().manual_seed(seeds["noise"])
+    step, seconds = 0, 0.0
+    if state:
+        step, seconds = restore(state, trainable, optimizer, scaler, generator, pairs)
+        run.keep_log_until(step)
+
+    # A fixed batch for val_loss, from its own seeded pipeline
+    validation = None
+    if opts.val_every:
+        val_pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=DegradationConfig(),
+                                  seed=seeds["validation"], scale=SCALE)
+        with autocast(device, dtype):
+            validation = Validation(model, val_pairs, seeds["validation"], len(schedule), device)
+
+    n_trainable = sum(p.numel() for p in trainable.values())
+    n_frozen = sum(p.numel() for p in model.parameters()) - n_trainable
+    print(f"train sr: {len(pairs.files)} images; {n_trainable / 1e6:.2f} M trainable parameters, "
+          f"{n_frozen / 1e6:.2f} M frozen; batch {opts.batch_size} x {opts.grad_accum} at {opts.gt_size} px; "
+          f"{'time-aware' if model.cfg.time_encoder.time_aware else 'TIME-BLIND (t = 0)'} encoder; "
+          f"{device}, {opts.dtype}; steps {step} -> {opts.steps}", file=sys.stderr)
+
+    def save() -> None:
+        state = TrainState(step, {k: getattr(opts, k) for k in STORED_OPTIONS},
+                           {k: p.detach() for k, p in trainable.items()}, optimizer.state_dict(),
+                           {"noise": generator.get_state()}, pairs.state_dict(),
+                           {"seconds": seconds, "scaler": scaler.state_dict()})
+        run.save(model.state_dict(), config_metadata(model.cfg.to_json()), state)
+
+    # The loop: one optimizer step per iteration, over grad_accum micro-batches
+    progress = TrainProgress("train sr", opts.steps, step)
+    hint = "lower --batch-size or --gt-size (--grad-accum keeps the effective batch), or use --dtype bfloat16"
+    with StopRequest() as stop, out_of_memory_is_a_usage_error(device, hint):
+        while step < opts.steps and not stop.requested:
+            started = time.monotonic()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for _ in range(opts.grad_accum):
+                lr, gt = pairs.next_batch()
+                with autocast(device, dtype):
+                    loss = sample_loss(model, schedule, context, lr.to(device), gt.to(device), generator)
+                scaler.scale(loss / opts.grad_accum).backward()
+                loss_sum += loss.item()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            seconds += time.monotonic() - started
+
+            record = {"step": step, "loss": loss_sum / opts.grad_accum, "lr": opts.lr, "seconds": round(seconds, 3)}
+            if validation is not None and step % opts.val_every == 0:
+                with autocast(device, dtype):
+                    record["val_loss"] = validation.loss(model, schedule, context)
+            run.log(record)
+            progress.update(step, record["loss"])
+            if opts.save_every and step % opts.save_every == 0 or step == opts.steps or stop.requested:
+                save()
+    print(f"wrote {run.checkpoint_path} (step {step})")
+    if step < opts.steps:
+        print(f"stopped at step {step} of {opts.steps}; continue with --resume", file=sys.stderr)
+        raise KeyboardInterrupt
+
+
+def restore(state: TrainState, trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, generator: torch.Generator, pairs) -> tuple[int, float]:
+    """Put a saved state back in place; returns (step, seconds trained)."""
+    if sorted(state.weights) != sorted(trainable):
+        raise UsageError("the run's state does not match its checkpoint's trainable tensors; start a new run")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(state.weights[name])
+    optimizer.load_state_dict(state.optimizer)
+    scaler.load_state_dict(state.extra["scaler"])
+    generator.set_state(state.generators["noise"])
+    pairs.load_state_dict(state.data)
+    return state.step, state.extra["seconds"]

@@ -201,7 +201,6 @@ class DDIMSchedule:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         ab = schedule.alphas_cumprod
         self.parameterization = schedule.parameterization
-        self.eta = eta
         self.ddim_timesteps = torch.tensor(ddim_timesteps(len(ab), num_steps))
         self.network_timesteps = torch.tensor(spaced_timesteps(len(ab), num_steps))
         a_t = self.ddim_alphas = ab[self.ddim_timesteps]

@@ -3,14 +3,16 @@
     python benchmarks/bench.py --device cpu --quick            # step at 32x32, VAE at 256 px
     python benchmarks/bench.py --device cpu --steps 4 --json cpu.json
     python benchmarks/bench.py --device cuda --dtype float16 --steps 200
+    python benchmarks/bench.py --device cpu --sampler ddim --steps 20 --json ddim20.json
+    python benchmarks/bench.py --device cpu --sampler ddim --steps 20 --guidance-scale 7 --negative-prompt "3d, cartoon"
     python benchmarks/bench.py --device cpu --memory            # peak RSS, 128->512 vs 256->1024
 
 Figures (seconds, median of `--repeats` runs after one warm-up):
   step_s_32, step_s_64   one denoising step: time-aware encoder + UNet, batch 1, on a 32/64 latent
   vae_encode_s_N         the SD VAE encoder on an N x N image (the pipeline's start)
   vae_decode_s_N         the CFW decode on N x N: CFW encoder features of the image + fused decoder, w 0.5
-  e2e_s_128to512         the whole pipeline, 128 px -> 512 px, `--steps` DDPM steps (one run, no warm-up
-                         beyond the figures above)
+  e2e_s_128to512         the whole pipeline, 128 px -> 512 px, `--steps` steps of `--sampler` (one run, no
+                         warm-up beyond the figures above); with guidance the UNet runs twice per tile
   peak_mem_gb            peak memory of the process: CPU resident set (weights included), or
                          torch.cuda.max_memory_allocated on a GPU
 Null where not measured. Timing is a script's job, never a test's.
@@ -92,6 +94,9 @@ def peak_memory_gb(device: torch.device) -> float:
 @torch.inference_mode()
 def measure(args) -> dict:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    # built first, so that a bad option fails before minutes of timing
+    opts = UpscaleOptions(steps=args.steps, sampler=args.sampler, eta=args.eta,
+                          guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt)
     results = dict.fromkeys(RESULT_KEYS)
     model, cfw = random_models(device, dtype)
     pipe = StableSRPipeline(model, cfw).speed_up(args.channels_last, args.compile)
@@ -114,7 +119,6 @@ def measure(args) -> dict:
             results[f"vae_decode_s_{size}"] = median_seconds(decode, device, args.repeats)
     if not args.quick:
         lr = torch.rand(1, 3, args.e2e_lr, args.e2e_lr, generator=torch.Generator().manual_seed(0)) * 2 - 1
-        opts = UpscaleOptions(steps=args.steps)
         synchronize(device)
         start = time.perf_counter()
         pipe(lr, opts, generator=torch.Generator().manual_seed(0))
@@ -148,7 +152,7 @@ def memory_check(args) -> dict:
 def print_table(args, results: dict) -> None:
     steps = 1 if args.memory else args.steps
     print(f"device {args.device}  dtype {args.dtype}  torch {torch.__version__}  threads {torch.get_num_threads()}"
-          f"  steps {steps}")
+          f"  steps {steps}  sampler {args.sampler}  guidance {args.guidance_scale:g}")
     for key, value in results.items():
         print(f"  {key:<30} {'-' if value is None else f'{value:.4f}'}")
 
@@ -158,7 +162,11 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--quick", action="store_true", help="only step_s_32 and the 256 px VAE figures")
-    parser.add_argument("--steps", type=int, default=4, help="DDPM steps of the end-to-end run (200 = official)")
+    parser.add_argument("--steps", type=int, default=4, help="steps of the end-to-end run (DDPM: 200 = official)")
+    parser.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="sampler of the end-to-end run")
+    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta of the end-to-end run")
+    parser.add_argument("--guidance-scale", type=float, default=1.0, help="guidance scale (needs --negative-prompt)")
+    parser.add_argument("--negative-prompt", default="", help="negative prompt of the guided run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure, after one warm-up")
     parser.add_argument("--memory", action="store_true", help="peak RSS of 128->512 vs 256->1024, --steps 1")
     parser.add_argument("--only-e2e", action="store_true", help=argparse.SUPPRESS)
@@ -171,7 +179,8 @@ def main(argv=None) -> None:
     print_table(args, results)
     if args.json:
         meta = {"device": args.device, "dtype": args.dtype, "torch": torch.__version__,
-                "threads": torch.get_num_threads(), "steps": args.steps}
+                "threads": torch.get_num_threads(), "steps": args.steps, "sampler": args.sampler,
+                "eta": args.eta, "guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt}
         args.json.write_text(json.dumps({**meta, **results}, indent=2) + "\n")
 
 

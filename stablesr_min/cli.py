@@ -125,6 +125,15 @@ def canvas_bytes(h: int, w: int, scale: float) -> int:
     return out_pixels * 3 * 4 * 8 + out_pixels // 64 * 4 * 4 * 8
 
 
+def warn_unused_guidance(opts) -> None:
+    """One line on stderr when the guidance options were given but cannot act (`UpscaleOptions.guided`)."""
+    if opts.negative_prompt and opts.guidance_scale == 1:
+        print("WARNING: --negative-prompt has no effect at --guidance-scale 1; set a scale, e.g. 7 (the "
+              "official script's)", file=sys.stderr)
+    elif opts.guidance_scale != 1 and not opts.negative_prompt:
+        print("WARNING: --guidance-scale has no effect without --negative-prompt", file=sys.stderr)
+
+
 def cmd_upscale(args) -> None:
     # Imported here so that `convert` and `--help` stay fast.
     from .model import RANDOM_WEIGHTS_WARNING, find_weights, load_cfw, load_stablesr
@@ -142,9 +151,12 @@ def cmd_upscale(args) -> None:
         opts = UpscaleOptions(scale=args.scale, steps=args.steps, tile=args.tile, overlap=args.overlap,
                               tile_batch=args.tile_batch, tile_weights=args.tile_weights, dec_w=args.dec_w,
                               colorfix=args.colorfix, prompt=args.prompt, vae_tile=args.vae_tile,
-                              official_resize=args.official_resize)
+                              official_resize=args.official_resize,
+                              sampler=args.sampler, eta=args.eta, guidance_scale=args.guidance_scale,
+                              negative_prompt=args.negative_prompt)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    warn_unused_guidance(opts)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
 
@@ -204,7 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--weights", nargs="+", metavar="FILE", help="StableSR .safetensors (stablesr_000117)")
     up.add_argument("--cfw", metavar="FILE", help="CFW .safetensors (vqgan_cfw_00011)")
     up.add_argument("--config", metavar="JSON", help="model config (files written by this project carry it)")
-    up.add_argument("--steps", type=int, default=200, help="DDPM steps (default 200)")
+    up.add_argument("--steps", type=int, default=200, help="sampling steps (default 200; turbo weights: 4)")
+    up.add_argument("--sampler", default="ddpm", metavar="{ddpm,ddim}",
+                    help="ddpm (the paper's, default) or ddim (the official DDIM script's, 20-50 steps)")
+    up.add_argument("--eta", type=float, default=1.0, help="DDIM noise in [0, 1]: 0 deterministic, 1 (default)")
+    up.add_argument("--guidance-scale", type=float, default=1.0,
+                    help="classifier-free guidance against --negative-prompt (default 1: none; official 7)")
+    up.add_argument("--negative-prompt", default="", help="what guidance steers away from (default none)")
     up.add_argument("--scale", type=float, default=4.0, help="upscaling factor (default 4)")
     up.add_argument("--dec-w", type=float, default=0.5, help="CFW weight w in [0, 1]: 0 realistic, 1 faithful (0.5)")
     up.add_argument("--colorfix", choices=["adain", "wavelet", "none"], default="adain", help="colour correction")

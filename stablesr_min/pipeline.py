@@ -8,6 +8,10 @@
 Each stage is a function of its own, so a notebook can run them one by one. Every random draw (the VAE
 posterior sample, the noise of x_T, one noise per step) comes from one seeded `torch.Generator`, in that
 order, unless the caller passes the draws in (`Noises`), as the golden pipeline case does.
+
+`UpscaleOptions(sampler="ddim")` samples as the official DDIM script does instead
+(`sr_val_ddim_text_T_negativeprompt_canvas.py`): DDIM steps (Song et al. 2021) from pure noise, and
+either sampler can use classifier-free guidance against a negative prompt (`make_denoiser`).
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from PIL import Image
 from .cfw import CFWAutoencoder
 from .colorfix import color_fix
 from .model import StableSR
-from .sampler import Progress, aggregation_step, gaussian_weights, tile_starts
-from .schedule import Schedule
+from .sampler import Progress, aggregation_step, ddim_step, gaussian_weights, tile_starts
+from .schedule import DDIMSchedule, Schedule
 from .text import tokenize
 from .vae import AutoencoderKL, DiagonalGaussian
 
@@ -34,8 +38,14 @@ from .vae import AutoencoderKL, DiagonalGaussian
 @dataclass
 class UpscaleOptions:
     scale: float = 4.0  # output size / input size
-    steps: int = 200  # respaced DDPM steps: the paper's setting, and what the official README's commands pass
-    #                   (the official script's own --ddpm_steps default is 1000)
+    steps: int = 200  # sampling steps; 200 respaced DDPM steps is the paper's setting and what the official
+    #                   README's commands pass (the official script's own --ddpm_steps default is 1000)
+    sampler: str = "ddpm"  # "ddpm" (the paper's) or "ddim" (the official DDIM script's; 20-50 steps there)
+    # DDIM's eta: 0 deterministic, 1 the DDPM posterior's noise. The official author found 1 better than 0
+    # (github IceClear/StableSR issue #108; the README's DDIM example uses --ddim_eta 1.0).
+    eta: float = 1.0
+    guidance_scale: float = 1.0  # classifier-free guidance against `negative_prompt`; 1 = none (official: 7)
+    negative_prompt: str = ""  # what guidance steers away from; "" = no guidance
     tile: int = 64  # latent tile of aggregation sampling (64 latents = 512 px, the training size)
     overlap: int = 32  # latent overlap between neighbouring tiles
     tile_batch: int = 4  # tiles per network call
@@ -53,6 +63,10 @@ class UpscaleOptions:
         checks = [
             (self.scale > 0, f"scale must be > 0, got {self.scale}"),
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.sampler in ("ddpm", "ddim"), f"sampler: 'ddpm' or 'ddim', got {self.sampler!r}"),
+            (0 <= self.eta <= 1, f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {self.eta}"),
+            (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0,
+             f"guidance_scale must be a number >= 0 (1: no guidance), got {self.guidance_scale}"),
             (self.tile >= 8, f"tile must be >= 8 latents, got {self.tile}"),
             (0 <= self.overlap < self.tile, f"overlap must be in [0, tile), got {self.overlap}"),
             (self.tile_batch >= 1, f"tile_batch must be >= 1, got {self.tile_batch}"),
@@ -67,13 +81,19 @@ class UpscaleOptions:
             if not ok:
                 raise ValueError(message)
 
+    @property
+    def guided(self) -> bool:
+        """Does sampling run the networks a second time, on the negative prompt? (Not at scale 1, where
+        the guided prediction equals the positive one, nor without a negative prompt, as officially.)"""
+        return bool(self.negative_prompt) and self.guidance_scale != 1
+
 
 @dataclass
 class Noises:
     """Random draws passed in from outside; whatever is None is drawn from the generator."""
 
     vae: torch.Tensor | None = None  # posterior sample noise, latent-shaped
-    x_T: torch.Tensor | None = None  # noise of q(x_999 | z_0)
+    x_T: torch.Tensor | None = None  # noise of q(x_999 | z_0); with sampler "ddim" the start latent itself
     steps: list[torch.Tensor] = field(default_factory=list)  # one per step taken, first step first
 
 
@@ -162,20 +182,42 @@ def start_latent(schedule: Schedule, z0: torch.Tensor, noise: torch.Tensor) -> t
     return schedule.q_sample(z0, len(schedule) - 1, noise)
 
 
-def make_denoiser(model: StableSR, context: torch.Tensor):
+def make_denoiser(model: StableSR, context: torch.Tensor, negative_context: torch.Tensor | None = None,
+                  guidance_scale: float = 1.0):
     """The per-tile network call: time-aware encoder on the LR tile, then the UNet modulated by it.
 
-    The networks run in their own dtype (fp16/bf16 on a GPU); the latents and every DDPM update stay in
-    float32, so half precision never accumulates over the steps.
+    With a `negative_context` and a scale s != 1: classifier-free guidance (Ho & Salimans 2022, Eq. 6,
+    with s = 1 + w) against a negative prompt, as the official DDIM script does it; the UNet runs on the
+    negative and the positive context in one batch and
+
+        e = e_neg + s * (e_pos - e_neg)
+
+    The time-aware encoder does not read the text, so its features are computed once and used for both
+    halves (the official script runs it on both; the numbers are the same). At s = 1 or without a negative
+    context the second half is skipped, and the output is exactly the unguided one.
+
+    The networks run in their own dtype (fp16/bf16 on a GPU); the latents and every sampling update stay
+    in float32, so half precision never accumulates over the steps.
     """
     dtype = next(model.unet.parameters()).dtype
+    guided = negative_context is not None and guidance_scale != 1
+
+    def per_tile(ctx: torch.Tensor, rows: int) -> torch.Tensor:
+        # tiles are stacked tile-major: row i belongs to image i % B
+        return ctx.repeat(rows // ctx.shape[0], 1, 1).to(dtype)
 
     def denoise(x_tiles: torch.Tensor, lr_tiles: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        # tiles are stacked tile-major: row i belongs to image i % B
-        ctx = context.repeat(x_tiles.shape[0] // context.shape[0], 1, 1).to(dtype)
+        rows = x_tiles.shape[0]
         x_tiles, lr_tiles = x_tiles.to(dtype), lr_tiles.to(dtype)
         struct_cond = model.time_encoder(lr_tiles, t) if model.time_encoder is not None else None
-        return model.unet(x_tiles, t, ctx, struct_cond).float()
+        if not guided:
+            return model.unet(x_tiles, t, per_tile(context, rows), struct_cond).float()
+        # the negative half first, then the positive one: (n, ...) -> (2n, ...)
+        both = torch.cat([per_tile(negative_context, rows), per_tile(context, rows)])
+        twice = None if struct_cond is None else {w: torch.cat([s, s]) for w, s in struct_cond.items()}
+        e_neg, e_pos = model.unet(torch.cat([x_tiles, x_tiles]), torch.cat([t, t]), both, twice).float().chunk(2)
+        # e_neg + s * (e_pos - e_neg)
+        return e_neg + guidance_scale * (e_pos - e_neg)
 
     return denoise
 
@@ -242,15 +284,26 @@ class StableSRPipeline:
                noises: list[torch.Tensor], generator: torch.Generator | None,
                weights: torch.Tensor | None = None, progress: Progress | None = None,
                on_step: StepCallback | None = None) -> torch.Tensor:
-        """N reverse steps with aggregation; the time-aware encoder is conditioned on z_0."""
-        schedule = self.train_schedule.respace(opts.steps)
+        """N reverse steps of `opts.sampler` with aggregation; the time-aware encoder is conditioned on
+        z_0. With `opts.guided`, every network call is guided against `opts.negative_prompt`."""
         weights = tile_weight_map(opts) if weights is None else weights
-        denoise = make_denoiser(self.model, context)
+        negative_context = text_context(self.model, opts.negative_prompt, x.shape[0]) if opts.guided else None
+        denoise = make_denoiser(self.model, context, negative_context, opts.guidance_scale)
+        tiling = dict(tile=opts.tile, overlap=opts.overlap, weights=weights, batch_size=opts.tile_batch,
+                      progress=progress)
+        if opts.sampler == "ddim":
+            ddim = DDIMSchedule(self.train_schedule, opts.steps, opts.eta)
+
+            def take_step(x: torch.Tensor, k: int, noise: torch.Tensor) -> torch.Tensor:
+                return ddim_step(ddim, x, z0, k, denoise, noise, **tiling)[0]
+        else:
+            schedule = self.train_schedule.respace(opts.steps)
+
+            def take_step(x: torch.Tensor, k: int, noise: torch.Tensor) -> torch.Tensor:
+                return aggregation_step(schedule, x, z0, k, denoise, noise, **tiling)
         for i, k in enumerate(reversed(range(opts.steps))):
             noise = noises[i] if i < len(noises) else draw(x, generator)
-            x = aggregation_step(schedule, x, z0, k, denoise, noise.to(x), tile=opts.tile,
-                                 overlap=opts.overlap, weights=weights, batch_size=opts.tile_batch,
-                                 progress=progress)
+            x = take_step(x, k, noise.to(x))
             if on_step is not None:
                 on_step(i + 1, opts.steps, x)
         return x
@@ -282,7 +335,11 @@ class StableSRPipeline:
         upsampled = upsample(lr, opts.scale)
         canvas = self.canvas(upsampled, opts)
         z0 = self.encode(canvas, noises.vae, opts, generator)
-        x_T = start_latent(self.train_schedule, z0, noises.x_T if noises.x_T is not None else draw(z0, generator))
+        noise = noises.x_T if noises.x_T is not None else draw(z0, generator)
+        # The official DDIM canvas script computes q(x_999 | z_0) too, then discards it (`x_T = None`) and
+        # starts from pure noise; its DDPM canvas script (and its untiled DDIM script) start from
+        # q(x_999 | z_0). Each sampler starts as its official canvas script does.
+        x_T = noise.to(z0) if opts.sampler == "ddim" else start_latent(self.train_schedule, z0, noise)
         context = text_context(self.model, opts.prompt, lr.shape[0])
         x0 = self.sample(x_T, z0, context, opts, noises.steps, generator, weights, progress, on_step)
         return Sampled(upsampled, canvas, x0)

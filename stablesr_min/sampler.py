@@ -4,9 +4,9 @@ Stable Diffusion 2.1-base, which StableSR keeps frozen, was trained at 512 x 512
 StableSR's time-aware encoder and SFT layers were trained on 512 px crops. For a larger output, each reverse
 step cuts the latent into overlapping tiles, runs the time-aware encoder and the UNet on every tile
 (with the same tile of the LR latent as condition), blends the per-tile predictions with a Gaussian
-weight map, which hides the seams, and then takes one ordinary DDPM step on the whole latent. The paper
-describes the Gaussian weight map but gives no sigma: the variance 0.01 (in tile lengths) is the official
-code's.
+weight map, which hides the seams, and then takes one ordinary DDPM step on the whole latent (or, with
+`ddim_step`, one DDIM step, as the official DDIM script does). The paper describes the Gaussian weight
+map but gives no sigma: the variance 0.01 (in tile lengths) is the official code's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .schedule import Schedule
+from .schedule import DDIMSchedule, Schedule
 
 # denoise(x_tiles, lr_tiles, t) -> model output (eps or v) for a batch of tiles; t holds original
 # timesteps. Tiles are stacked tile-major, so row i of a batch belongs to image i % B: a denoiser with
@@ -93,17 +93,36 @@ def aggregate(x: torch.Tensor, lr_latent: torch.Tensor, t: torch.Tensor, denoise
     return weighted_sum / weight_sum
 
 
-def aggregation_step(schedule: Schedule, x: torch.Tensor, lr_latent: torch.Tensor, k: int,
-                     denoise: Denoiser, noise: torch.Tensor, *, tile: int, overlap: int,
-                     weights: torch.Tensor | None = None, batch_size: int = 4,
-                     progress: Progress | None = None) -> torch.Tensor:
-    """One reverse step x_k -> x_{k-1} of the respaced `schedule` over overlapping tiles.
-
-    The networks see the original timestep `schedule.timestep_map[k]`; x_0, the posterior and the noise
-    scale use the respaced step k. `weights` defaults to the centred Gaussian of a `tile` x `tile` tile.
-    """
+def tiled_output(x: torch.Tensor, lr_latent: torch.Tensor, t: torch.Tensor, denoise: Denoiser, *, tile: int,
+                 overlap: int, weights: torch.Tensor | None = None, batch_size: int = 4,
+                 progress: Progress | None = None) -> torch.Tensor:
+    """`aggregate` over the `tile_grid` of x; `weights` defaults to the centred Gaussian of a `tile` x
+    `tile` tile."""
     weights = gaussian_weights(tile, tile) if weights is None else weights
     tiles = tile_grid(x.shape[-2], x.shape[-1], tile, overlap)
+    return aggregate(x, lr_latent, t, denoise, tiles, weights, batch_size, progress)
+
+
+def aggregation_step(schedule: Schedule, x: torch.Tensor, lr_latent: torch.Tensor, k: int,
+                     denoise: Denoiser, noise: torch.Tensor, **tiling) -> torch.Tensor:
+    """One reverse step x_k -> x_{k-1} of the respaced `schedule` over overlapping tiles (`tiling`: the
+    keyword arguments of `tiled_output`: tile, overlap, weights, batch_size, progress).
+
+    The networks see the original timestep `schedule.timestep_map[k]`; x_0, the posterior and the noise
+    scale use the respaced step k.
+    """
     t = schedule.network_timestep(k, x.shape[0]).to(x.device)
-    model_output = aggregate(x, lr_latent, t, denoise, tiles, weights, batch_size, progress)
-    return schedule.p_sample(x, k, model_output, noise)
+    return schedule.p_sample(x, k, tiled_output(x, lr_latent, t, denoise, **tiling), noise)
+
+
+def ddim_step(ddim: DDIMSchedule, x: torch.Tensor, lr_latent: torch.Tensor, index: int, denoise: Denoiser,
+              noise: torch.Tensor, *, timestep: int | None = None,
+              **tiling) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step over overlapping tiles (the official `p_sample_ddim_sr_tcanvas`): the tiles' blended
+    model output, then `DDIMSchedule.step` (Eq. 12) on the whole latent. Returns (x_prev, pred_x0).
+
+    The networks see `timestep`, by default the official sampler's `ddim.network_timesteps[index]`.
+    """
+    timestep = int(ddim.network_timesteps[index]) if timestep is None else timestep
+    t = torch.full((x.shape[0],), timestep, dtype=torch.int64, device=x.device)
+    return ddim.step(x, index, tiled_output(x, lr_latent, t, denoise, **tiling), noise)

@@ -1,4 +1,5 @@
-"""The DDPM noise schedule (Ho et al. 2020), its respacing to fewer sampling steps, and one reverse step.
+"""The DDPM noise schedule (Ho et al. 2020), its respacing to fewer sampling steps, and one reverse step;
+and DDIM's tables and update (Song et al. 2021), as the official DDIM script computes them.
 
 StableSR samples with plain DDPM (ancestral) steps, but fewer than the 1000 it was trained with: the
 official script keeps N evenly spaced training timesteps and recomputes the betas so that each kept step
@@ -169,3 +170,69 @@ class Schedule:
         value = table[index].to(device=x.device, dtype=x.dtype)
         # () or (B,) -> (B or 1, 1, 1, 1)
         return value.reshape(-1, *[1] * (x.dim() - 1))
+
+
+# ------------------------------------------------------------------------------------------------------
+# DDIM (Song et al. 2021), as the official `sr_val_ddim_text_T_negativeprompt_canvas.py` samples
+
+# DDIM's tables, named as the reference's buffers (golden sets store them by these names).
+DDIM_TABLES = ("ddim_timesteps", "ddim_alphas", "ddim_alphas_prev", "ddim_sigmas")
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
+    """DDIM's timesteps as the official sampler makes them ("uniform"): every num_timesteps // num_steps
+    from 0. Where the stride does not divide evenly there are more of them than steps (7 steps: stride
+    142, 8 timesteps 0 .. 994); the sampler takes `num_steps` steps and never uses the extra ones."""
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"cannot take {num_steps} steps out of {num_timesteps}")
+    return list(range(0, num_timesteps, num_timesteps // num_steps))
+
+
+class DDIMSchedule:
+    """DDIM's sampling tables, built from the training schedule's alpha-bar as the official sampler builds
+    them, and its update (Eq. 12). DDIM writes alpha for what DDPM calls alpha-bar; here a_t = ab[tau_i].
+
+    Step `index` (num_steps - 1 down to 0) goes from a_t = ab[ddim_timesteps[index]] to a_prev, the
+    alpha-bar of the timestep before. The official sampler departs from the DDIM paper twice:
+      * for index 0, a_prev is ab[0] (about 0.9991), not 1: the last step ends at t = 0, not at x_0;
+      * the networks are told `network_timesteps[index]`, the DDPM respacing's evenly spaced timesteps
+        (0 .. 999), not ddim_timesteps[index]: the script passes those to its sampling loop while its
+        alpha-bar tables come from ddim_timesteps (20 steps: the first step is told t = 999, at a_t =
+        ab[950]). We follow both, to compute what the official DDIM script computes.
+    """
+
+    def __init__(self, schedule: Schedule, num_steps: int, eta: float):
+        if not 0 <= eta <= 1:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        ab = schedule.alphas_cumprod
+        self.parameterization = schedule.parameterization
+        self.ddim_timesteps = torch.tensor(ddim_timesteps(len(ab), num_steps))
+        self.network_timesteps = torch.tensor(spaced_timesteps(len(ab), num_steps))
+        a_t = self.ddim_alphas = ab[self.ddim_timesteps]
+        a_prev = self.ddim_alphas_prev = torch.cat([ab[:1], a_t[:-1]])
+        # Eq. 16: sigma_i = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev); eta = 1 is the
+        # DDPM posterior's standard deviation, eta = 0 the deterministic DDIM. (0 at index 0: a_prev = a_t.)
+        self.ddim_sigmas = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+
+    def step(self, x_t: torch.Tensor, index: int, model_output: torch.Tensor,
+             noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DDIM's Eq. 12, one step from a_t to a_prev; returns (x_prev, pred_x0):
+
+            x_prev = sqrt(a_prev) * (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)      "predicted x_0"
+                     + sqrt(1 - a_prev - sigma^2) * eps                        "direction pointing to x_t"
+                     + sigma * noise                                           "random noise"
+        """
+        a_t, a_prev, sigma = (float(table[index]) for table in
+                              (self.ddim_alphas, self.ddim_alphas_prev, self.ddim_sigmas))
+        eps = model_output
+        if self.parameterization == "v":
+            # v = sqrt(a_t) eps - sqrt(1 - a_t) x_0 and x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps give
+            # eps = sqrt(a_t) v + sqrt(1 - a_t) x_t
+            eps = math.sqrt(a_t) * model_output + math.sqrt(1 - a_t) * x_t
+        # (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
+        pred_x0 = (x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        # sqrt(1 - a_prev - sigma^2) eps
+        direction = math.sqrt(1 - a_prev - sigma**2) * eps
+        # sqrt(a_prev) pred_x0 + direction + sigma noise
+        x_prev = math.sqrt(a_prev) * pred_x0 + direction + sigma * noise
+        return x_prev, pred_x0

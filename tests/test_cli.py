@@ -169,3 +169,48 @@ def test_bfloat16_on_a_cpu_without_fast_kernels_warns(fast_kernels, monkeypatch,
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512" if fast_kernels else "AVX2")
     assert cli.pick_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
     assert ("no fast bfloat16 kernels" in capsys.readouterr().err) is not fast_kernels
+
+
+# ------------------------------------------------------------------------------------------------------
+# Samplers and guidance (issue 15)
+
+GUIDED_DDIM = ["--sampler", "ddim", "--steps", "3", "--guidance-scale", "5", "--negative-prompt", "blurry",
+               "--tile", "16", "--overlap", "6", "--seed", "1"]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_guided_ddim_end_to_end(photo, weights, tmp_path, capsys, mode):
+    image = Image.open(photo).convert(mode)
+    if mode == "RGBA":
+        image.putalpha(128)
+    src = tmp_path / f"in_{mode}.png"
+    image.save(src)
+    code, out, err = run(["upscale", str(src), "--out", str(tmp_path / "out"), *GUIDED_DDIM, *weights], capsys)
+    assert code == 0, err
+    result = Image.open(tmp_path / "out" / src.name)
+    assert result.size == (160, 112) and result.mode == ("RGBA" if mode == "RGBA" else "RGB")
+    assert "step 3/3" in err and "WARNING: --" not in err
+    if mode == "RGBA":
+        assert set(np.asarray(result.getchannel("A")).ravel().tolist()) == {128}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--eta", "-1"], "eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got -1.0"),
+    (["--sampler", "ddim", "--steps", "0"], "steps must be >= 1, got 0"),
+    (["--sampler", "euler"], "sampler: 'ddpm' or 'ddim', got 'euler'"),
+    (["--guidance-scale", "-3"], "guidance_scale must be a number >= 0 (1: no guidance), got -3.0"),
+])
+def test_bad_sampler_options(photo, tmp_path, capsys, args, message):
+    code, out, err = run(["upscale", str(photo), "--out", str(tmp_path), *args], capsys)
+    assert (code, out, err) == (2, "", f"error: {message}\n")
+
+
+@pytest.mark.parametrize("args,warning", [
+    (["--negative-prompt", "blurry"], "WARNING: --negative-prompt has no effect at --guidance-scale 1; set a "
+                                      "scale, e.g. 7 (the official script's)\n"),
+    (["--guidance-scale", "7"], "WARNING: --guidance-scale has no effect without --negative-prompt\n"),
+])
+def test_guidance_that_cannot_act_is_warned_about(photo, tmp_path, capsys, args, warning):
+    """Warned once, before anything loads (here the run then stops at the missing --cfw)."""
+    code, _, err = run(["upscale", str(photo), "--out", str(tmp_path), *args, "--weights", "x.safetensors"], capsys)
+    assert code == 2 and err.startswith(warning) and err.count("WARNING") == 1

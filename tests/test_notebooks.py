@@ -14,7 +14,7 @@ from stablesr_min.model import RANDOM_WEIGHTS_WARNING
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 # Each notebook and the number of figures (image/png outputs) it draws at least.
 MIN_FIGURES = {
-    "01_walkthrough.ipynb": 7,  # input, upscale/canvas, z0, x_T, previews, CFW, colour fix
+    "01_walkthrough.ipynb": 8,  # input, upscale/canvas, z0, x_T, previews, CFW, colour fix, samplers
     "02_time_aware_guidance.ipynb": 3,  # photos, SNR(t), similarity vs SNR
     "03_cfw_tradeoff.ipynb": 3,  # photos, w grid, PSNR/SSIM/sharpness vs w
     "04_aggregation_sampling.ipynb": 5,  # weight maps, tile layouts, outputs, zoom, jump profiles

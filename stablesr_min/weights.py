@@ -95,15 +95,24 @@ class WeightFiles:
         return ", ".join(str(p) for p in self.paths)
 
 
-def _open_safetensors(path: Path):
+def file_format(path: Path, if_folder: str) -> str:
+    """"safetensors", "torch" (what `torch.save` writes: a zip archive, or a pickle in the legacy
+    format), "empty" or "other", from the first bytes; a missing path or a folder is an error."""
     if not path.exists():
         raise WeightsError(f"{path}: no such file")
     if path.is_dir():
-        raise WeightsError(f"{path}: is a folder; pass the .safetensors file inside it")
+        raise WeightsError(f"{path}: is a folder{if_folder}")
     with open(path, "rb") as f:
         head = f.read(9)
-    # A safetensors file is an 8-byte header length, then the JSON header.
-    if head[8:9] != b"{" and (head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"):
+    if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # zip's magic; pickle's PROTO opcode (protocol 2+)
+        return "torch"
+    return "other" if head else "empty"
+
+
+def _open_safetensors(path: Path):
+    if file_format(path, if_folder="; pass the .safetensors file inside it") == "torch":
         raise WeightsError(
             f"{path}: is a PyTorch pickle (.ckpt), not safetensors; convert it first with "
             f"`python -m stablesr_min convert {path} {path.with_suffix('.safetensors')}`"
@@ -328,18 +337,13 @@ class _AllowListUnpickler(pickle.Unpickler):
 
 
 def check_ckpt_file(path: Path) -> None:
-    """A file that starts as `torch.save` writes: a zip archive, or (the legacy format) a pickle."""
-    if not path.exists():
-        raise WeightsError(f"{path}: no such file")
-    if path.is_dir():
-        raise WeightsError(f"{path}: is a folder, not a checkpoint file")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if not head:
+    """A file that starts as `torch.save` writes."""
+    kind = file_format(path, if_folder=", not a checkpoint file")
+    if kind == "empty":
         raise WeightsError(f"{path}: is empty")
-    if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+    if kind == "safetensors":
         raise WeightsError(f"{path}: is already safetensors; use it as it is (no conversion needed)")
-    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # zip's magic; pickle protocol 2+ opcode PROTO
+    if kind == "other":
         raise WeightsError(f"{path}: not a PyTorch checkpoint (a .ckpt is the zip archive or the pickle "
                            "that torch.save writes; this file is neither)")
 

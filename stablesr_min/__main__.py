@@ -1,5 +1,9 @@
 import sys
 
-from .cli import main
+try:
+    from .cli import main  # imports torch: seconds, during which Ctrl-C must end as it does later
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

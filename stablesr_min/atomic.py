@@ -1,5 +1,11 @@
 """Atomic file writes: a temp file in the target folder, then a rename. A reader (or a crash) never sees
-half a file, and an existing file is replaced only once the new one is complete."""
+half a file, and an existing file is replaced only once the new one is complete.
+
+The temp file is flushed to the disk (`fsync`) before the rename, so that after a power loss the final
+name holds either the old file or the whole new one; the folder is flushed after the rename, so that the
+new name itself survives. A `SIGTERM` reaches the cleanup below too when the program turns it into an
+exception (`cli.terminate_on_sigterm`).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +25,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes the file private
+        fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if os.name == "posix":  # Windows cannot open a folder to flush it
+        fsync(path.parent)
+
+
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's) data from the OS cache to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -4,27 +4,103 @@
     python -m stablesr_min convert stablesr_000117.ckpt stablesr_000117.safetensors
     python -m stablesr_min train sr --base stablesr_000117.safetensors --data photos/ --out runs/sr --steps 1000
 
-Every user error ends in one line on stderr and exit code 2; no traceback.
+Every user error ends in one line on stderr and exit code 2; no traceback. Everything that can be checked
+before a model loads is checked then (inputs, output folder, options, device, memory), so a bad run fails
+in a second, not after its last step. Ctrl-C ends with "interrupted" (exit code 130), SIGTERM with
+"terminated" (143), leaving no temp files. The checks below are small functions for every command to use.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .data import DataError
-from .image_io import ImageError, load_image, save_png_atomically, to_pil
-from .weights import WeightsError, convert_ckpt, guess_kind
+from .image_io import ImageError, image_size, load_image, save_png_atomically, to_pil
+from .weights import WeightFiles, WeightsError, convert_ckpt, guess_kind
 
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that `finally` blocks (temp files) run on the way out."""
+
+
+# ------------------------------------------------------------------------------------------------------
+# Checks shared by every command
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the problem and where the help is), not the usage block.
+    Subcommand parsers are made of the same class, so they inherit this."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        self.exit(2)
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a number that is neither nan nor infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def check_output_folder(folder: Path, label: str | None = None) -> None:
+    """Refuse now a folder that cannot be created or written to; creates nothing (the caller makes it
+    when it writes the first file). A probe file without a name (O_TMPFILE) tests what `access()`
+    cannot: read-only mounts, ACLs, and a root user without the override capability."""
+    label = label or f"--out {folder}"
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{label}: {existing} is a file, not a folder; choose another folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UsageError(f"{label}: cannot write in {existing} ({e.strerror}); choose another folder") from None
+
+
+def check_output_file(path: Path) -> None:
+    """A file that can be written: not a folder, in an existing folder that can be written to."""
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder; name the file to write")
+    check_output_folder(path.parent, label=str(path))
+    if not path.parent.exists():
+        raise UsageError(f"{path}: the folder {path.parent} does not exist; create it first")
+
+
+@contextmanager
+def terminate_on_sigterm():
+    """SIGTERM (`kill`, a job scheduler's stop) raises `Terminated` instead of ending the process on the
+    spot, so that temp files are removed; the previous handler is back afterwards."""
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -32,6 +108,7 @@ class UsageError(Exception):
 
 
 def cmd_convert(args) -> None:
+    check_output_file(Path(args.output))
     tensors = convert_ckpt(args.input, args.output)
     print(f"wrote {args.output}: {len(tensors)} tensors ({guess_kind(tensors)} checkpoint)")
 
@@ -70,8 +147,13 @@ def pick_device(name: str | None) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name!r}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: the networks cannot run there; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
     return device
@@ -89,6 +171,16 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         print("WARNING: this CPU has no fast bfloat16 kernels (they need AVX-512); --dtype float32 will be "
               "much faster here", file=sys.stderr)
     return DTYPES[name]
+
+
+def unique_inputs(names: list[str]) -> list[Path]:
+    """Each file once, in the order first named: a file named twice (or by two paths) is upscaled once."""
+    seen, unique = set(), []
+    for path in map(Path, names):
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append(path)
+    return unique
 
 
 def output_paths(inputs: list[Path], out_dir: Path) -> list[Path]:
@@ -116,6 +208,20 @@ def free_memory_bytes(device: torch.device) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def pending(inputs: list[Path], outputs: list[Path], overwrite: bool) -> list[tuple[Path, Path]]:
+    """(input, output) pairs still to do: an output that exists is skipped (a note says so), so that an
+    interrupted batch can be resumed, unless `overwrite` asks to redo it."""
+    todo = []
+    for src, dst in zip(inputs, outputs):
+        if dst.is_dir():
+            raise UsageError(f"{dst}: is a folder, where the output of {src} goes; move it away")
+        if dst.exists() and not overwrite:
+            print(f"skipped {src}: {dst} exists (--overwrite redoes it)")
+        else:
+            todo.append((src, dst))
+    return todo
+
+
 def canvas_bytes(h: int, w: int, scale: float) -> int:
     """What grows with the image: about eight full-size RGB float32 buffers (upsampled, canvas, CFW
     output and its blend weights, colour fix, result) and about eight latent-sized float32 ones (the
@@ -136,17 +242,11 @@ def warn_unused_guidance(opts) -> None:
 
 def cmd_upscale(args) -> None:
     # Imported here so that `convert` and `--help` stay fast.
-    from .model import RANDOM_WEIGHTS_WARNING, find_weights, load_cfw, load_stablesr
+    from .model import RANDOM_WEIGHTS_WARNING, find_weights, load_cfw, load_stablesr, resolve_config
     from .pipeline import StableSRPipeline, UpscaleOptions, official_size
 
-    inputs = [Path(p) for p in args.inputs]
-    images = {}
-    for path in inputs:
-        images[path] = load_image(path)  # fails fast, before the models load
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out {out_dir}: exists and is not a folder")
-    outputs = output_paths(inputs, out_dir)
+    inputs = unique_inputs(args.inputs)
+    sizes = {path: image_size(path) for path in inputs}  # headers only: fails fast, decodes nothing
     try:
         opts = UpscaleOptions(scale=args.scale, steps=args.steps, tile=args.tile, overlap=args.overlap,
                               tile_batch=args.tile_batch, tile_weights=args.tile_weights, dec_w=args.dec_w,
@@ -159,20 +259,29 @@ def cmd_upscale(args) -> None:
     warn_unused_guidance(opts)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
+    out_dir = Path(args.out)
+    check_output_folder(out_dir)
+    jobs = pending(inputs, output_paths(inputs, out_dir), args.overwrite)
 
     free = free_memory_bytes(device)
-    for path, image in images.items():
-        h, w = image.rgb.shape[-2:]
+    for path, _ in jobs:
+        w, h = sizes[path]
         if opts.official_resize:
             try:
                 h, w = official_size(h, w)
             except ValueError as e:
                 raise UsageError(f"{path}: --official-resize: {e}") from None
+        out_w, out_h = int(w * opts.scale), int(h * opts.scale)
+        if out_w < 1 or out_h < 1:
+            raise UsageError(f"{path}: {w}x{h} at --scale {opts.scale:g} would be {out_w}x{out_h} pixels; "
+                             "use a larger --scale")
         need = canvas_bytes(h, w, opts.scale)
         if need > free:
             raise UsageError(f"{path}: {w}x{h} at --scale {opts.scale:g} needs about {need / 2**30:.1f} GB "
                              f"for the image canvas, but {device} has {free / 2**30:.1f} GB free; use a "
                              "smaller --scale, split the image, or another device")
+    if not jobs:
+        return
 
     if args.weights:
         if not args.cfw:
@@ -181,14 +290,24 @@ def cmd_upscale(args) -> None:
     else:
         choice = find_weights()
         stablesr_paths, cfw_path, random = choice.stablesr, args.cfw or choice.cfw, choice.random
+    cfg = resolve_config(WeightFiles(stablesr_paths), args.config)  # the files' headers only
+    if opts.steps > cfg.diffusion.timesteps:
+        raise UsageError(f"--steps {opts.steps}: the schedule has {cfg.diffusion.timesteps} steps; "
+                         f"use at most {cfg.diffusion.timesteps}")
+    images = {}
+    for path, _ in jobs:
+        images[path] = load_image(path)  # fails fast, before the models load
+        for note in images[path].warnings:
+            print(f"WARNING: {path}: {note}", file=sys.stderr)
+
     if random:
         print("WARNING: " + RANDOM_WEIGHTS_WARNING.replace("**", ""), file=sys.stderr)
-    model = load_stablesr(stablesr_paths, args.config, dtype=dtype, device=device)
+    model = load_stablesr(stablesr_paths, cfg, dtype=dtype, device=device)
     cfw = load_cfw(cfw_path, args.config, dtype=dtype, device=device)
     pipeline = StableSRPipeline(model, cfw).speed_up(args.channels_last, args.compile)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for (path, image), out_path in zip(images.items(), outputs):
+    for path, out_path in jobs:
+        image = images[path]
         progress = ProgressLine(path.name, opts.steps)
         generator = torch.Generator().manual_seed(args.seed)
         sr = pipeline(image.rgb, opts, generator=generator, progress=progress.tiles, on_step=progress.step_done)
@@ -196,7 +315,11 @@ def cmd_upscale(args) -> None:
         if image.alpha is not None:
             # Alpha is not an image the model knows: it is upscaled on its own (bicubic) and put back.
             alpha = F.interpolate(image.alpha, size=sr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
-        save_png_atomically(to_pil(sr.float().cpu(), alpha), out_path)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails earlier leaves nothing
+            save_png_atomically(to_pil(sr.float().cpu(), alpha), out_path)
+        except OSError as e:
+            raise UsageError(f"{out_path}: cannot write it ({e.strerror or e})") from None
         print(f"wrote {out_path} ({sr.shape[-1]}x{sr.shape[-2]})")
 
 
@@ -204,8 +327,8 @@ def cmd_upscale(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stablesr_min",
-                                     description="StableSR super-resolution, from the official weights.")
+    parser = CommandLineParser(prog="python -m stablesr_min",
+                               description="StableSR super-resolution, from the official weights.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("upscale", help="super-resolve images (default 4x)",
@@ -213,18 +336,19 @@ def build_parser() -> argparse.ArgumentParser:
                                     "$STABLESR_WEIGHTS, or tiny RANDOM weights (a demo of the computation).")
     up.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (PNG, JPEG, ...)")
     up.add_argument("--out", required=True, metavar="DIR", help="folder for DIR/<name>.png")
+    up.add_argument("--overwrite", action="store_true", help="redo inputs whose output exists (default: skip them)")
     up.add_argument("--weights", nargs="+", metavar="FILE", help="StableSR .safetensors (stablesr_000117)")
     up.add_argument("--cfw", metavar="FILE", help="CFW .safetensors (vqgan_cfw_00011)")
     up.add_argument("--config", metavar="JSON", help="model config (files written by this project carry it)")
     up.add_argument("--steps", type=int, default=200, help="sampling steps (default 200; turbo weights: 4)")
     up.add_argument("--sampler", default="ddpm", metavar="{ddpm,ddim}",
                     help="ddpm (the paper's, default) or ddim (the official DDIM script's, 20-50 steps)")
-    up.add_argument("--eta", type=float, default=1.0, help="DDIM noise in [0, 1]: 0 deterministic, 1 (default)")
-    up.add_argument("--guidance-scale", type=float, default=1.0,
+    up.add_argument("--eta", type=finite_float, default=1.0, help="DDIM noise in [0, 1]: 0 deterministic, 1 (default)")
+    up.add_argument("--guidance-scale", type=finite_float, default=1.0,
                     help="classifier-free guidance against --negative-prompt (default 1: none; official 7)")
     up.add_argument("--negative-prompt", default="", help="what guidance steers away from (default none)")
-    up.add_argument("--scale", type=float, default=4.0, help="upscaling factor (default 4)")
-    up.add_argument("--dec-w", type=float, default=0.5, help="CFW weight w in [0, 1]: 0 realistic, 1 faithful (0.5)")
+    up.add_argument("--scale", type=finite_float, default=4.0, help="upscaling factor (default 4)")
+    up.add_argument("--dec-w", type=finite_float, default=0.5, help="CFW weight w in [0, 1]: 0 realistic, 1 faithful (0.5)")
     up.add_argument("--colorfix", choices=["adain", "wavelet", "none"], default="adain", help="colour correction")
     up.add_argument("--tile", type=int, default=64, help="latent tile of aggregation sampling (64 = 512 px)")
     up.add_argument("--overlap", type=int, default=32, help="latent overlap of tiles (default 32)")
@@ -290,11 +414,15 @@ def cmd_train_sr(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        with terminate_on_sigterm():
+            args.run(args)
     except (UsageError, WeightsError, ImageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0

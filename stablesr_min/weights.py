@@ -95,15 +95,24 @@ class WeightFiles:
         return ", ".join(str(p) for p in self.paths)
 
 
-def _open_safetensors(path: Path):
+def file_format(path: Path, if_folder: str) -> str:
+    """"safetensors", "torch" (what `torch.save` writes: a zip archive, or a pickle in the legacy
+    format), "empty" or "other", from the first bytes; a missing path or a folder is an error."""
     if not path.exists():
         raise WeightsError(f"{path}: no such file")
     if path.is_dir():
-        raise WeightsError(f"{path}: is a folder; pass the .safetensors file inside it")
+        raise WeightsError(f"{path}: is a folder{if_folder}")
     with open(path, "rb") as f:
         head = f.read(9)
-    # A safetensors file is an 8-byte header length, then the JSON header.
-    if head[8:9] != b"{" and (head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"):
+    if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # zip's magic; pickle's PROTO opcode (protocol 2+)
+        return "torch"
+    return "other" if head else "empty"
+
+
+def _open_safetensors(path: Path):
+    if file_format(path, if_folder="; pass the .safetensors file inside it") == "torch":
         raise WeightsError(
             f"{path}: is a PyTorch pickle (.ckpt), not safetensors; convert it first with "
             f"`python -m stablesr_min convert {path} {path.with_suffix('.safetensors')}`"
@@ -304,6 +313,10 @@ class ForeignObject:
         self.state = state
 
 
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """The pickle names a global outside the allow-list: it could run code."""
+
+
 class _AllowListUnpickler(pickle.Unpickler):
     _stand_ins: dict[tuple[str, str], type] = {}
 
@@ -320,7 +333,19 @@ class _AllowListUnpickler(pickle.Unpickler):
             if key not in self._stand_ins:
                 self._stand_ins[key] = type(name, (ForeignObject,), {"__module__": module})
             return self._stand_ins[key]
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        raise ForbiddenGlobal(f"global {module}.{name} is not allowed")
+
+
+def check_ckpt_file(path: Path) -> None:
+    """A file that starts as `torch.save` writes."""
+    kind = file_format(path, if_folder=", not a checkpoint file")
+    if kind == "empty":
+        raise WeightsError(f"{path}: is empty")
+    if kind == "safetensors":
+        raise WeightsError(f"{path}: is already safetensors; use it as it is (no conversion needed)")
+    if kind == "other":
+        raise WeightsError(f"{path}: not a PyTorch checkpoint (a .ckpt is the zip archive or the pickle "
+                           "that torch.save writes; this file is neither)")
 
 
 # torch.load accepts any object with `Unpickler` and `load` as its pickle module.
@@ -332,17 +357,17 @@ _safe_pickle.load = lambda f, **kw: _AllowListUnpickler(f, **kw).load()
 def read_ckpt_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of an official `.ckpt`'s `state_dict`, unpickled with the allow-list above."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such file")
+    check_ckpt_file(path)
     try:
         # Memory-map the zip format (every checkpoint since PyTorch 1.6): a 5 GB file is not read twice.
         obj = torch.load(path, map_location="cpu", pickle_module=_safe_pickle, weights_only=False,
                          mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
+    except ForbiddenGlobal as e:
         raise WeightsError(f"{path}: refused to unpickle it: {e} (only tensors and Lightning "
                            "bookkeeping may appear in a checkpoint; this file could run code)") from None
-    except RuntimeError as e:
-        raise WeightsError(f"{path}: not a PyTorch checkpoint ({e})") from None
+    except Exception as e:  # a damaged zip or pickle fails in whatever way the bytes lead it to
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint, perhaps damaged or cut short "
+                           f"({type(e).__name__}: {' '.join(str(e).split())})") from None
     state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
     if not isinstance(state, Mapping):
         raise WeightsError(f"{path}: holds no state_dict (found {type(obj).__name__})")

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -165,7 +165,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def run_evaluate(args) -> None:
-    from .pipeline import UpscaleOptions, upsample  # imported here so that `--help` stays fast
+    from .pipeline import UpscaleOptions  # imported here so that `--help` stays fast
 
     check_crop(args.crop)
     if args.border < 0 or 2 * args.border >= args.crop - 10:
@@ -189,37 +189,53 @@ def run_evaluate(args) -> None:
 
     rows = []
     for i, (path, hr) in enumerate(crops.items(), 1):
-        progress = ProgressLine(f"[{i}/{len(crops)}] {path.name}", args.steps)
-        lr = evaluation_lr(hr, degradation)
-        bicubic = (upsample(lr * 2 - 1, degradation.scale) + 1) / 2
-        generator = torch.Generator().manual_seed(args.seed)
-        sampled = pipeline.sample_latent(lr * 2 - 1, opts[0], generator=generator, progress=progress.tiles,
-                                         on_step=progress.step_done)
-        results = {"bicubic": bicubic}
-        for method, o in zip(methods[1:], opts):
-            results[method] = pipeline.finish(sampled, o).float().cpu()
+        name = f"[{i}/{len(crops)}] {path.name}"
+        lr, results = upscale_both_ways(pipeline, hr, opts, methods, degradation, args.seed,
+                                        ProgressLine(name, args.steps))
         scores = {m: score(image, hr, args.border) for m, image in results.items()}
         rows.append({"name": path.name, "path": str(path), "scores": scores})
         summary = ", ".join(f"{m} {s['psnr']:.2f} dB {s['ssim']:.4f}" for m, s in scores.items())
-        print(f"[{i}/{len(crops)}] {path.name}: {summary}", file=sys.stderr, flush=True)
+        print(f"{name}: {summary}", file=sys.stderr, flush=True)
         if args.save_images:
             (out_dir / "images").mkdir(parents=True, exist_ok=True)
-            for label, image in zip(saved[path], [hr, lr, *results.values()]):
-                save_png_atomically(to_pil(image), saved[path][label])
+            for file, image in zip(saved[path].values(), [hr, lr, *results.values()]):
+                save_png_atomically(to_pil(image), file)
 
-    mean = mean_row(rows, methods)
-    table = markdown_table(rows, mean, methods)
     settings = {"crop": args.crop, "border": args.border, "steps": args.steps, "sampler": args.sampler,
                 "tile": args.tile, "overlap": args.overlap, "colorfix": args.colorfix, "seed": args.seed,
                 "dec_w": dec_ws, "device": str(device), "dtype": args.dtype, **weights}
+    write_report(out_dir, rows, methods, settings, degradation)
+
+
+def upscale_both_ways(pipeline, hr: torch.Tensor, opts: list, methods: list[str], degradation: EvalDegradation,
+                      seed: int, progress: ProgressLine) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The HR crop's LR, and from it bicubic and StableSR at every w (one sampled latent): each method's
+    image, all in [0, 1]."""
+    from .pipeline import upsample
+
+    lr = evaluation_lr(hr, degradation)
+    results = {"bicubic": (upsample(lr * 2 - 1, degradation.scale) + 1) / 2}
+    sampled = pipeline.sample_latent(lr * 2 - 1, opts[0], generator=torch.Generator().manual_seed(seed),
+                                     progress=progress.tiles, on_step=progress.step_done)
+    for method, o in zip(methods[1:], opts):
+        results[method] = pipeline.finish(sampled, o).float().cpu()
+    return lr, results
+
+
+def write_report(out_dir: Path, rows: list[dict], methods: list[str], settings: dict,
+                 degradation: EvalDegradation) -> None:
+    """DIR/metrics.json (everything, full precision) and DIR/metrics.md (the table), atomically; the
+    table also on stdout."""
+    mean = mean_row(rows, methods)
+    table = markdown_table(rows, mean, methods)
     report = {"metric": "PSNR (dB) and SSIM against the HR crop, on 8-bit RGB levels (metrics.py)",
               "degradation": {"description": degradation.describe(), **asdict(degradation)},
               "settings": settings, "methods": methods, "images": rows, "mean": mean}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "metrics.json", json.dumps(report, indent=1) + "\n")
-    heading = (f"PSNR (dB) / SSIM against {args.crop}x{args.crop} HR centre crops; LR: "
-               f"{degradation.describe()}; {args.steps} {args.sampler} steps, colour fix {args.colorfix}, "
-               f"seed {args.seed}.\n\n")
+    heading = (f"PSNR (dB) / SSIM against {settings['crop']}x{settings['crop']} HR centre crops; LR: "
+               f"{degradation.describe()}; {settings['steps']} {settings['sampler']} steps, colour fix "
+               f"{settings['colorfix']}, seed {settings['seed']}.\n\n")
     write_text(out_dir / "metrics.md", heading + table)
     print(table, end="")
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics.md'}", file=sys.stderr)

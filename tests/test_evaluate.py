@@ -32,16 +32,16 @@ def hr_folder(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def weights(golden_weights):
-    stablesr, cfw = golden_weights
-    return ["--weights", str(stablesr), "--cfw", str(cfw)]
+def call(args):
+    """main(args) -> (exit code, stdout, stderr), captured by hand (so that a module-scoped fixture can run it)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(args)
+    return code, stdout.getvalue(), stderr.getvalue()
 
 
-def run(args, capsys):
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+def weight_args(golden_weights):
+    return ["--weights", str(golden_weights[0]), "--cfw", str(golden_weights[1])]
 
 
 def read_png(path) -> torch.Tensor:
@@ -53,16 +53,12 @@ def read_png(path) -> torch.Tensor:
 def evaluated(hr_folder, golden_weights, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "results"
     args = ["evaluate", "--hr", str(hr_folder), "--out", str(out), *FAST, "--dec-w", "0", "1", "--save-images",
-            "--weights", str(golden_weights[0]), "--cfw", str(golden_weights[1])]
-    # module-scoped (one run for several tests), so captured by hand: capsys is per test
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = main(args)
-    return code, out, stdout.getvalue(), stderr.getvalue()
+            *weight_args(golden_weights)]
+    return (*call(args), out)
 
 
 def test_writes_both_tables_with_the_right_rows(evaluated):
-    code, out, stdout, stderr = evaluated
+    code, stdout, stderr, out = evaluated
     assert code == 0, stderr
     report = json.loads((out / "metrics.json").read_text())
     methods = ["bicubic", "StableSR w=0", "StableSR w=1"]
@@ -96,7 +92,7 @@ def test_writes_both_tables_with_the_right_rows(evaluated):
 
 
 def test_bicubic_row_is_recomputable(evaluated, hr_folder):
-    _, out, _, _ = evaluated
+    out = evaluated[-1]
     report = json.loads((out / "metrics.json").read_text())
     for row in report["images"]:
         stem = Path(row["name"]).stem
@@ -116,12 +112,12 @@ def test_bicubic_row_is_recomputable(evaluated, hr_folder):
         assert row["scores"]["StableSR w=1"]["psnr"] == metrics.psnr(sr, b).item()
 
 
-def test_sr_column_is_what_upscale_makes_of_the_lr(evaluated, weights, tmp_path, capsys):
+def test_sr_column_is_what_upscale_makes_of_the_lr(evaluated, golden_weights, tmp_path):
     """One sampled latent finished at w = 1 is exactly `upscale --dec-w 1` of the saved LR, same seed."""
-    _, out, _, _ = evaluated
+    out = evaluated[-1]
     args = ["upscale", str(out / "images" / "chelsea_lr.png"), "--out", str(tmp_path), "--steps", "2",
-            "--tile", "16", "--overlap", "6", "--dec-w", "1", "--seed", "42", *weights]
-    assert run(args, capsys)[0] == 0
+            "--tile", "16", "--overlap", "6", "--dec-w", "1", "--seed", "42", *weight_args(golden_weights)]
+    assert call(args)[0] == 0
     upscaled = np.asarray(Image.open(tmp_path / "chelsea_lr.png"))
     assert np.array_equal(upscaled, np.asarray(Image.open(out / "images" / "chelsea_sr_w1.png")))
 
@@ -174,13 +170,13 @@ def bad_cases(tmp):
 
 @pytest.mark.parametrize("case", ["no images", "unreadable", "hr is a file", "crop too large", "crop not a multiple of 32",
                                   "out under a file", "same name twice", "w out of range", "border too wide"])
-def test_bad_input_is_one_line_and_exit_code_2(case, hr_folder, tmp_path, capsys):
+def test_bad_input_is_one_line_and_exit_code_2(case, hr_folder, tmp_path):
     changes, expected = bad_cases(tmp_path)[case]
     out = tmp_path / "results"
     # weights that do not exist: each check must fire before any model is loaded
     options = {"--hr": [str(hr_folder)], "--out": [str(out)], "--crop": ["64"], "--weights": [str(tmp_path / "missing")],
                "--cfw": [str(tmp_path / "missing")], **changes}
     args = ["evaluate"] + [part.format(hr=hr_folder) for key, values in options.items() for part in [key, *values]]
-    code, stdout, stderr = run(args, capsys)
+    code, stdout, stderr = call(args)
     assert (code, stdout, stderr) == (2, "", expected.format(hr=hr_folder) + "\n")
     assert not out.exists()

@@ -3,7 +3,6 @@
     python -m stablesr_min upscale photo.png [more.png ...] --out results/
     python -m stablesr_min convert stablesr_000117.ckpt stablesr_000117.safetensors
     python -m stablesr_min train sr --base stablesr_000117.safetensors --data photos/ --out runs/sr --steps 1000
-    python -m stablesr_min evaluate --hr photos/ --out eval/ --dec-w 0 0.5 1
 
 Every user error ends in one line on stderr and exit code 2; no traceback.
 """
@@ -135,30 +134,10 @@ def warn_unused_guidance(opts) -> None:
         print("WARNING: --guidance-scale has no effect without --negative-prompt", file=sys.stderr)
 
 
-def load_pipeline(args, device: torch.device, dtype: torch.dtype):
-    """The pipeline of --weights/--cfw/--config, else of $STABLESR_WEIGHTS, else of the tiny random
-    weights (with a warning); and the files it was loaded from, for reports."""
+def cmd_upscale(args) -> None:
     # Imported here so that `convert` and `--help` stay fast.
     from .model import RANDOM_WEIGHTS_WARNING, find_weights, load_cfw, load_stablesr
-    from .pipeline import StableSRPipeline
-
-    if args.weights:
-        if not args.cfw:
-            raise UsageError("--weights needs --cfw too (the CFW decoder, vqgan_cfw_00011.safetensors)")
-        stablesr_paths, cfw_path, random = args.weights, args.cfw, False
-    else:
-        choice = find_weights()
-        stablesr_paths, cfw_path, random = choice.stablesr, args.cfw or choice.cfw, choice.random
-    if random:
-        print("WARNING: " + RANDOM_WEIGHTS_WARNING.replace("**", ""), file=sys.stderr)
-    model = load_stablesr(stablesr_paths, args.config, dtype=dtype, device=device)
-    cfw = load_cfw(cfw_path, args.config, dtype=dtype, device=device)
-    files = {"weights": [str(p) for p in stablesr_paths], "cfw": str(cfw_path), "random_weights": random}
-    return StableSRPipeline(model, cfw), files
-
-
-def cmd_upscale(args) -> None:
-    from .pipeline import UpscaleOptions, official_size  # imported here so that `convert` and `--help` stay fast
+    from .pipeline import StableSRPipeline, UpscaleOptions, official_size
 
     inputs = [Path(p) for p in args.inputs]
     images = {}
@@ -195,7 +174,18 @@ def cmd_upscale(args) -> None:
                              f"for the image canvas, but {device} has {free / 2**30:.1f} GB free; use a "
                              "smaller --scale, split the image, or another device")
 
-    pipeline = load_pipeline(args, device, dtype)[0].speed_up(args.channels_last, args.compile)
+    if args.weights:
+        if not args.cfw:
+            raise UsageError("--weights needs --cfw too (the CFW decoder, vqgan_cfw_00011.safetensors)")
+        stablesr_paths, cfw_path, random = args.weights, args.cfw, False
+    else:
+        choice = find_weights()
+        stablesr_paths, cfw_path, random = choice.stablesr, args.cfw or choice.cfw, choice.random
+    if random:
+        print("WARNING: " + RANDOM_WEIGHTS_WARNING.replace("**", ""), file=sys.stderr)
+    model = load_stablesr(stablesr_paths, args.config, dtype=dtype, device=device)
+    cfw = load_cfw(cfw_path, args.config, dtype=dtype, device=device)
+    pipeline = StableSRPipeline(model, cfw).speed_up(args.channels_last, args.compile)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for (path, image), out_path in zip(images.items(), outputs):

@@ -13,9 +13,8 @@ Writes DIR/metrics.json and DIR/metrics.md (and with `--save-images` the crops a
 from __future__ import annotations
 
 import json
-import os
 import sys
-import time
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 
 from . import metrics
 from .atomic import atomic_write
-from .cli import DTYPES, ProgressLine, UsageError, load_pipeline, pick_device, pick_dtype
+from .cli import DTYPES, ProgressLine, UsageError, pick_device, pick_dtype
 from .data import find_images
 from .degradation import NoiseDraw, add_noise, filter2d, gaussian_kernel, jpeg, resize
 from .image_io import load_image, save_png_atomically, to_pil
@@ -102,15 +101,19 @@ def read_hr_crops(folders: list[str], crop: int) -> dict[Path, torch.Tensor]:
 
 
 def check_output_folder(out_dir: Path) -> None:
-    """Refuse an --out that cannot be a writable folder, before any work: the folder itself, or the
-    nearest part of its path that exists, must be a writable folder."""
+    """Refuse now an --out that cannot be created or written to; creates nothing. The nearest part of its
+    path that exists must be a folder a file can be made in (a probe file, as root ignores permissions
+    that `os.access` reports)."""
     existing = out_dir
-    while not existing.exists() and existing != existing.parent:
+    while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise UsageError(f"--out {out_dir}: {existing} exists and is not a folder; choose another --out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out_dir}: {existing} is not writable; choose another --out")
+        raise UsageError(f"--out {out_dir}: {existing} is a file, not a folder; choose another folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {out_dir}: cannot write in {existing} ({e.strerror}); choose another folder") from None
 
 
 def image_outputs(crops: dict[Path, torch.Tensor], out_dir: Path, labels: list[str]) -> dict[Path, dict[str, Path]]:
@@ -164,6 +167,39 @@ def write_text(path: Path, text: str) -> None:
 # The command
 
 
+def choose_weights(args) -> tuple[list, Path, bool]:
+    """(StableSR files, CFW file, random?) as `upscale` chooses them: --weights/--cfw, else
+    $STABLESR_WEIGHTS, else the tiny random weights."""
+    from .model import find_weights
+
+    if args.weights:
+        if not args.cfw:
+            raise UsageError("--weights needs --cfw too (the CFW decoder, vqgan_cfw_00011.safetensors)")
+        return args.weights, args.cfw, False
+    choice = find_weights()
+    return choice.stablesr, args.cfw or choice.cfw, choice.random
+
+
+def load_pipeline(args, device: torch.device, dtype: torch.dtype, steps: int):
+    """The pipeline of the chosen weights (refusing more steps than their schedule has), and the files'
+    names for the report."""
+    from .model import RANDOM_WEIGHTS_WARNING, load_cfw, load_stablesr, resolve_config
+    from .pipeline import StableSRPipeline
+    from .weights import WeightFiles
+
+    stablesr_paths, cfw_path, random = choose_weights(args)
+    cfg = resolve_config(WeightFiles(stablesr_paths), args.config)  # the files' headers only
+    if steps > cfg.diffusion.timesteps:
+        raise UsageError(f"--steps {steps}: the schedule has {cfg.diffusion.timesteps} steps; "
+                         f"use at most {cfg.diffusion.timesteps}")
+    if random:
+        print("WARNING: " + RANDOM_WEIGHTS_WARNING.replace("**", ""), file=sys.stderr)
+    model = load_stablesr(stablesr_paths, cfg, dtype=dtype, device=device)
+    cfw = load_cfw(cfw_path, args.config, dtype=dtype, device=device)
+    files = {"weights": [str(p) for p in stablesr_paths], "cfw": str(cfw_path), "random_weights": random}
+    return StableSRPipeline(model, cfw), files
+
+
 def run_evaluate(args) -> None:
     from .pipeline import UpscaleOptions  # imported here so that `--help` stays fast
 
@@ -185,7 +221,7 @@ def run_evaluate(args) -> None:
         raise UsageError(str(e)) from None
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    pipeline, weights = load_pipeline(args, device, dtype)
+    pipeline, weights = load_pipeline(args, device, dtype, args.steps)
 
     rows = []
     for i, (path, hr) in enumerate(crops.items(), 1):

@@ -15,6 +15,8 @@ from PIL import Image
 from stablesr_min import metrics
 from stablesr_min.cli import main
 from stablesr_min.evaluate import EvalDegradation, centre_crop, evaluation_lr
+from stablesr_min.model import resolve_config
+from stablesr_min.weights import WeightFiles
 
 ROOT = Path(__file__).resolve().parent.parent
 # 2 steps; SR crops of 64 px are 8x8 latents, padded to one 16-latent tile (the golden-size UNet cannot
@@ -158,7 +160,7 @@ def bad_cases(tmp):
         "crop not a multiple of 32": ({"--crop": ["48"]},
                                       "error: --crop 48: must be a positive multiple of 32 (4x scale x 8 for the VAE), e.g. 256"),
         "out under a file": ({"--out": [str(tmp / "a_file" / "results")]},
-                             f"error: --out {tmp / 'a_file' / 'results'}: {tmp / 'a_file'} exists and is not a folder; choose another --out"),
+                             f"error: --out {tmp / 'a_file' / 'results'}: {tmp / 'a_file'} is a file, not a folder; choose another folder"),
         "same name twice": ({"--hr": ["{hr}", str(tmp / "twin")]},
                             f"error: {tmp / 'twin' / 'chelsea.jpg'} and {{hr}}/chelsea.png have the same name; rename one of "
                             "them (rows and saved images are named by it)"),
@@ -180,3 +182,19 @@ def test_bad_input_is_one_line_and_exit_code_2(case, hr_folder, tmp_path):
     code, stdout, stderr = call(args)
     assert (code, stdout, stderr) == (2, "", expected.format(hr=hr_folder) + "\n")
     assert not out.exists()
+
+
+def test_more_steps_than_the_schedule_has(hr_folder, golden_weights, tmp_path):
+    timesteps = resolve_config(WeightFiles([golden_weights[0]]), None).diffusion.timesteps
+    args = ["evaluate", "--hr", str(hr_folder), "--out", str(tmp_path / "results"), *FAST, *weight_args(golden_weights),
+            "--steps", str(timesteps + 1)]
+    expected = f"error: --steps {timesteps + 1}: the schedule has {timesteps} steps; use at most {timesteps}\n"
+    assert call(args) == (2, "", expected)
+    assert not (tmp_path / "results").exists()
+
+
+def test_weights_without_cfw(hr_folder, golden_weights, tmp_path):
+    args = ["evaluate", "--hr", str(hr_folder), "--out", str(tmp_path / "results"), *FAST, *weight_args(golden_weights)]
+    del args[args.index("--cfw"):args.index("--cfw") + 2]
+    assert call(args) == (2, "", "error: --weights needs --cfw too (the CFW decoder, vqgan_cfw_00011.safetensors)\n")
+    assert not (tmp_path / "results").exists()

@@ -373,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output", help="the .safetensors file to write")
     convert.set_defaults(run=cmd_convert)
 
+    from .evaluate import add_evaluate_parser
+
+    add_evaluate_parser(sub)
+
     train = sub.add_parser("train", help="train StableSR's parts (see `train sr --help`)")
     train_sub = train.add_subparsers(dest="what", required=True)
     add_train_sr_parser(train_sub)

@@ -32,16 +32,17 @@ class DataError(ValueError):
     """Training data that cannot be used: the message is one line a user can act on."""
 
 
-def find_images(folders: list[str | os.PathLike]) -> list[Path]:
-    """Every image file under the folders (recursively, by suffix), sorted within each folder."""
+def find_images(folders: list[str | os.PathLike], what: str = "training") -> list[Path]:
+    """Every image file under the folders (recursively, by suffix), sorted within each folder; `what`
+    kind of images they are, for messages."""
     if not folders:
-        raise DataError("no training folders given")
+        raise DataError(f"no {what} folders given")
     files = []
     for folder in map(Path, folders):
         if not folder.exists():
             raise DataError(f"{folder}: no such folder")
         if not folder.is_dir():
-            raise DataError(f"{folder}: not a folder (give folders of training images)")
+            raise DataError(f"{folder}: not a folder (give folders of {what} images)")
         found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not found:
             raise DataError(f"{folder}: no images found ({', '.join(IMAGE_SUFFIXES)}, in it or its subfolders)")

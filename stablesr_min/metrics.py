@@ -1,0 +1,114 @@
+"""PSNR and SSIM, the two full-reference image quality numbers SR papers report (StableSR's Table 1 too).
+
+Convention (the common one, basicsr's `calculate_psnr` / `calculate_ssim`, which the StableSR paper's
+numbers come from): both images are 8-bit RGB, as they are saved to and read from PNG files, and the
+metrics are computed on their values in [0, 255] as float64, on all three RGB channels (not on the Y
+channel of YCbCr), after cutting an optional `border` of pixels off every edge. `to_levels` makes those
+values from this project's [0, 1] float images with the rounding `image_io.to_pil` uses to save them, so
+a number computed here is the number of the PNG files written.
+
+Images are (B, C, H, W) tensors of levels in [0, 255]; every function returns one value per image, (B,).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .degradation import grouped_conv, opencv_gaussian_kernel
+
+PEAK = 255.0  # L, the dynamic range of 8-bit levels
+SSIM_WINDOW = 11  # the Gaussian window of Wang et al. (Sec. III-C): 11 x 11 ...
+SSIM_SIGMA = 1.5  # ... with standard deviation 1.5, normalised to sum 1
+SSIM_K1 = 0.01  # C1 = (K1 L)^2, Eq. 7
+SSIM_K2 = 0.03  # C2 = (K2 L)^2, Eq. 9
+
+
+def to_levels(image: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float image -> its 8-bit levels (0, 1, ..., 255) as float64, rounded as PNGs are saved."""
+    return (image.clamp(0, 1) * 255).round().to(torch.float64)
+
+
+def crop_border(image: torch.Tensor, border: int) -> torch.Tensor:
+    """Cut `border` pixels off each edge (SR papers often ignore a border of `scale` pixels)."""
+    if border < 0:
+        raise ValueError(f"border must be >= 0, got {border}")
+    if border == 0:
+        return image
+    h, w = image.shape[-2:]
+    if 2 * border >= min(h, w):
+        raise ValueError(f"border {border} leaves nothing of a {w}x{h} image")
+    return image[..., border:h - border, border:w - border]
+
+
+def _pair(a: torch.Tensor, b: torch.Tensor, border: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if a.shape != b.shape or a.dim() != 4:
+        raise ValueError(f"need two (B, C, H, W) images of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return crop_border(a.to(torch.float64), border), crop_border(b.to(torch.float64), border)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, border: int = 0) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB, per image, of two (B, C, H, W) images of levels in [0, 255]:
+
+        PSNR = 10 log10(L^2 / MSE),   L = 255,   MSE = mean over C, H, W of (a - b)^2
+
+    inf for identical images (MSE = 0). Symmetric in a and b.
+    """
+    a, b = _pair(a, b, border)
+    # MSE = mean of (a - b)^2 over every channel and pixel of each image
+    mse = (a - b).pow(2).mean(dim=(1, 2, 3))
+    # 10 log10(L^2 / MSE); log10 of +inf is inf where MSE = 0
+    return 10 * torch.log10(PEAK**2 / mse)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, border: int = 0) -> torch.Tensor:
+    """Mean structural similarity, per image, of two (B, C, H, W) images of levels in [0, 255].
+
+    Wang, Bovik, Sheikh, Simoncelli, "Image Quality Assessment: From Error Visibility to Structural
+    Similarity", IEEE TIP 2004. Eq. 13, at every pixel of each channel:
+
+        SSIM(x, y) = (2 mu_x mu_y + C1)(2 sigma_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(sigma_x^2 + sigma_y^2 + C2))
+
+    with C1 = (K1 L)^2, C2 = (K2 L)^2, K1 = 0.01, K2 = 0.03, L = 255, and the local statistics weighted by
+    an 11 x 11 Gaussian window w of sigma 1.5 summing to 1 (Eq. 14-16):
+
+        mu_x = sum w_i x_i,   sigma_x^2 = sum w_i (x_i - mu_x)^2,   sigma_xy = sum w_i (x_i - mu_x)(y_i - mu_y)
+
+    computed here as sum w_i x_i^2 - mu_x^2 and sum w_i x_i y_i - mu_x mu_y (the same, as w sums to 1).
+    The window only visits positions where it lies wholly inside the image ('valid': an H x W channel
+    gives (H - 10) x (W - 10) values), and Eq. 17's MSSIM is their mean. A colour image's SSIM is the
+    mean over its three channels, as basicsr (and the MATLAB reference per channel) computes it.
+    Symmetric in a and b; exactly 1 for identical images.
+    """
+    a, b = _pair(a, b, border)
+    if min(a.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels (after the border), "
+                         f"got {a.shape[-1]}x{a.shape[-2]}")
+    c1 = (SSIM_K1 * PEAK) ** 2
+    c2 = (SSIM_K2 * PEAK) ** 2
+    taps = opencv_gaussian_kernel(SSIM_WINDOW, SSIM_SIGMA)
+
+    def local_mean(x: torch.Tensor) -> torch.Tensor:
+        # sum_i w_i x_i with the separable window w = outer(taps, taps), valid positions only:
+        # (B, C, H, W) -> (B, C, H - 10, W - 10)
+        n = x.shape[0]
+        columns = grouped_conv(x, taps.expand(n, SSIM_WINDOW).reshape(n, 1, SSIM_WINDOW, 1))
+        return grouped_conv(columns, taps.expand(n, SSIM_WINDOW).reshape(n, 1, 1, SSIM_WINDOW))
+
+    # mu_x, mu_y
+    mu_a, mu_b = local_mean(a), local_mean(b)
+    # sigma_x^2 = sum w x^2 - mu_x^2, sigma_y^2 likewise, sigma_xy = sum w x y - mu_x mu_y
+    var_a = local_mean(a * a) - mu_a**2
+    var_b = local_mean(b * b) - mu_b**2
+    cov = local_mean(a * b) - mu_a * mu_b
+    # Eq. 13
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    # Eq. 17, the mean over positions, then the mean over channels
+    return ssim_map.mean(dim=(1, 2, 3))
+
+
+def mean(values: list[float]) -> float:
+    """The mean over images, as SR tables report it: the mean of per-image PSNRs (not the PSNR of the mean
+    MSE), and of per-image SSIMs."""
+    return math.fsum(values) / len(values)

@@ -1,0 +1,115 @@
+"""PSNR and SSIM against closed forms and a plain float64 reference written from the paper's equations."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from stablesr_min import metrics
+from stablesr_min.image_io import to_pil
+
+
+def levels(shape, seed):
+    """Random 8-bit levels, float64."""
+    return (torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 255).round().double()
+
+
+def noisy(image, sigma, seed):
+    noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (image + sigma * noise).clamp(0, 255).round()
+
+
+def reference_ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """Eq. 13-17 of Wang et al. 2004 term by term, one (H, W) channel, every window position inside it."""
+    offsets = np.arange(11) - 5
+    w = np.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * 1.5**2))
+    w /= w.sum()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    values = []
+    for i in range(x.shape[0] - 10):
+        for j in range(x.shape[1] - 10):
+            px, py = x[i:i + 11, j:j + 11], y[i:i + 11, j:j + 11]
+            mx, my = (w * px).sum(), (w * py).sum()
+            vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
+            cxy = (w * (px - mx) * (py - my)).sum()
+            values.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(values))
+
+
+def test_identical_images():
+    a = levels((2, 3, 20, 24), 0)
+    assert torch.equal(metrics.psnr(a, a), torch.full((2,), math.inf, dtype=torch.float64))
+    assert torch.equal(metrics.ssim(a, a), torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("offset", [1, 3, 10])
+def test_psnr_of_a_constant_offset(offset):
+    a = levels((1, 3, 16, 16), 1).clamp(0, 200)
+    # MSE = offset^2, so PSNR = 10 log10(255^2 / offset^2) = 20 log10(255 / offset)
+    assert metrics.psnr(a, a + offset).item() == pytest.approx(20 * math.log10(255 / offset), abs=1e-12)
+
+
+def test_ssim_of_two_flat_images():
+    # no variance anywhere: Eq. 13 reduces to (2 p q + C1) / (p^2 + q^2 + C1)
+    p, q, c1 = 100.0, 120.0, (0.01 * 255) ** 2
+    a, b = torch.full((1, 3, 12, 12), p), torch.full((1, 3, 12, 12), q)
+    assert metrics.ssim(a, b).item() == pytest.approx((2 * p * q + c1) / (p**2 + q**2 + c1), abs=1e-12)
+
+
+def test_ssim_matches_the_straightforward_reference():
+    a = levels((1, 3, 19, 17), 2)
+    b = noisy(a, 80, 3)
+    expected = np.mean([reference_ssim(a[0, c].numpy(), b[0, c].numpy()) for c in range(3)])
+    assert metrics.ssim(a, b).item() == pytest.approx(expected, abs=1e-12)
+    assert 0.3 < expected < 0.95  # a real, intermediate value
+
+
+def test_symmetric():
+    a = levels((2, 3, 16, 20), 4)
+    b = noisy(a, 15, 5)
+    assert torch.equal(metrics.psnr(a, b), metrics.psnr(b, a))
+    assert torch.allclose(metrics.ssim(a, b), metrics.ssim(b, a), rtol=0, atol=1e-14)
+
+
+def test_batch_is_image_by_image():
+    a = levels((3, 3, 16, 16), 6)
+    b = torch.stack([noisy(a[i], sigma, 7 + i) for i, sigma in enumerate((2, 10, 40))])
+    psnrs, ssims = metrics.psnr(a, b), metrics.ssim(a, b)
+    assert psnrs.shape == ssims.shape == (3,)
+    for i in range(3):
+        assert metrics.psnr(a[i:i + 1], b[i:i + 1]).item() == psnrs[i].item()
+        assert metrics.ssim(a[i:i + 1], b[i:i + 1]).item() == pytest.approx(ssims[i].item(), abs=1e-14)
+    assert psnrs[0] > psnrs[1] > psnrs[2] and ssims[0] > ssims[1] > ssims[2]
+
+
+def test_border_is_left_out():
+    a = levels((1, 3, 24, 24), 8)
+    b = a.clone()
+    b[..., :4, :] = 0  # damage only the top 4 rows
+    assert math.isfinite(metrics.psnr(a, b).item())
+    assert metrics.psnr(a, b, border=4).item() == math.inf
+    assert metrics.ssim(a, b, border=4).item() == 1.0
+    c = noisy(a, 10, 9)
+    assert metrics.ssim(a, c, border=3).item() == metrics.ssim(a[..., 3:-3, 3:-3], c[..., 3:-3, 3:-3]).item()
+
+
+def test_levels_are_the_saved_png_values():
+    image = torch.rand(1, 3, 9, 7, generator=torch.Generator().manual_seed(10)) * 1.2 - 0.1
+    saved = torch.from_numpy(np.asarray(to_pil(image), dtype=np.float64)).permute(2, 0, 1)[None]
+    assert torch.equal(metrics.to_levels(image), saved)
+
+
+def test_mean_over_images():
+    assert metrics.mean([30.0, 20.0]) == 25.0
+
+
+@pytest.mark.parametrize("a_shape,b_shape,border,message", [
+    ((1, 3, 16, 16), (1, 3, 16, 15), 0, "need two (B, C, H, W) images of one shape, got (1, 3, 16, 16) and (1, 3, 16, 15)"),
+    ((1, 3, 10, 16), (1, 3, 10, 16), 0, "SSIM needs images of at least 11x11 pixels (after the border), got 16x10"),
+    ((1, 3, 16, 16), (1, 3, 16, 16), 8, "border 8 leaves nothing of a 16x16 image"),
+])
+def test_bad_input(a_shape, b_shape, border, message):
+    with pytest.raises(ValueError) as e:
+        metrics.ssim(torch.zeros(a_shape), torch.zeros(b_shape), border=border)
+    assert str(e.value) == message

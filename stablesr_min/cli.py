@@ -240,9 +240,33 @@ def warn_unused_guidance(opts) -> None:
         print("WARNING: --guidance-scale has no effect without --negative-prompt", file=sys.stderr)
 
 
+def choose_weights(args) -> tuple[list, Path, bool]:
+    """(StableSR files, CFW file, random?): --weights and --cfw, else $STABLESR_WEIGHTS, else the tiny
+    random weights. Shared by `upscale` and `evaluate`."""
+    from .model import find_weights
+
+    if args.weights:
+        if not args.cfw:
+            raise UsageError("--weights needs --cfw too (the CFW decoder, vqgan_cfw_00011.safetensors)")
+        return args.weights, args.cfw, False
+    choice = find_weights()
+    return choice.stablesr, args.cfw or choice.cfw, choice.random
+
+
+def config_for_steps(stablesr_paths, config, steps: int):
+    """The weights' config (read from the files' headers only), refusing more steps than its schedule has."""
+    from .model import resolve_config
+
+    cfg = resolve_config(WeightFiles(stablesr_paths), config)
+    if steps > cfg.diffusion.timesteps:
+        raise UsageError(f"--steps {steps}: the schedule has {cfg.diffusion.timesteps} steps; "
+                         f"use at most {cfg.diffusion.timesteps}")
+    return cfg
+
+
 def cmd_upscale(args) -> None:
     # Imported here so that `convert` and `--help` stay fast.
-    from .model import RANDOM_WEIGHTS_WARNING, find_weights, load_cfw, load_stablesr, resolve_config
+    from .model import RANDOM_WEIGHTS_WARNING, load_cfw, load_stablesr
     from .pipeline import StableSRPipeline, UpscaleOptions, official_size
 
     inputs = unique_inputs(args.inputs)
@@ -283,17 +307,8 @@ def cmd_upscale(args) -> None:
     if not jobs:
         return
 
-    if args.weights:
-        if not args.cfw:
-            raise UsageError("--weights needs --cfw too (the CFW decoder, vqgan_cfw_00011.safetensors)")
-        stablesr_paths, cfw_path, random = args.weights, args.cfw, False
-    else:
-        choice = find_weights()
-        stablesr_paths, cfw_path, random = choice.stablesr, args.cfw or choice.cfw, choice.random
-    cfg = resolve_config(WeightFiles(stablesr_paths), args.config)  # the files' headers only
-    if opts.steps > cfg.diffusion.timesteps:
-        raise UsageError(f"--steps {opts.steps}: the schedule has {cfg.diffusion.timesteps} steps; "
-                         f"use at most {cfg.diffusion.timesteps}")
+    stablesr_paths, cfw_path, random = choose_weights(args)
+    cfg = config_for_steps(stablesr_paths, args.config, opts.steps)
     images = {}
     for path, _ in jobs:
         images[path] = load_image(path)  # fails fast, before the models load

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import torch
 
 from . import metrics
 from .atomic import atomic_write
-from .cli import DTYPES, ProgressLine, UsageError, pick_device, pick_dtype
+from .cli import (DTYPES, ProgressLine, UsageError, check_output_folder, choose_weights, config_for_steps,
+                  pick_device, pick_dtype)
 from .data import find_images
 from .degradation import NoiseDraw, add_noise, filter2d, gaussian_kernel, jpeg, resize
 from .image_io import load_image, save_png_atomically, to_pil
@@ -100,22 +100,6 @@ def read_hr_crops(folders: list[str], crop: int) -> dict[Path, torch.Tensor]:
     return crops
 
 
-def check_output_folder(out_dir: Path) -> None:
-    """Refuse now an --out that cannot be created or written to; creates nothing. The nearest part of its
-    path that exists must be a folder a file can be made in (a probe file, as root ignores permissions
-    that `os.access` reports)."""
-    existing = out_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"--out {out_dir}: {existing} is a file, not a folder; choose another folder")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise UsageError(f"--out {out_dir}: cannot write in {existing} ({e.strerror}); choose another folder") from None
-
-
 def image_outputs(crops: dict[Path, torch.Tensor], out_dir: Path, labels: list[str]) -> dict[Path, dict[str, Path]]:
     """DIR/images/<name>_<label>.png for every image and label; refuses to overwrite an input."""
     outputs = {path: {label: out_dir / "images" / f"{path.stem}_{label}.png" for label in labels} for path in crops}
@@ -167,31 +151,14 @@ def write_text(path: Path, text: str) -> None:
 # The command
 
 
-def choose_weights(args) -> tuple[list, Path, bool]:
-    """(StableSR files, CFW file, random?) as `upscale` chooses them: --weights/--cfw, else
-    $STABLESR_WEIGHTS, else the tiny random weights."""
-    from .model import find_weights
-
-    if args.weights:
-        if not args.cfw:
-            raise UsageError("--weights needs --cfw too (the CFW decoder, vqgan_cfw_00011.safetensors)")
-        return args.weights, args.cfw, False
-    choice = find_weights()
-    return choice.stablesr, args.cfw or choice.cfw, choice.random
-
-
 def load_pipeline(args, device: torch.device, dtype: torch.dtype, steps: int):
     """The pipeline of the chosen weights (refusing more steps than their schedule has), and the files'
     names for the report."""
-    from .model import RANDOM_WEIGHTS_WARNING, load_cfw, load_stablesr, resolve_config
+    from .model import RANDOM_WEIGHTS_WARNING, load_cfw, load_stablesr
     from .pipeline import StableSRPipeline
-    from .weights import WeightFiles
 
     stablesr_paths, cfw_path, random = choose_weights(args)
-    cfg = resolve_config(WeightFiles(stablesr_paths), args.config)  # the files' headers only
-    if steps > cfg.diffusion.timesteps:
-        raise UsageError(f"--steps {steps}: the schedule has {cfg.diffusion.timesteps} steps; "
-                         f"use at most {cfg.diffusion.timesteps}")
+    cfg = config_for_steps(stablesr_paths, args.config, steps)
     if random:
         print("WARNING: " + RANDOM_WEIGHTS_WARNING.replace("**", ""), file=sys.stderr)
     model = load_stablesr(stablesr_paths, cfg, dtype=dtype, device=device)

@@ -50,7 +50,7 @@ from .data import DataError, TrainingPairs, read_rgb
 from .degradation import DegradationConfig
 from .image_io import save_png_atomically, to_pil
 from .training import check_resumed_options, derive_seeds, format_seconds
-from .weights import save_safetensors
+from .weights import WeightFiles, save_safetensors
 
 SCALE = 4  # LR = GT / 4, as StableSR is trained and used
 LATENT_KEY = "latent"
@@ -172,7 +172,7 @@ def check_sizes(opts: GenerationOptions, cfg) -> None:
 
 
 def generate(opts: GenerationOptions) -> None:
-    from .model import load_stablesr  # the models load only for generating
+    from .model import load_stablesr, resolve_config  # the models load only for generating
     from .pipeline import StableSRPipeline, UpscaleOptions
 
     folder = DataFolder(opts.out)
@@ -186,10 +186,10 @@ def generate(opts: GenerationOptions) -> None:
 
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.dtype, device)
-    model = load_stablesr(opts.weights, dtype=dtype, device=device)
-    check_sizes(opts, model.cfg)
+    check_sizes(opts, resolve_config(WeightFiles(opts.weights), None))
     # Pairs are drawn one at a time from per-sample seeds: no pool (queue_size 0), see the module docstring
     pairs = TrainingPairs(opts.data, opts.gt_size, 1, cfg=DegradationConfig(queue_size=0), scale=SCALE)
+    model = load_stablesr(opts.weights, dtype=dtype, device=device)
     pipeline = StableSRPipeline(model, cfw=None)  # sampling only: no decoder
     # The whole crop as one tile (weight 1 everywhere), the VAE untiled: the official plain sampling
     f = model.vae.downscale
@@ -200,7 +200,7 @@ def generate(opts: GenerationOptions) -> None:
     first_seed = derive_seeds(opts.seed, ["samples"])["samples"]
     folder.write_record({"options": kept, "dropped": dropped})
 
-    done = len(folder.indices())
+    done = sum(folder.complete(i) for i in folder.indices())
     progress = GenerationProgress(opts.count, done)
     print(f"train cfw-data: {len(pairs.files)} images; {done} of {opts.count} samples present; "
           f"{opts.steps} steps at {opts.gt_size} px, batch {opts.batch_size}; {device}, {opts.dtype}",

@@ -2,6 +2,7 @@
 
     python -m stablesr_min upscale photo.png [more.png ...] --out results/
     python -m stablesr_min convert stablesr_000117.ckpt stablesr_000117.safetensors
+    python -m stablesr_min train sr --base stablesr_000117.safetensors --data photos/ --out runs/sr --steps 1000
     python -m stablesr_min train cfw-data --weights stablesr_000117.safetensors --data photos/ --out cfw_data --count 5000
     python -m stablesr_min train cfw --cfw-base v2-1_512-ema-pruned.safetensors --data cfw_data --out runs/cfw --steps 1000
 
@@ -224,8 +225,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train StableSR's parts (see `train sr --help`)")
     train_sub = train.add_subparsers(dest="what", required=True)
+    add_train_sr_parser(train_sub)
     add_train_cfw_parsers(train_sub)
     return parser
+
+
+def add_train_sr_parser(train_sub) -> None:
+    # Options default to None here ("not given"): a resumed run takes them from its state, a new one from
+    # train.SROptions.
+    sr = train_sub.add_parser("sr", help="fine-tune the time-aware encoder and SFT layers (paper Sec. 3.1)",
+                              description="Fine-tune StableSR's time-aware encoder and SFT layers on a frozen "
+                                          "Stable Diffusion, on HR photos degraded on the fly (Real-ESRGAN).")
+    sr.add_argument("--base", nargs="+", metavar="FILE", help="StableSR (continue) or SD 2.x safetensors to start from")
+    sr.add_argument("--data", nargs="+", metavar="DIR", help="folders of HR training photos (searched recursively)")
+    sr.add_argument("--out", required=True, metavar="RUN", help="run folder: last.safetensors, state.safetensors, log.jsonl")
+    sr.add_argument("--steps", type=int, required=True, help="optimizer steps in total (with --resume: up to this step)")
+    sr.add_argument("--config", metavar="JSON", help="model config (default: the one stored in --base)")
+    sr.add_argument("--batch-size", type=int, help="images per micro-batch (default 6, the official per-GPU batch)")
+    sr.add_argument("--gt-size", type=int, help="HR crop size in pixels (default 512)")
+    sr.add_argument("--lr", type=float, help="AdamW learning rate (default 5e-5, the official)")
+    sr.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1; official 4)")
+    sr.add_argument("--time-blind", action="store_true", default=None,
+                    help="ablation: the encoder always sees t = 0 (stored in the config, so sampling does too)")
+    sr.add_argument("--seed", type=int, help="random seed (default 0)")
+    sr.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    sr.add_argument("--dtype", choices=list(DTYPES), help="autocast dtype on a GPU (default float32; weights stay float32)")
+    sr.add_argument("--resume", action="store_true", help="continue the run in --out")
+    sr.add_argument("--save-every", type=int, help="steps between saves (default 500; 0: only at the end and on Ctrl-C, as always)")
+    sr.add_argument("--val-every", type=int, help="steps between validation losses (default 100; 0: never)")
+    sr.set_defaults(run=cmd_train_sr)
+
+
+def cmd_train_sr(args) -> None:
+    from .train import run_train_sr  # imported here so that other commands stay fast
+
+    run_train_sr(args)
 
 
 def add_train_cfw_parsers(train_sub) -> None:

@@ -54,10 +54,14 @@ from .weights import KIND_HINTS, WeightFiles, WeightsError, config_metadata, gue
 # What trains
 
 
+def is_trainable(key: str) -> bool:
+    """Every `.spade.` parameter of the UNet and the whole time-aware encoder train."""
+    return key.startswith("structcond_stage_model.") or ".spade." in key
+
+
 def trainable_parameters(model: StableSR) -> dict[str, nn.Parameter]:
-    """Every `.spade.` parameter of the UNet and the whole time-aware encoder, by checkpoint key, sorted."""
-    return {name: p for name, p in sorted(model.named_parameters())
-            if name.startswith("structcond_stage_model.") or ".spade." in name}
+    """The trainable parameters by checkpoint key, sorted."""
+    return {name: p for name, p in sorted(model.named_parameters()) if is_trainable(name)}
 
 
 def prepare_for_finetuning(model: StableSR) -> dict[str, nn.Parameter]:
@@ -75,8 +79,8 @@ def prepare_for_finetuning(model: StableSR) -> dict[str, nn.Parameter]:
 # The model to start from
 
 
-def load_base(paths: list[str], config: str | None, time_aware: bool, seed: int) -> StableSR:
-    """A StableSR checkpoint (continue fine-tuning) or a Stable Diffusion 2.x one (start the new layers)."""
+def base_config(paths: list[str], config: str | None, time_aware: bool) -> StableSRConfig:
+    """The config of the model to train from a StableSR or SD 2.x base file; other files are refused."""
     files = WeightFiles(paths)
     kind = guess_kind(files.keys())
     if kind not in ("stablesr", "sd2"):
@@ -85,7 +89,12 @@ def load_base(paths: list[str], config: str | None, time_aware: bool, seed: int)
     cfg = StableSRConfig.from_dict(resolve_config(files, config).to_dict())  # a copy we may change
     cfg.unet.use_sft = True
     cfg.time_encoder.time_aware = time_aware
-    if kind == "stablesr":
+    return cfg
+
+
+def load_base(paths: list[str], cfg: StableSRConfig, seed: int) -> StableSR:
+    """A StableSR checkpoint (continue fine-tuning) or a Stable Diffusion 2.x one (start the new layers)."""
+    if guess_kind(WeightFiles(paths).keys()) == "stablesr":
         return load_stablesr(paths, cfg)
     return stablesr_from_sd2(paths, cfg, seed)
 
@@ -100,7 +109,7 @@ def stablesr_from_sd2(paths: list[str], cfg: StableSRConfig, seed: int) -> Stabl
         model = StableSR(cfg)
     missing, unexpected = model.load_state_dict(prior.state_dict(), strict=False, assign=True)
     new_modules = [model.time_encoder] + [m for m in model.unet.modules() if isinstance(m, SFT)]
-    new_keys = {k for k in model.state_dict() if k.startswith("structcond_stage_model.") or ".spade." in k}
+    new_keys = {k for k in model.state_dict() if is_trainable(k)}
     assert not unexpected and set(missing) == new_keys, "the SD 2.x tree and StableSR's differ beyond the new layers"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -198,7 +207,8 @@ class Validation:
 
     @torch.no_grad()
     def loss(self, model: StableSR, schedule: Schedule, context: torch.Tensor) -> float:
-        losses = [diffusion_loss(model, schedule, self.z_lr, self.z, torch.full_like(self.z[:, 0, 0, 0], t).long(),
+        batch, device = len(self.z), self.z.device
+        losses = [diffusion_loss(model, schedule, self.z_lr, self.z, torch.full((batch,), t, device=device),
                                  self.noise, context) for t in self.timesteps]
         return torch.stack(losses).mean().item()
 
@@ -219,16 +229,18 @@ class SROptions:
     lr: float = 5e-5  # AdamW learning rate (official: 5e-5, constant)
     grad_accum: int = 1  # micro-batches per optimizer step (official: 4)
     time_blind: bool = False  # the ablation: the encoder always sees t = 0
-    seed: int = 0
-    device: str | None = None
+    seed: int = 0  # every random stream's seed is drawn from it (training.derive_seeds)
+    device: str | None = None  # cpu, cuda, cuda:N (default: cuda if available)
     dtype: str = "float32"  # autocast dtype on a GPU; the weights stay float32
-    resume: bool = False
+    resume: bool = False  # continue the run in `out`
     save_every: int = 500  # steps between saves (and at the end, and on Ctrl-C)
     val_every: int = 100  # steps between validation losses (0: never)
 
 
-# Options a resumed run keeps from its start (the others may change: steps, device, dtype, save/val).
+# Options a resumed run keeps from its start; it also keeps STORED_OPTIONS unless they are given again
+# (the rest, --steps and --device, are given anew).
 KEPT_OPTIONS = ("base", "data", "config", "batch_size", "gt_size", "lr", "grad_accum", "time_blind", "seed")
+STORED_OPTIONS = KEPT_OPTIONS + ("dtype", "save_every", "val_every")
 SCALE = 4  # LR = GT / 4, as StableSR trains
 
 
@@ -242,8 +254,11 @@ def run_train_sr(args) -> None:
     state = None
     if args.resume:
         state = RunFolder(args.out, resume=True).load_state()
+        if args.steps <= state.step:
+            raise UsageError(f"--steps {args.steps}: the run in {args.out} is already at step {state.step}; "
+                             "pass a larger --steps to continue it")
         check_resumed_options(state.options, {k: given[k] for k in KEPT_OPTIONS})
-        given |= state.options
+        given = state.options | {k: v for k, v in given.items() if v is not None}
     elif args.base is None or args.data is None:
         raise UsageError("train sr needs --base FILE and --data DIR (or --resume to continue a run)")
     train_sr(SROptions(**{k: v for k, v in given.items() if v is not None}), state)
@@ -277,19 +292,21 @@ def train_sr(opts: SROptions, state: TrainState | None = None) -> None:
     if opts.resume and state is None:
         state = run.load_state()
 
-    # The model: the run's last checkpoint, or the base file
-    weights = [str(run.checkpoint_path)] if state else opts.base
-    cfg = resolve_config(WeightFiles(weights), None if state else opts.config)
+    # The model's config (the model itself loads once the data is found): the run's last checkpoint's, or
+    # the base file's
+    if state:
+        cfg = resolve_config(WeightFiles([run.checkpoint_path]), None)
+    else:
+        cfg = base_config(opts.base, opts.config, time_aware=not opts.time_blind)
     multiple = gt_size_multiple(cfg, SCALE)
     if opts.gt_size < multiple or opts.gt_size % multiple:
         raise UsageError(f"--gt-size {opts.gt_size}: must be a multiple of {multiple} (8 latents x the VAE's "
                          f"factor {2 ** (len(cfg.vae.ch_mult) - 1)}, so that every level of the networks is whole)")
+
+    # The data, the model (frozen but for the new layers), the empty prompt's context
     pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=DegradationConfig(), seed=seeds["data"],
                           scale=SCALE)
-    if state:
-        model = load_stablesr(weights)
-    else:
-        model = load_base(opts.base, opts.config, time_aware=not opts.time_blind, seed=seeds["init"])
+    model = load_stablesr([run.checkpoint_path]) if state else load_base(opts.base, cfg, seeds["init"])
     model.to(device)
     trainable = prepare_for_finetuning(model)
     schedule = Schedule.from_config(model.cfg.diffusion)
@@ -304,6 +321,8 @@ def train_sr(opts: SROptions, state: TrainState | None = None) -> None:
     if state:
         step, seconds = restore(state, trainable, optimizer, scaler, generator, pairs)
         run.keep_log_until(step)
+
+    # A fixed batch for val_loss, from its own seeded pipeline
     validation = None
     if opts.val_every:
         val_pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=DegradationConfig(),
@@ -319,12 +338,13 @@ def train_sr(opts: SROptions, state: TrainState | None = None) -> None:
           f"{device}, {opts.dtype}; steps {step} -> {opts.steps}", file=sys.stderr)
 
     def save() -> None:
-        state = TrainState(step, {k: getattr(opts, k) for k in KEPT_OPTIONS},
+        state = TrainState(step, {k: getattr(opts, k) for k in STORED_OPTIONS},
                            {k: p.detach() for k, p in trainable.items()}, optimizer.state_dict(),
                            {"noise": generator.get_state()}, pairs.state_dict(),
                            {"seconds": seconds, "scaler": scaler.state_dict()})
         run.save(model.state_dict(), config_metadata(model.cfg.to_json()), state)
 
+    # The loop: one optimizer step per iteration, over grad_accum micro-batches
     progress = TrainProgress("train sr", opts.steps, step)
     hint = "lower --batch-size or --gt-size (--grad-accum keeps the effective batch), or use --dtype bfloat16"
     with StopRequest() as stop, out_of_memory_is_a_usage_error(device, hint):

@@ -115,7 +115,6 @@ class RunFolder:
         if not resume and self.holds_run():
             raise UsageError(f"--out {self.path}: already holds a run; pass --resume to continue it, "
                              "or choose another folder")
-        self.path.mkdir(parents=True, exist_ok=True)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -135,6 +134,7 @@ class RunFolder:
     def save(self, checkpoint: dict[str, torch.Tensor], metadata: dict[str, str], state: TrainState) -> None:
         """The complete model, then the resume state. A crash between the two leaves an older state,
         which carries its own trainable tensors, so resuming from it is still consistent."""
+        self.path.mkdir(parents=True, exist_ok=True)
         save_safetensors({k: v.detach().cpu() for k, v in checkpoint.items()}, self.checkpoint_path,
                          metadata={**metadata, "stablesr_min.step": str(state.step)})
         tensors, state_metadata = state.to_tensors()
@@ -144,6 +144,7 @@ class RunFolder:
         return TrainState.from_file(self.state_path)
 
     def log(self, record: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -11,6 +11,8 @@ import torch
 
 from stablesr_min.cfw import CFWAutoencoder
 from stablesr_min.colorfix import METHODS, color_fix
+from stablesr_min.degradation import (filter2d, gaussian_kernel, generalized_gaussian_kernel, plateau_kernel,
+                                      sinc_kernel, usm_sharpen)
 from stablesr_min.golden import relative_error
 from stablesr_min.model import load_stablesr
 from stablesr_min.pipeline import Noises, StableSRPipeline, UpscaleOptions, make_denoiser
@@ -180,10 +182,36 @@ def test_train_step(golden, golden_weights):
 # The version-2 cases of features still being built: each fails until its issue lands (strict xfail).
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: the degradation pipeline is not built yet")
+def kernel_from_spec(spec: list) -> torch.Tensor:
+    """A kernel from its cases.json spec (FORMAT.md): ['gaussian', size, sx, sy, theta, isotropic],
+    ['generalized' | 'plateau', size, sx, sy, theta, beta, isotropic], ['sinc', cutoff, size, pad_to]."""
+    kind, *args = spec
+    if kind == "sinc":
+        cutoff, size, pad_to = args
+        return sinc_kernel(cutoff, size, pad_to)
+    size, sigma_x, sigma_y, theta, *beta, isotropic = args
+    if isotropic:
+        sigma_y, theta = sigma_x, 0.0
+    make = {"gaussian": gaussian_kernel, "generalized": generalized_gaussian_kernel, "plateau": plateau_kernel}
+    return make[kind](size, sigma_x, sigma_y, theta, *beta)
+
+
 def test_degradation(golden):
     needs_case(golden, "degradation")
-    from stablesr_min import degradation  # noqa: F401
+    p = golden.params("degradation")
+    kernels = {name: kernel_from_spec(spec) for name, spec in p["kernels"].items()}
+    stored = [n.removeprefix("kernel_") for n in golden.names("degradation") if n.startswith("kernel_")]
+    assert sorted(kernels) == sorted(stored)
+    for name, kernel in kernels.items():
+        assert_close(kernel, golden[f"degradation.kernel_{name}"], f"kernel_{name}")
+    image = golden["degradation.image"]
+    per_image = torch.stack([kernels[name] for name in p["filter_pair"]])
+    assert_close(filter2d(image, per_image), golden["degradation.filtered_pair"], "filtered_pair")
+    assert_close(filter2d(image, kernels[p["filter_single"]]), golden["degradation.filtered_single"],
+                 "filtered_single")
+    usm = p["usm"]
+    sharpened = usm_sharpen(golden["degradation.usm_input"], usm["radius"], usm["weight"], usm["threshold"])
+    assert_close(sharpened, golden["degradation.usm_output"], "usm_output")
 
 
 @pytest.mark.xfail(strict=True, reason="issue 15: DDIM is not built yet")

@@ -1,0 +1,256 @@
+"""Training StableSR (Sec. 3.1) on the golden-size weights: what trains and what stays frozen, resume,
+the time-blind ablation, Stable Diffusion 2.x bases, and the `train sr` command line.
+
+The objective itself is checked number by number against the official trainer in test_golden.py
+(`test_train_step`). Runs here are 64 px crops, batch 2, a few steps.
+"""
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from stablesr_min import training
+from stablesr_min.cli import main
+from stablesr_min.config import StableSRConfig
+from stablesr_min.model import load_stablesr
+from stablesr_min.pipeline import StableSRPipeline, UpscaleOptions, text_context
+from stablesr_min.time_encoder import AttentionBlock
+from stablesr_min.train import base_config, is_trainable, load_base
+from stablesr_min.unet import SFT, ResBlock, timestep_embedding
+from stablesr_min.weights import config_metadata, save_safetensors
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_ARGS = ["--batch-size", "2", "--gt-size", "64", "--seed", "0"]
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def metadata(path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def train(*args) -> int:
+    return main(["train", "sr", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Three photos of different sizes and modes, one in a subfolder, one smaller than the crop."""
+    folder = tmp_path_factory.mktemp("photos")
+    images = ROOT.parent / "shared" / "images"
+    Image.open(images / "rocket.jpg").crop((200, 100, 296, 172)).save(folder / "rocket_96x72.jpg")
+    Image.open(images / "camera.png").crop((200, 100, 250, 140)).save(folder / "camera_50x40_grey.png")
+    (folder / "sub").mkdir()
+    Image.open(images / "astronaut.png").crop((150, 50, 230, 150)).save(folder / "sub" / "astronaut_80x100.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base(golden_weights) -> Path:
+    return golden_weights[0]
+
+
+@pytest.fixture(scope="module")
+def run_a(base, photos, tmp_path_factory) -> Path:
+    """An uninterrupted 3-step run, validation every 2 steps."""
+    out = tmp_path_factory.mktemp("runs") / "a"
+    assert train("--base", base, "--data", photos, "--out", out, "--steps", 3, *RUN_ARGS, "--val-every", 2) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd2_base(base, tmp_path_factory) -> Path:
+    """The golden weights as a plain Stable Diffusion 2.x file: no time-aware encoder, no SFT layers."""
+    cfg = StableSRConfig.from_json(metadata(base)["stablesr_min.config"])
+    cfg.unet.use_sft = False
+    path = tmp_path_factory.mktemp("sd2") / "sd2.safetensors"
+    save_safetensors({k: v for k, v in tensors(base).items() if not is_trainable(k)}, path,
+                     config_metadata(cfg.to_json()))
+    return path
+
+
+def test_frozen_tensors_stay_bit_identical_and_every_trainable_one_changes(run_a, base):
+    before, after = tensors(base), tensors(run_a / "last.safetensors")
+    assert sorted(before) == sorted(after)
+    trainable = [k for k in before if is_trainable(k)]
+    assert trainable and any(".spade." in k for k in trainable)
+    for key in before:
+        if is_trainable(key):
+            assert not torch.equal(before[key], after[key]), f"{key} did not train"
+        else:
+            assert torch.equal(before[key], after[key]), f"{key} is frozen but changed"
+
+
+def test_a_run_writes_its_checkpoint_log_and_state(run_a):
+    assert sorted(p.name for p in run_a.iterdir()) == ["last.safetensors", "log.jsonl", "state.safetensors"]
+    records = log(run_a)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [sorted(r) for r in records] == [["loss", "lr", "seconds", "step"],
+                                            ["loss", "lr", "seconds", "step", "val_loss"],
+                                            ["loss", "lr", "seconds", "step"]]
+    assert all(r["lr"] == 5e-5 and r["loss"] > 0 and r["seconds"] > 0 for r in records)
+    checkpoint = metadata(run_a / "last.safetensors")
+    assert checkpoint["stablesr_min.step"] == "3"
+    assert StableSRConfig.from_json(checkpoint["stablesr_min.config"]).time_encoder.time_aware
+    state = training.TrainState.from_file(run_a / "state.safetensors")
+    assert state.step == 3 and state.options["batch_size"] == 2 and state.options["gt_size"] == 64
+    assert sorted(state.weights) == sorted(k for k in tensors(run_a / "last.safetensors") if is_trainable(k))
+    assert len(state.optimizer["state"]) == len(state.weights)  # Adam's moments for every trainable tensor
+    assert sorted(state.generators) == ["noise"] and "generator" in state.data
+
+
+def test_a_run_stopped_by_ctrl_c_and_resumed_equals_an_uninterrupted_one(run_a, base, photos, tmp_path,
+                                                                         monkeypatch):
+    update = training.TrainProgress.update
+
+    def ctrl_c_after_step_1(self, step, loss):
+        update(self, step, loss)
+        if step == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    out = tmp_path / "b"
+    with monkeypatch.context() as m:
+        m.setattr(training.TrainProgress, "update", ctrl_c_after_step_1)
+        code = train("--base", base, "--data", photos, "--out", out, "--steps", 3, *RUN_ARGS, "--val-every", 2)
+    assert code == 130  # stopped, after saving step 1
+    assert metadata(out / "last.safetensors")["stablesr_min.step"] == "1" and len(log(out)) == 1
+    assert train("--base", base, "--data", photos, "--out", out, "--steps", 3, "--resume") == 0
+
+    for name in ("last.safetensors", "state.safetensors"):
+        ours, theirs = tensors(out / name), tensors(run_a / name)
+        assert sorted(ours) == sorted(theirs)
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), f"{name}: {key} differs after the resume"
+    without_time = [[{k: v for k, v in r.items() if k != "seconds"} for r in log(run)] for run in (out, run_a)]
+    assert without_time[0] == without_time[1]
+
+
+def test_a_trained_checkpoint_upscales(run_a, golden_weights, tmp_path):
+    image = tmp_path / "small.png"
+    Image.open(ROOT.parent / "shared" / "images" / "astronaut.png").crop((200, 100, 224, 120)).save(image)
+    code = main(["upscale", str(image), "--out", str(tmp_path / "out"), "--weights", str(run_a / "last.safetensors"),
+                 "--cfw", str(golden_weights[1]), "--steps", "2", "--tile", "16", "--overlap", "6"])
+    assert code == 0
+    assert Image.open(tmp_path / "out" / "small.png").size == (96, 80)
+
+
+def test_sd2_base_starts_the_new_layers_as_the_official_run(sd2_base):
+    cfg = base_config([sd2_base], None, time_aware=True)
+    model = load_base([sd2_base], cfg, seed=1)
+    state = model.state_dict()
+    prior = tensors(sd2_base)
+    assert sorted(state) == sorted(list(prior) + [k for k in state if is_trainable(k)])
+    assert all(torch.equal(state[k], v) for k, v in prior.items())
+    # the official EncoderUNetModelWT zero-initialises every residual branch's last conv and every
+    # attention's output projection; everything else new is at PyTorch's default initialisation
+    zeroed = [m.out_layers[-1] if isinstance(m, ResBlock) else m.proj_out
+              for m in model.time_encoder.modules() if isinstance(m, (ResBlock, AttentionBlock))]
+    assert zeroed and all(not conv.weight.any() and not conv.bias.any() for conv in zeroed)
+    sft = next(m for m in model.unet.modules() if isinstance(m, SFT))
+    assert torch.equal(sft.param_free_norm.weight, torch.ones_like(sft.param_free_norm.weight))
+    assert sft.mlp_gamma.weight.abs().max() > 0
+    # seeded: the same seed gives the same layers, another seed others
+    again, other = load_base([sd2_base], cfg, seed=1).state_dict(), load_base([sd2_base], cfg, seed=2).state_dict()
+    assert all(torch.equal(state[k], again[k]) for k in state)
+    assert not torch.equal(state["structcond_stage_model.time_embed.0.weight"],
+                           other["structcond_stage_model.time_embed.0.weight"])
+
+
+def test_time_blind_run_from_sd2_samples_with_t_0(sd2_base, photos, tmp_path):
+    out = tmp_path / "blind"
+    assert train("--base", sd2_base, "--data", photos, "--out", out, "--steps", 1, *RUN_ARGS, "--time-blind",
+                 "--val-every", 0) == 0
+    model = load_stablesr([out / "last.safetensors"])
+    assert model.cfg.time_encoder.time_aware is False  # the config round-trips through the checkpoint
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in tensors(sd2_base).items())  # the prior stays frozen
+
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = [model.time_encoder(latent, torch.tensor([t])) for t in (0, 500, 999)]
+    for other in features[1:]:
+        assert all(torch.equal(features[0][w], other[w]) for w in features[0])
+
+    # sampling calls the encoder at every step's timestep, and a time-blind encoder embeds t = 0
+    embedded = []
+    model.time_encoder.time_embed.register_forward_hook(lambda module, args, out: embedded.append(args[0]))
+    pipeline, generator = StableSRPipeline(model, cfw=None), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        pipeline.sample(torch.randn(1, 4, 16, 16), latent, text_context(model, "", 1),
+                        UpscaleOptions(steps=3, tile=16, overlap=6), [], generator)
+    zero = timestep_embedding(torch.zeros(1, dtype=torch.long), model.cfg.time_encoder.model_channels)
+    assert len(embedded) == 3 and all(torch.equal(e, zero) for e in embedded)
+
+
+def test_out_of_memory_is_one_line(base, photos, tmp_path, capsys, monkeypatch):
+    def no_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr("stablesr_min.train.sample_loss", no_memory)
+    code = train("--base", base, "--data", photos, "--out", tmp_path / "r", "--steps", 1, *RUN_ARGS, "--val-every", 0)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == ("error: out of memory on cpu: lower --batch-size or --gt-size (--grad-accum "
+                                    "keeps the effective batch), or use --dtype bfloat16")
+
+
+@pytest.fixture(scope="module")
+def empty_folder(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("empty")
+
+
+@pytest.fixture(scope="module")
+def broken_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("broken")
+    (folder / "notes.png").write_text("not an image")
+    return folder
+
+
+# case: (options changed from a good command, extra flags, the error line (its start where it lists more))
+BAD_INPUTS = {
+    "no images": ({"--data": "{empty}"}, [], "error: {empty}: no images found"),
+    "unreadable image": ({"--data": "{broken}"}, [], "error: {broken}/notes.png: not an image that can be read"),
+    "base of the wrong kind": ({"--base": "{cfw}"}, [], "error: {cfw}: --base needs a StableSR or Stable Diffusion "
+                                                        "2.x checkpoint, but this is the CFW checkpoint (vqgan_cfw_00011)"),
+    "gt-size": ({"--gt-size": "96"}, [], "error: --gt-size 96: must be a multiple of 64 (8 latents x the VAE's "
+                                         "factor 8, so that every level of the networks is whole)"),
+    "steps": ({"--steps": "0"}, [], "error: --steps must be >= 1, got 0"),
+    "a run is there": ({"--out": "{run_a}"}, [], "error: --out {run_a}: already holds a run; pass --resume to "
+                                                 "continue it, or choose another folder"),
+    "nothing to resume": ({}, ["--resume"], "error: --resume: {out} holds no run to resume (no state.safetensors); "
+                                            "start it without --resume"),
+    "resume to a step already taken": ({"--out": "{run_a}", "--steps": "3"}, ["--resume"],
+                                       "error: --steps 3: the run in {run_a} is already at step 3; pass a larger "
+                                       "--steps to continue it"),
+    "resume with other options": ({"--out": "{run_a}", "--steps": "5", "--batch-size": "1"}, ["--resume"],
+                                  "error: --batch-size 1: this run was started with 2, and a resumed run keeps "
+                                  "its options; leave --batch-size out or start a new run"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_code_2(case, base, photos, golden_weights, run_a, empty_folder,
+                                               broken_folder, tmp_path, capsys):
+    names = {"empty": empty_folder, "broken": broken_folder, "cfw": golden_weights[1], "run_a": run_a,
+             "out": tmp_path / "new"}
+    changes, flags, expected = BAD_INPUTS[case]
+    options = {"--base": base, "--data": photos, "--out": tmp_path / "new", "--steps": 2, "--gt-size": 64,
+               "--batch-size": 2} | {k: v.format(**names) for k, v in changes.items()}
+    code = train(*[x for option in options.items() for x in option], *flags)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(expected.format(**names)) and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "new").exists(), "a refused run writes nothing"

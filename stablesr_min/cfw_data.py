@@ -30,7 +30,6 @@ official script, on purpose:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
@@ -49,7 +48,7 @@ from .cli import ProgressLine, UsageError, pick_device, pick_dtype
 from .data import DataError, TrainingPairs, read_rgb
 from .degradation import DegradationConfig
 from .image_io import save_png_atomically, to_pil
-from .training import check_resumed_options, derive_seeds, format_seconds
+from .training import continued_options, derive_seeds, format_seconds, given_options
 from .weights import WeightFiles, save_safetensors
 
 SCALE = 4  # LR = GT / 4, as StableSR is trained and used
@@ -134,16 +133,10 @@ def run_cfw_data(args) -> None:
     """`python -m stablesr_min train cfw-data ...`: argparse's namespace (None where an option was not
     given) -> GenerationOptions -> generate. A folder that holds a generation takes its kept options from
     its record, so `--out DATA --count N` alone continues it."""
-    from .train import absolute
-
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationOptions)}
-    for name in ("weights", "data"):
-        if given[name] is not None:
-            given[name] = absolute(given[name])
+    given = given_options(args, GenerationOptions, ("weights", "data"))
     record = DataFolder(args.out).read_record()
     if record is not None:
-        check_resumed_options(record["options"], {k: given[k] for k in KEPT_OPTIONS})
-        given = record["options"] | {k: v for k, v in given.items() if v is not None}
+        given = continued_options(record["options"], given, KEPT_OPTIONS)
     elif args.weights is None or args.data is None:
         raise UsageError("train cfw-data needs --weights FILE and --data DIR (or an --out folder it already "
                          "generated into, to continue it)")

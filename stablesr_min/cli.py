@@ -247,13 +247,18 @@ def add_train_sr_parser(train_sub) -> None:
     sr.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1; official 4)")
     sr.add_argument("--time-blind", action="store_true", default=None,
                     help="ablation: the encoder always sees t = 0 (stored in the config, so sampling does too)")
-    sr.add_argument("--seed", type=int, help="random seed (default 0)")
-    sr.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
-    sr.add_argument("--dtype", choices=list(DTYPES), help="autocast dtype on a GPU (default float32; weights stay float32)")
-    sr.add_argument("--resume", action="store_true", help="continue the run in --out")
-    sr.add_argument("--save-every", type=int, help="steps between saves (default 500; 0: only at the end and on Ctrl-C, as always)")
-    sr.add_argument("--val-every", type=int, help="steps between validation losses (default 100; 0: never)")
+    add_run_options(sr, "validation losses")
     sr.set_defaults(run=cmd_train_sr)
+
+
+def add_run_options(parser, validation: str) -> None:
+    """The options every training run has: seed, device, dtype, resuming, save and validation intervals."""
+    parser.add_argument("--seed", type=int, help="random seed (default 0)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="autocast dtype on a GPU (default float32; weights stay float32)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--save-every", type=int, help="steps between saves (default 500; 0: only at the end and on Ctrl-C, as always)")
+    parser.add_argument("--val-every", type=int, help=f"steps between {validation} (default 100; 0: never)")
 
 
 def cmd_train_sr(args) -> None:
@@ -292,12 +297,7 @@ def add_train_cfw_parsers(train_sub) -> None:
     cfw.add_argument("--batch-size", type=int, help="samples per step (default 8: the official 1 x 8 accumulated)")
     cfw.add_argument("--lr", type=float, help="Adam learning rate, fusion layers and discriminator (default 5e-5)")
     cfw.add_argument("--disc-start", type=int, help="steps before the adversarial terms start (default 501)")
-    cfw.add_argument("--seed", type=int, help="random seed (default 0)")
-    cfw.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
-    cfw.add_argument("--dtype", choices=list(DTYPES), help="autocast dtype on a GPU (default float32; weights stay float32)")
-    cfw.add_argument("--resume", action="store_true", help="continue the run in --out")
-    cfw.add_argument("--save-every", type=int, help="steps between saves (default 500; also at the end and on Ctrl-C)")
-    cfw.add_argument("--val-every", type=int, help="steps between validation L1 losses (default 100; 0: never)")
+    add_run_options(cfw, "validation L1 losses (a fixed batch, w = 1)")
     cfw.set_defaults(run=cmd_train_cfw)
 
 

@@ -27,7 +27,6 @@ from SD 2.1's VAE, which is also StableSR's (frozen) VAE.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -42,8 +41,8 @@ from .cli import UsageError, pick_device, pick_dtype
 from .config import StableSRConfig
 from .model import load_cfw, resolve_config
 from .pipeline import upsample
-from .training import (RunFolder, StopRequest, TrainProgress, TrainState, autocast, check_resumed_options,
-                       derive_seeds, out_of_memory_is_a_usage_error)
+from .training import (RunFolder, StopRequest, TrainProgress, TrainState, autocast, check_option_ranges,
+                       command_options, derive_seeds, out_of_memory_is_a_usage_error, save_due)
 from .vae import AutoencoderKL
 from .weights import WeightFiles, WeightsError, config_metadata, guess_kind, load_module
 
@@ -210,31 +209,12 @@ KEPT_OPTIONS = ("cfw_base", "data", "batch_size", "lr", "disc_start", "seed")
 def run_train_cfw(args) -> None:
     """`python -m stablesr_min train cfw ...`: argparse's namespace (None where an option was not given)
     -> CFWOptions -> train_cfw. A resumed run takes its kept options from its state."""
-    from .train import absolute
-
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(CFWOptions)}
-    for name in ("cfw_base", "data"):
-        if given[name] is not None:
-            given[name] = absolute(given[name])
-    state = None
-    if args.resume:
-        state = RunFolder(args.out, resume=True).load_state()
-        check_resumed_options(state.options, {k: given[k] for k in KEPT_OPTIONS})
-        given |= state.options
-    elif args.cfw_base is None or args.data is None:
-        raise UsageError("train cfw needs --cfw-base FILE and --data DIR (or --resume to continue a run)")
-    train_cfw(CFWOptions(**{k: v for k, v in given.items() if v is not None}), state)
+    required = {"cfw_base": "--cfw-base FILE", "data": "--data DIR"}
+    train_cfw(*command_options(args, CFWOptions, ("cfw_base", "data"), KEPT_OPTIONS, required))
 
 
 def check_options(opts: CFWOptions) -> None:
-    for name in ("steps", "batch_size"):
-        if getattr(opts, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
-    for name in ("disc_start", "save_every", "val_every"):
-        if getattr(opts, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(opts, name)}")
-    if not opts.lr > 0:
-        raise UsageError(f"--lr must be > 0, got {opts.lr}")
+    check_option_ranges(opts, ("steps", "batch_size"), ("disc_start", "save_every", "val_every"))
 
 
 def train_cfw(opts: CFWOptions, state: TrainState | None = None) -> None:
@@ -295,12 +275,9 @@ def train_cfw(opts: CFWOptions, state: TrainState | None = None) -> None:
                 record["val_l1"] = validation_l1(cfw, validation, device, dtype)
             run.log(record)
             progress.update(step, record["loss"])
-            if opts.save_every and step % opts.save_every == 0 or step == opts.steps or stop.requested:
+            if save_due(step, opts.steps, opts.save_every, stop):
                 save()
-    print(f"wrote {run.checkpoint_path} (step {step})")
-    if step < opts.steps:
-        print(f"stopped at step {step} of {opts.steps}; continue with --resume", file=sys.stderr)
-        raise KeyboardInterrupt
+    run.finish(step, opts.steps)
 
 
 @torch.no_grad()

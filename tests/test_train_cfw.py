@@ -76,16 +76,14 @@ def test_generated_samples_decode_to_their_gt_size(data, stablesr):
 
 def test_a_continued_generation_writes_what_an_uninterrupted_one_does(data, tmp_path):
     out = tmp_path / "DATA"
-    record = json.loads((data / "generation.json").read_text())["options"]
-    assert main(["train", "cfw-data", "--weights", *record["weights"], "--data", *record["data"], "--out", str(out),
-                 "--count", "1", "--steps", "2", "--gt-size", "64"]) == 0
-    assert DataFolder(out).indices() == [0]
-    (out / "lr" / "00000000.png").unlink()  # an incomplete sample is made again
-    assert main(["train", "cfw-data", "--out", str(out), "--count", "3"]) == 0  # options from generation.json
-    assert DataFolder(out).indices() == [0, 1, 2]
-    for sub, name in [(s, f"0000000{i}.{e}") for s, e in [("lr", "png"), ("gt", "png"), ("latent", "safetensors")]
-                      for i in range(3)]:
-        assert (out / sub / name).read_bytes() == (data / sub / name).read_bytes(), f"{sub}/{name}"
+    shutil.copytree(data, out)
+    for name in ("latent/00000002.safetensors", "latent/00000003.safetensors", "lr/00000000.png"):
+        (out / name).unlink()  # as if stopped after sample 1 (sample 0 incomplete: it is made again)
+    assert main(["train", "cfw-data", "--out", str(out), "--count", "4"]) == 0  # options from generation.json
+    for sub, ext in [("lr", "png"), ("gt", "png"), ("latent", "safetensors")]:
+        for i in range(4):
+            name = f"{sub}/{i:08d}.{ext}"
+            assert (out / name).read_bytes() == (data / name).read_bytes(), name
 
 
 def test_samples_come_in_a_seeded_order_that_resumes(data):
@@ -165,19 +163,30 @@ def test_the_discriminator_waits_for_disc_start(golden_weights, data):
 # The command
 
 
-def test_train_cfw_changes_only_the_fusion_layers_and_upscale_takes_the_result(golden_weights, data, tmp_path):
+@pytest.fixture(scope="module")
+def runs(golden_weights, data, tmp_path_factory):
+    """The issue's `train cfw` command (plus an adversarial start at step 1 and a validation at step 3), and
+    the same run stopped at step 2 and resumed."""
+    folder = tmp_path_factory.mktemp("runs")
+    args = ["train", "cfw", "--cfw-base", str(golden_weights[1]), "--data", str(data), "--batch-size", "2",
+            "--disc-start", "1", "--val-every", "3"]
+    assert main([*args, "--out", str(folder / "A"), "--steps", "3"]) == 0
+    assert main([*args, "--out", str(folder / "B"), "--steps", "2"]) == 0
+    assert main(["train", "cfw", "--out", str(folder / "B"), "--steps", "3", "--resume"]) == 0
+    return folder / "A", folder / "B"
+
+
+def test_train_cfw_changes_only_the_fusion_layers_and_upscale_takes_the_result(golden_weights, data, runs, tmp_path):
     stablesr, base = golden_weights
-    run = tmp_path / "RUN"
-    assert main(["train", "cfw", "--cfw-base", str(base), "--data", str(data), "--out", str(run), "--steps", "3",
-                 "--batch-size", "2", "--val-every", "3"]) == 0
+    run = runs[0]
     before, after = tensors(base), tensors(run / "last.safetensors")
     assert sorted(after) == sorted(before)
-    fusion = [k for k in before if k.startswith(FUSION_PREFIX)]
-    assert fusion
+    assert any(k.startswith(FUSION_PREFIX) for k in before)
     for k in before:
         assert torch.equal(before[k], after[k]) != k.startswith(FUSION_PREFIX), k
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3] and "val_l1" in log[2] and all(r["g_adv"] == 0 for r in log)
+    assert [r["step"] for r in log] == [1, 2, 3] and [("val_l1" in r) for r in log] == [False, False, True]
+    assert log[0]["g_adv"] == 0 and "d_loss" not in log[0] and all(r["g_adv"] != 0 and "d_loss" in r for r in log[1:])
 
     up = tmp_path / "up"
     assert main(["upscale", str(data / "lr" / "00000000.png"), "--out", str(up), "--cfw", str(run / "last.safetensors"),
@@ -185,20 +194,21 @@ def test_train_cfw_changes_only_the_fusion_layers_and_upscale_takes_the_result(g
     assert Image.open(up / "00000000.png").size == (64, 64)
 
 
-def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(golden_weights, data, tmp_path):
-    args = ["train", "cfw", "--cfw-base", str(golden_weights[1]), "--data", str(data), "--batch-size", "2",
-            "--disc-start", "1", "--val-every", "0"]
-    assert main([*args, "--out", str(tmp_path / "A"), "--steps", "3"]) == 0
-    assert main([*args, "--out", str(tmp_path / "B"), "--steps", "2"]) == 0
-    assert main(["train", "cfw", "--out", str(tmp_path / "B"), "--steps", "3", "--resume"]) == 0
+def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(runs):
     for name in ("last.safetensors", "state.safetensors"):
-        a, b = tensors(tmp_path / "A" / name), tensors(tmp_path / "B" / name)
+        a, b = (tensors(run / name) for run in runs)
         assert sorted(a) == sorted(b)
         for k in a:
             assert torch.equal(a[k], b[k]), f"{name}: {k}"
-    state = tensors(tmp_path / "A" / "state.safetensors")
+    state = tensors(runs[0] / "state.safetensors")
     assert "weights.loss.discriminator.main.3.running_mean" in state
-    assert any(k.startswith("optimizer.") for k in state)
+    # Adam moments for every fusion parameter and every discriminator parameter (it trained from step 1)
+    n_fusion = sum(k.startswith("weights." + FUSION_PREFIX) for k in state)
+    n_discriminator = len(list(PatchDiscriminator(CFWLossConfig()).parameters()))
+    assert sum(k.endswith(".exp_avg") for k in state) == n_fusion + n_discriminator
+    logs = [(run / "log.jsonl").read_text() for run in runs]
+    assert [json.loads(line)["loss"] for line in logs[0].splitlines()] == \
+        [json.loads(line)["loss"] for line in logs[1].splitlines()]
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -44,7 +44,8 @@ from .pipeline import upsample
 from .training import (RunFolder, StopRequest, TrainProgress, TrainState, autocast, check_option_ranges,
                        command_options, derive_seeds, out_of_memory_is_a_usage_error, save_due)
 from .vae import AutoencoderKL
-from .weights import WeightFiles, WeightsError, config_metadata, guess_kind, load_module
+from .weights import (WeightFiles, WeightsError, check_keys, config_metadata, guess_kind, load_module,
+                      mismatch_message)
 
 FUSION_PREFIX = "decoder.fusion_layer_"
 DISCRIMINATOR_PREFIX = "loss.discriminator."  # as the official checkpoint names it
@@ -132,6 +133,21 @@ def new_loss(cfg: CFWLossConfig, seed: int) -> CFWLoss:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return CFWLoss(cfg)
+
+
+@torch.no_grad()
+def discriminator_from(loss: CFWLoss, path: str) -> None:
+    """A CFW file that carries its discriminator (`loss.discriminator.*`: the official checkpoint, and the
+    checkpoints `train cfw` writes) continues with it; otherwise D keeps its fresh initialisation."""
+    files = WeightFiles([path])
+    found = {k[len(DISCRIMINATOR_PREFIX):]: k for k in files.keys() if k.startswith(DISCRIMINATOR_PREFIX)}
+    if not found:
+        return
+    expected = {k: list(v.shape) for k, v in loss.discriminator.state_dict().items()}
+    mismatch = check_keys(expected, {name: files.shape(key) for name, key in found.items()})
+    if any(mismatch):
+        raise WeightsError(mismatch_message(f"{path}: its {DISCRIMINATOR_PREFIX}* does not fit the PatchGAN", *mismatch))
+    loss.discriminator.load_state_dict({name: files.tensor(key) for name, key in found.items()})
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -235,7 +251,10 @@ def train_cfw(opts: CFWOptions, state: TrainState | None = None) -> None:
     samples = CFWSamples(opts.data, opts.batch_size, seeds["data"], cfw.downscale, cfg.cfw.embed_dim)
     cfw.to(device)
     trainable = prepare_for_training(cfw)
-    loss = new_loss(CFWLossConfig(disc_start=opts.disc_start), seeds["discriminator"]).to(device)
+    loss = new_loss(CFWLossConfig(disc_start=opts.disc_start), seeds["discriminator"])
+    if not state:
+        discriminator_from(loss, opts.cfw_base)
+    loss.to(device)
 
     # Adam as the official (betas 0.5, 0.9, no weight decay); a loss scaler for float16
     optimizer = torch.optim.Adam([{"params": list(trainable.values())},
@@ -255,11 +274,12 @@ def train_cfw(opts: CFWOptions, state: TrainState | None = None) -> None:
           file=sys.stderr)
 
     def save() -> None:
-        weights = {k: p.detach() for k, p in trainable.items()}
-        weights |= {DISCRIMINATOR_PREFIX + k: v for k, v in loss.discriminator.state_dict().items()}
+        # The checkpoint carries D as the official one does (`loss.` keys, which loading a CFW ignores)
+        discriminator = {DISCRIMINATOR_PREFIX + k: v for k, v in loss.discriminator.state_dict().items()}
+        weights = {k: p.detach() for k, p in trainable.items()} | discriminator
         state = TrainState(step, {k: getattr(opts, k) for k in KEPT_OPTIONS}, weights, optimizer.state_dict(),
                            {}, samples.state_dict(), {"seconds": seconds, "scaler": scaler.state_dict()})
-        run.save(cfw.state_dict(), config_metadata(cfg.to_json()), state)
+        run.save(cfw.state_dict() | discriminator, config_metadata(cfg.to_json()), state)
 
     progress = TrainProgress("train cfw", opts.steps, step)
     hint = "lower --batch-size, or use --dtype bfloat16"

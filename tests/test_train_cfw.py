@@ -19,7 +19,8 @@ from stablesr_min.cfw import ResidualDenseBlock
 from stablesr_min.cli import main
 from stablesr_min.config import StableSRConfig
 from stablesr_min.model import load_stablesr
-from stablesr_min.train_cfw import (FUSION_PREFIX, load_cfw_base, new_loss, prepare_for_training, train_step)
+from stablesr_min.train_cfw import (FUSION_PREFIX, discriminator_from, load_cfw_base, new_loss,
+                                    prepare_for_training, train_step)
 from stablesr_min.weights import WeightFiles, WeightsError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,7 +181,7 @@ def test_train_cfw_changes_only_the_fusion_layers_and_upscale_takes_the_result(g
     stablesr, base = golden_weights
     run = runs[0]
     before, after = tensors(base), tensors(run / "last.safetensors")
-    assert sorted(after) == sorted(before)
+    assert sorted(k for k in after if not k.startswith("loss.discriminator.")) == sorted(before)
     assert any(k.startswith(FUSION_PREFIX) for k in before)
     for k in before:
         assert torch.equal(before[k], after[k]) != k.startswith(FUSION_PREFIX), k
@@ -201,6 +202,11 @@ def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(runs):
         for k in a:
             assert torch.equal(a[k], b[k]), f"{name}: {k}"
     state = tensors(runs[0] / "state.safetensors")
+    # the checkpoint carries D as the official does; a new run from it (--cfw-base RUN/last) starts D there
+    loss = new_loss(CFWLossConfig(), seed=9)
+    discriminator_from(loss, str(runs[0] / "last.safetensors"))
+    for k, v in loss.discriminator.state_dict().items():
+        assert torch.equal(v, state["weights.loss.discriminator." + k]), k
     assert "weights.loss.discriminator.main.3.running_mean" in state
     # Adam moments for every fusion parameter and every discriminator parameter (it trained from step 1)
     n_fusion = sum(k.startswith("weights." + FUSION_PREFIX) for k in state)

@@ -48,7 +48,7 @@ from .cli import ProgressLine, UsageError, pick_device, pick_dtype
 from .data import DataError, TrainingPairs, read_rgb
 from .degradation import DegradationConfig
 from .image_io import save_png_atomically, to_pil
-from .training import check_resumed_options, continued_options, derive_seeds, format_seconds, given_options
+from .training import continued_options, derive_seeds, format_seconds, given_options
 from .weights import WeightFiles, save_safetensors
 
 SCALE = 4  # LR = GT / 4, as StableSR is trained and used
@@ -176,7 +176,7 @@ def generate(opts: GenerationOptions) -> None:
         raise UsageError(f"--out {folder.path}: holds samples but no {GENERATION}; choose another folder")
     kept = {k: getattr(opts, k) for k in KEPT_OPTIONS}
     if record is not None:
-        check_resumed_options(record["options"], kept)
+        continued_options(record["options"], kept, KEPT_OPTIONS)  # the folder's options must not change
     dropped: list[int] = record["dropped"] if record else []
 
     device = pick_device(opts.device)

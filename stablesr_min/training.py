@@ -171,15 +171,6 @@ def save_due(step: int, steps: int, save_every: int, stop: "StopRequest") -> boo
     return bool(save_every and step % save_every == 0 or step == steps or stop.requested)
 
 
-def check_resumed_options(stored: dict[str, Any], given: dict[str, Any]) -> None:
-    """A resumed run keeps the options it started with: a value given again must be the same."""
-    for name, value in given.items():
-        if value is not None and value != stored.get(name):
-            flag = "--" + name.replace("_", "-")
-            raise UsageError(f"{flag} {value}: this run was started with {stored.get(name)}, and a resumed run "
-                             f"keeps its options; leave {flag} out or start a new run")
-
-
 # ------------------------------------------------------------------------------------------------------
 # Options
 
@@ -199,10 +190,25 @@ def absolute(value: str | list[str]) -> str | list[str]:
 
 
 def continued_options(stored: dict[str, Any], given: dict[str, Any], kept: Iterable[str]) -> dict[str, Any]:
-    """The options of a continued run: the `kept` ones may only be given again unchanged, and every option
-    not given takes its stored value."""
-    check_resumed_options(stored, {k: given[k] for k in kept})
+    """The options to continue a run (or a data folder) with: the ones it stored, overridden by those given
+    again (None: not given). A `kept` option given again must have its stored value."""
+    for name in kept:
+        if given[name] is not None and given[name] != stored.get(name):
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} {given[name]}: this run was started with {stored.get(name)}, and a "
+                             f"resumed run keeps its options; leave {flag} out or start a new run")
     return stored | {k: v for k, v in given.items() if v is not None}
+
+
+def resume_options(out: str | Path, steps: int, given: dict[str, Any],
+                   kept: Iterable[str]) -> tuple[dict[str, Any], TrainState]:
+    """`--resume`: the options to continue with (`continued_options`) and the run's state, which `--steps`
+    must take further."""
+    state = RunFolder(out, resume=True).load_state()
+    if steps <= state.step:
+        raise UsageError(f"--steps {steps}: the run in {out} is already at step {state.step}; "
+                         "pass a larger --steps to continue it")
+    return continued_options(state.options, given, kept), state
 
 
 def command_options(args, options: type, paths: Iterable[str], kept: Iterable[str],
@@ -213,20 +219,10 @@ def command_options(args, options: type, paths: Iterable[str], kept: Iterable[st
     given = given_options(args, options, paths)
     state = None
     if args.resume:
-        state = state_to_continue(args.out, args.steps)
-        given = continued_options(state.options, given, kept)
+        given, state = resume_options(args.out, args.steps, given, kept)
     elif any(given[name] is None for name in required):
         raise UsageError(f"train {args.what} needs {' and '.join(required.values())} (or --resume to continue a run)")
     return options(**{k: v for k, v in given.items() if v is not None}), state
-
-
-def state_to_continue(out: str | Path, steps: int) -> TrainState:
-    """The state of the run in `out`, which `--steps` must take further."""
-    state = RunFolder(out, resume=True).load_state()
-    if steps <= state.step:
-        raise UsageError(f"--steps {steps}: the run in {out} is already at step {state.step}; "
-                         "pass a larger --steps to continue it")
-    return state
 
 
 def check_option_ranges(opts, at_least_one: Iterable[str], at_least_zero: Iterable[str]) -> None:

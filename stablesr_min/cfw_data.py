@@ -48,7 +48,7 @@ from .cli import ProgressLine, UsageError, pick_device, pick_dtype
 from .data import DataError, TrainingPairs, read_rgb
 from .degradation import DegradationConfig
 from .image_io import save_png_atomically, to_pil
-from .training import continued_options, derive_seeds, format_seconds, given_options
+from .training import check_option_ranges, continued_options, derive_seeds, format_seconds, given_options
 from .weights import WeightFiles, save_safetensors
 
 SCALE = 4  # LR = GT / 4, as StableSR is trained and used
@@ -151,9 +151,7 @@ def to_8bit(image: torch.Tensor) -> torch.Tensor:
 def check_sizes(opts: GenerationOptions, cfg) -> None:
     from .train import gt_size_multiple
 
-    for name in ("count", "steps", "batch_size"):
-        if getattr(opts, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
+    check_option_ranges(opts, at_least_one=("count", "steps", "batch_size"))
     multiple = gt_size_multiple(cfg, SCALE)
     if opts.gt_size < multiple or opts.gt_size % multiple:
         raise UsageError(f"--gt-size {opts.gt_size}: must be a multiple of {multiple} (whole latents at every "
@@ -242,8 +240,12 @@ def sample_latents(pipeline, sampling, tile_weights: torch.Tensor, inputs) -> to
 
     lr = torch.cat([lr for lr, _, _ in inputs])
     noises = [n for _, _, n in inputs]
-    batch = Noises(torch.cat([n.vae for n in noises]), torch.cat([n.x_T for n in noises]),
-                   [torch.cat(step) for step in zip(*(n.steps for n in noises))])
+
+    def stack(draws: list[torch.Tensor]) -> torch.Tensor:  # drawn on the CPU, used on the device
+        return torch.cat(draws).to(pipeline.device)
+
+    batch = Noises(stack([n.vae for n in noises]), stack([n.x_T for n in noises]),
+                   [stack(list(step)) for step in zip(*(n.steps for n in noises))])
     x0 = pipeline.sample_latent(lr * 2 - 1, sampling, noises=batch, weights=tile_weights).x0
     return x0.float().cpu().unsqueeze(1)
 

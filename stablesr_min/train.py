@@ -250,7 +250,7 @@ def run_train_sr(args) -> None:
 
 
 def check_options(opts: SROptions) -> None:
-    check_option_ranges(opts, ("steps", "batch_size", "grad_accum"), ("save_every", "val_every"))
+    check_option_ranges(opts, ("steps", "batch_size", "grad_accum"), ("save_every", "val_every"), ("lr",))
 
 
 def train_sr(opts: SROptions, state: TrainState | None = None) -> None:

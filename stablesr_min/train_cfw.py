@@ -230,7 +230,7 @@ def run_train_cfw(args) -> None:
 
 
 def check_options(opts: CFWOptions) -> None:
-    check_option_ranges(opts, ("steps", "batch_size"), ("disc_start", "save_every", "val_every"))
+    check_option_ranges(opts, ("steps", "batch_size"), ("disc_start", "save_every", "val_every"), ("lr",))
 
 
 def train_cfw(opts: CFWOptions, state: TrainState | None = None) -> None:

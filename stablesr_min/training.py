@@ -225,14 +225,16 @@ def command_options(args, options: type, paths: Iterable[str], kept: Iterable[st
     return options(**{k: v for k, v in given.items() if v is not None}), state
 
 
-def check_option_ranges(opts, at_least_one: Iterable[str], at_least_zero: Iterable[str]) -> None:
-    """Counts that must be >= 1 (steps, batch size, ...) or >= 0 (intervals), and a positive `lr`."""
-    for minimum, names in ((1, at_least_one), (0, at_least_zero)):
+def check_option_ranges(opts, at_least_one: Iterable[str] = (), at_least_zero: Iterable[str] = (),
+                        positive: Iterable[str] = ()) -> None:
+    """Options that must be >= 1 (steps, batch size, ...), >= 0 (intervals) or > 0 (the learning rate)."""
+    rules = [(at_least_one, ">= 1", lambda v: v >= 1), (at_least_zero, ">= 0", lambda v: v >= 0),
+             (positive, "> 0", lambda v: v > 0)]
+    for names, rule, ok in rules:
         for name in names:
-            if getattr(opts, name) < minimum:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(opts, name)}")
-    if not opts.lr > 0:
-        raise UsageError(f"--lr must be > 0, got {opts.lr}")
+            value = getattr(opts, name)
+            if not ok(value):  # (NaN fails every rule)
+                raise UsageError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
 
 
 # ------------------------------------------------------------------------------------------------------

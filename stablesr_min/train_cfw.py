@@ -175,13 +175,15 @@ def train_step(cfw: CFWAutoencoder, loss: CFWLoss, optimizer: torch.optim.Optimi
     Adam keeps its state per parameter, so one Adam over two parameter groups (fusion layers,
     discriminator) is the official pair of Adams with the same settings; a parameter without a gradient
     (the discriminator before disc_start) is left alone. Each loss is sent back only into its own group.
-    The official Lightning loop runs the decoder a second time for the discriminator's pass, after the
-    generator's update; here the discriminator is scored on this step's x_hat (one decoder pass).
+    Two departures from the official Lightning loop, neither in what a step optimises: it runs the decoder
+    a second time for the discriminator's pass, after the generator's update, where D here scores this
+    step's x_hat (one decoder pass); and before disc_start it runs D and steps D's Adam with zero
+    gradients (D's weights stay; its BatchNorm running statistics, never used in training mode, and its
+    Adam step count move), where here D does not run, so its Adam bias correction starts at disc_start.
     """
     lr, gt, latent, scale_factor = (t.to(device) for t in batch)
     target = gt * 2 - 1
-    fusion = [p for group in optimizer.param_groups[:1] for p in group["params"]]
-    discriminator = [p for group in optimizer.param_groups[1:] for p in group["params"]]
+    fusion, discriminator = (group["params"] for group in optimizer.param_groups)
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, dtype):
         reconstruction = reconstruct(cfw, lr, latent, scale_factor).float()

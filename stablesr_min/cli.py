@@ -3,6 +3,8 @@
     python -m stablesr_min upscale photo.png [more.png ...] --out results/
     python -m stablesr_min convert stablesr_000117.ckpt stablesr_000117.safetensors
     python -m stablesr_min train sr --base stablesr_000117.safetensors --data photos/ --out runs/sr --steps 1000
+    python -m stablesr_min train cfw-data --weights stablesr_000117.safetensors --data photos/ --out cfw_data --count 5000
+    python -m stablesr_min train cfw --cfw-base v2-1_512-ema-pruned.safetensors --data cfw_data --out runs/cfw --steps 1000
 
 Every user error ends in one line on stderr and exit code 2; no traceback. Everything that can be checked
 before a model loads is checked then (inputs, output folder, options, device, memory), so a bad run fails
@@ -395,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train StableSR's parts (see `train sr --help`)")
     train_sub = train.add_subparsers(dest="what", required=True)
     add_train_sr_parser(train_sub)
+    add_train_cfw_parsers(train_sub)
     return parser
 
 
@@ -415,19 +418,70 @@ def add_train_sr_parser(train_sub) -> None:
     sr.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1; official 4)")
     sr.add_argument("--time-blind", action="store_true", default=None,
                     help="ablation: the encoder always sees t = 0 (stored in the config, so sampling does too)")
-    sr.add_argument("--seed", type=int, help="random seed (default 0)")
-    sr.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
-    sr.add_argument("--dtype", choices=list(DTYPES), help="autocast dtype on a GPU (default float32; weights stay float32)")
-    sr.add_argument("--resume", action="store_true", help="continue the run in --out")
-    sr.add_argument("--save-every", type=int, help="steps between saves (default 500; 0: only at the end and on Ctrl-C, as always)")
-    sr.add_argument("--val-every", type=int, help="steps between validation losses (default 100; 0: never)")
+    add_run_options(sr, "validation losses")
     sr.set_defaults(run=cmd_train_sr)
+
+
+def add_run_options(parser, validation: str) -> None:
+    """The options every training run has: seed, device, dtype, resuming, save and validation intervals."""
+    parser.add_argument("--seed", type=int, help="random seed (default 0)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="autocast dtype on a GPU (default float32; weights stay float32)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--save-every", type=int, help="steps between saves (default 500; 0: only at the end and on Ctrl-C, as always)")
+    parser.add_argument("--val-every", type=int, help=f"steps between {validation} (default 100; 0: never)")
 
 
 def cmd_train_sr(args) -> None:
     from .train import run_train_sr  # imported here so that other commands stay fast
 
     run_train_sr(args)
+
+
+def add_train_cfw_parsers(train_sub) -> None:
+    # Options a data folder or a run keeps default to None here ("not given"): a resumed one takes them from
+    # what it stored, a new one from cfw_data.GenerationOptions / train_cfw.CFWOptions.
+    data = train_sub.add_parser("cfw-data", help="sample the latents CFW trains on (paper Sec. 3.2)",
+                                description="Degrade HR crops (Real-ESRGAN) and sample a latent from each LR with "
+                                            "a fine-tuned StableSR, as upscale does; writes lr/, gt/, latent/. "
+                                            "Run it again on the same --out to continue it.")
+    data.add_argument("--weights", nargs="+", metavar="FILE", help="the fine-tuned StableSR .safetensors")
+    data.add_argument("--data", nargs="+", metavar="DIR", help="folders of HR photos (searched recursively)")
+    data.add_argument("--out", required=True, metavar="DATA", help="the data folder to write (or to continue)")
+    data.add_argument("--count", type=int, required=True, help="samples the folder should hold in all")
+    data.add_argument("--steps", type=int, help="respaced DDPM steps (default 200, as the official)")
+    data.add_argument("--gt-size", type=int, help="HR crop size in pixels (default 512)")
+    data.add_argument("--batch-size", type=int, help="samples per network call (default 6, as the official)")
+    data.add_argument("--seed", type=int, help="random seed (default 0); sample i uses seeds derived from it and i")
+    data.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    data.add_argument("--dtype", choices=list(DTYPES), help="network dtype on a GPU (default float32)")
+    data.set_defaults(run=cmd_train_cfw_data)
+
+    cfw = train_sub.add_parser("cfw", help="train CFW's fusion layers (paper Sec. 3.2) on `train cfw-data` output",
+                               description="Train the fusion layers of the CFW decoder (w = 1) with L1 + a PatchGAN "
+                                           "hinge loss; the VAE stays frozen.")
+    cfw.add_argument("--cfw-base", metavar="FILE", help="a CFW .safetensors (continue), or a VAE or SD 2.x one "
+                                                        "(new fusion layers)")
+    cfw.add_argument("--data", nargs="+", metavar="DATA", help="folders written by `train cfw-data`")
+    cfw.add_argument("--out", required=True, metavar="RUN", help="run folder: last.safetensors, state.safetensors, log.jsonl")
+    cfw.add_argument("--steps", type=int, required=True, help="optimizer steps in total (with --resume: up to this step)")
+    cfw.add_argument("--batch-size", type=int, help="samples per step (default 8: the official 1 x 8 accumulated)")
+    cfw.add_argument("--lr", type=float, help="Adam learning rate, fusion layers and discriminator (default 5e-5)")
+    cfw.add_argument("--disc-start", type=int, help="steps before the adversarial terms start (default 501)")
+    add_run_options(cfw, "validation L1 losses (a fixed batch, w = 1)")
+    cfw.set_defaults(run=cmd_train_cfw)
+
+
+def cmd_train_cfw_data(args) -> None:
+    from .cfw_data import run_cfw_data  # imported here so that other commands stay fast
+
+    run_cfw_data(args)
+
+
+def cmd_train_cfw(args) -> None:
+    from .train_cfw import run_train_cfw
+
+    run_train_cfw(args)
 
 
 def main(argv: list[str] | None = None) -> int:

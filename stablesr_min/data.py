@@ -129,10 +129,15 @@ class TrainingPairs:
         self.files = find_images(folders)
         for path in self.files:
             check_readable(path)
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Start the stream anew from `seed` (a new file order, an empty pool): what a new TrainingPairs
+        of this seed would draw, without searching the folders again."""
         self.gen = torch.Generator().manual_seed(seed)
         self.order = torch.randperm(len(self.files), generator=self.gen)
         self.position = 0
-        self.pool = PairPool(cfg.queue_size, batch_size)
+        self.pool = PairPool(self.cfg.queue_size, self.batch_size)
 
     def check_sizes(self) -> None:
         if self.batch_size < 1:

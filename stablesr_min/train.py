@@ -27,12 +27,10 @@ used batch 6 per GPU x 8 GPUs x 4 accumulated batches (`--grad-accum`).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +42,8 @@ from .model import StableSR, load_stablesr, resolve_config
 from .pipeline import draw, text_context, upsample
 from .schedule import Schedule
 from .time_encoder import AttentionBlock, TimeAwareEncoder
-from .training import (RunFolder, StopRequest, TrainProgress, TrainState, autocast, derive_seeds,
-                       out_of_memory_is_a_usage_error, resume_options)
+from .training import (RunFolder, StopRequest, TrainProgress, TrainState, autocast, check_option_ranges,
+                       command_options, derive_seeds, out_of_memory_is_a_usage_error, save_due)
 from .unet import SFT, ResBlock
 from .vae import DiagonalGaussian
 from .weights import KIND_HINTS, WeightFiles, WeightsError, config_metadata, guess_kind
@@ -247,31 +245,12 @@ SCALE = 4  # LR = GT / 4, as StableSR trains
 def run_train_sr(args) -> None:
     """`python -m stablesr_min train sr ...`: argparse's namespace (None where an option was not given)
     -> SROptions -> train_sr. A resumed run takes its kept options from its state."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SROptions)}
-    for name in ("base", "data", "config"):
-        if given[name] is not None:
-            given[name] = absolute(given[name])
-    state = None
-    if args.resume:
-        given, state = resume_options(args.out, args.steps, given, KEPT_OPTIONS)
-    elif args.base is None or args.data is None:
-        raise UsageError("train sr needs --base FILE and --data DIR (or --resume to continue a run)")
-    train_sr(SROptions(**{k: v for k, v in given.items() if v is not None}), state)
-
-
-def absolute(value):
-    return [str(Path(v).resolve()) for v in value] if isinstance(value, list) else str(Path(value).resolve())
+    required = {"base": "--base FILE", "data": "--data DIR"}
+    train_sr(*command_options(args, SROptions, ("base", "data", "config"), KEPT_OPTIONS, required))
 
 
 def check_options(opts: SROptions) -> None:
-    for name in ("steps", "batch_size", "grad_accum"):
-        if getattr(opts, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
-    for name in ("save_every", "val_every"):
-        if getattr(opts, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(opts, name)}")
-    if not opts.lr > 0:
-        raise UsageError(f"--lr must be > 0, got {opts.lr}")
+    check_option_ranges(opts, ("steps", "batch_size", "grad_accum"), ("save_every", "val_every"), ("lr",))
 
 
 def train_sr(opts: SROptions, state: TrainState | None = None) -> None:
@@ -364,12 +343,9 @@ def train_sr(opts: SROptions, state: TrainState | None = None) -> None:
                     record["val_loss"] = validation.loss(model, schedule, context)
             run.log(record)
             progress.update(step, record["loss"])
-            if opts.save_every and step % opts.save_every == 0 or step == opts.steps or stop.requested:
+            if save_due(step, opts.steps, opts.save_every, stop):
                 save()
-    print(f"wrote {run.checkpoint_path} (step {step})")
-    if step < opts.steps:
-        print(f"stopped at step {step} of {opts.steps}; continue with --resume", file=sys.stderr)
-        raise KeyboardInterrupt
+    run.finish(step, opts.steps)
 
 
 def restore(state: TrainState, trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,

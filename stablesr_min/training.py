@@ -17,6 +17,7 @@ the same numbers as one that never stopped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -24,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -148,6 +149,14 @@ class RunFolder:
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def finish(self, step: int, steps: int) -> None:
+        """Say where the checkpoint is. A run stopped before `steps` (Ctrl-C) ends as interrupted, and
+        --resume continues it."""
+        print(f"wrote {self.checkpoint_path} (step {step})")
+        if step < steps:
+            print(f"stopped at step {step} of {steps}; continue with --resume", file=sys.stderr)
+            raise KeyboardInterrupt
+
     def keep_log_until(self, step: int) -> None:
         """On resume: drop log lines of steps after the saved state (they will be run again)."""
         if not self.log_path.is_file():
@@ -157,20 +166,75 @@ class RunFolder:
         atomic_write(self.log_path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
 
 
+def save_due(step: int, steps: int, save_every: int, stop: "StopRequest") -> bool:
+    """Save every `save_every` steps (0: never on the way), at the last step, and when stopped."""
+    return bool(save_every and step % save_every == 0 or step == steps or stop.requested)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Options
+
+
+def given_options(args, options: type, paths: Iterable[str]) -> dict[str, Any]:
+    """argparse's namespace -> {field of the `options` dataclass: value}, None where not given; the `paths`
+    options made absolute (a run may be continued from another folder)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(options)}
+    for name in paths:
+        if given[name] is not None:
+            given[name] = absolute(given[name])
+    return given
+
+
+def absolute(value: str | list[str]) -> str | list[str]:
+    return [str(Path(v).resolve()) for v in value] if isinstance(value, list) else str(Path(value).resolve())
+
+
+def continued_options(stored: dict[str, Any], given: dict[str, Any], kept: Iterable[str]) -> dict[str, Any]:
+    """The options to continue a run (or a data folder) with: the ones it stored, overridden by those given
+    again (None: not given). A `kept` option given again must have its stored value."""
+    for name in kept:
+        if given[name] is not None and given[name] != stored.get(name):
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} {given[name]}: this run was started with {stored.get(name)}, and a "
+                             f"resumed run keeps its options; leave {flag} out or start a new run")
+    return stored | {k: v for k, v in given.items() if v is not None}
+
+
 def resume_options(out: str | Path, steps: int, given: dict[str, Any],
-                   kept: tuple[str, ...]) -> tuple[dict[str, Any], TrainState]:
-    """`--resume`: the run's state, and the options to continue with: the ones it stored, overridden by
-    those given again (None: not given). A `kept` option given again must have its stored value."""
+                   kept: Iterable[str]) -> tuple[dict[str, Any], TrainState]:
+    """`--resume`: the options to continue with (`continued_options`) and the run's state, which `--steps`
+    must take further."""
     state = RunFolder(out, resume=True).load_state()
     if steps <= state.step:
         raise UsageError(f"--steps {steps}: the run in {out} is already at step {state.step}; "
                          "pass a larger --steps to continue it")
-    for name in kept:
-        if given[name] is not None and given[name] != state.options.get(name):
-            flag = "--" + name.replace("_", "-")
-            raise UsageError(f"{flag} {given[name]}: this run was started with {state.options.get(name)}, and a "
-                             f"resumed run keeps its options; leave {flag} out or start a new run")
-    return state.options | {k: v for k, v in given.items() if v is not None}, state
+    return continued_options(state.options, given, kept), state
+
+
+def command_options(args, options: type, paths: Iterable[str], kept: Iterable[str],
+                    required: dict[str, str]) -> tuple[Any, TrainState | None]:
+    """A training command's options (the `options` dataclass) and, with --resume, its run's state: a
+    resumed run takes its `kept` options from the state; a new one needs the `required` options
+    ({name: how --help shows it})."""
+    given = given_options(args, options, paths)
+    state = None
+    if args.resume:
+        given, state = resume_options(args.out, args.steps, given, kept)
+    elif any(given[name] is None for name in required):
+        raise UsageError(f"train {args.what} needs {' and '.join(required.values())} (or --resume to continue a run)")
+    return options(**{k: v for k, v in given.items() if v is not None}), state
+
+
+def check_option_ranges(opts, at_least_one: Iterable[str] = (), at_least_zero: Iterable[str] = (),
+                        positive: Iterable[str] = ()) -> None:
+    """Options that must be >= 1 (steps, batch size, ...), >= 0 (intervals) or > 0 (the learning rate)."""
+    rules = [(at_least_one, ">= 1", lambda v: v >= 1), (at_least_zero, ">= 0", lambda v: v >= 0),
+             (positive, "> 0", lambda v: v > 0)]
+    for names, rule, ok in rules:
+        for name in names:
+            value = getattr(opts, name)
+            if not ok(value):  # (NaN fails every rule)
+                raise UsageError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
 
 
 # ------------------------------------------------------------------------------------------------------

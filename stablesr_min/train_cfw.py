@@ -1,0 +1,329 @@
+"""Training CFW (paper Sec. 3.2): only the fusion layers learn, on latents that the fine-tuned model sampled.
+
+    python -m stablesr_min train cfw-data --weights stablesr_000117.safetensors --data photos/ --out cfw_data --count N
+    python -m stablesr_min train cfw --cfw-base v2-1_512-ema-pruned.safetensors --data cfw_data --out runs/cfw --steps M
+
+CFW's decoder fuses the LR image's encoder features into the decoding of the sampled latent,
+
+    F_m = F_d + C(F_e, F_d; theta) * w                                                    (paper Eq. 2)
+
+and only C's parameters theta learn, at w = 1, so that w = 1 at inference is the most faithful setting. One
+step, as the official `AutoencoderKLResi` (`freeze_dec: True`, `fusion_w: 1.0`) computes it:
+
+    F_e   = the frozen encoder's features of bicubic-up(LR)            (no gradients)
+    x_hat = the decoder of latent / scale_factor, fusing F_e with w = 1
+    L_G(GT, x_hat) -> an Adam step on theta;  L_D(GT, x_hat) -> an Adam step on the discriminator (cfw_loss.py)
+
+Trainable: every `decoder.fusion_layer_*` parameter. The encoder, the rest of the decoder, quant_conv and
+post_quant_conv are frozen (no gradients, eval mode). Adam with betas (0.5, 0.9) and lr 5e-5 for the fusion
+layers and the discriminator alike (official `configure_optimizers`; base_learning_rate 5e-5, run with
+`--scale_lr False`). The official run used batch 1 with 8 accumulated batches; `--batch-size 8` averages
+the same gradients in one batch.
+
+The base (`--cfw-base`) is a CFW checkpoint (to continue), or a VAE or SD 2.x checkpoint: the CFW
+autoencoder takes its VAE, and the fusion layers start as the official ones do. The official run starts
+from SD 2.1's VAE, which is also StableSR's (frozen) VAE.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .cfw import CFWAutoencoder, FusionLayer, ResidualDenseBlock
+from .cfw_data import CFWSamples
+from .cfw_loss import CFWLoss, CFWLossConfig
+from .cli import UsageError, pick_device, pick_dtype
+from .config import StableSRConfig
+from .model import load_cfw, resolve_config
+from .pipeline import upsample
+from .training import (RunFolder, StopRequest, TrainProgress, TrainState, autocast, check_option_ranges,
+                       command_options, derive_seeds, out_of_memory_is_a_usage_error, save_due)
+from .vae import AutoencoderKL
+from .weights import (WeightFiles, WeightsError, check_keys, config_metadata, guess_kind, load_module,
+                      mismatch_message)
+
+FUSION_PREFIX = "decoder.fusion_layer_"
+DISCRIMINATOR_PREFIX = "loss.discriminator."  # as the official checkpoint names it
+W_TRAIN = 1.0  # the fusion weight w during training (official `fusion_w: 1.0`)
+
+# ------------------------------------------------------------------------------------------------------
+# What trains
+
+
+def fusion_parameters(cfw: CFWAutoencoder) -> dict[str, nn.Parameter]:
+    """Every `decoder.fusion_layer_*` parameter, by checkpoint key, sorted."""
+    return {name: p for name, p in sorted(cfw.named_parameters()) if name.startswith(FUSION_PREFIX)}
+
+
+def prepare_for_training(cfw: CFWAutoencoder) -> dict[str, nn.Parameter]:
+    """Freeze everything but the fusion layers (which have no dropout or batch norm, so their mode
+    changes nothing; they are put in train mode as the official run has them)."""
+    cfw.requires_grad_(False).eval()
+    trainable = fusion_parameters(cfw)
+    for p in trainable.values():
+        p.requires_grad_(True)
+    for level in cfw.decoder.fusion_levels:
+        getattr(cfw.decoder, f"fusion_layer_{level}").train()
+    return trainable
+
+
+# ------------------------------------------------------------------------------------------------------
+# The model to start from
+
+
+def load_cfw_base(path: str, seed: int) -> tuple[CFWAutoencoder, StableSRConfig]:
+    """A CFW checkpoint (continue), or a VAE or SD 2.x one (its VAE, new fusion layers); with its config."""
+    files = WeightFiles([path])
+    kind = guess_kind(files.keys())
+    if kind == "stablesr":
+        raise WeightsError(f"{path}: is a StableSR checkpoint, which goes to `train cfw-data --weights`; "
+                           "--cfw-base takes a CFW checkpoint (to continue) or a VAE or SD 2.x checkpoint")
+    if kind not in ("cfw", "vae", "sd2"):
+        raise WeightsError(f"{path}: --cfw-base needs a CFW, VAE or SD 2.x checkpoint, but this is none of them")
+    cfg = resolve_config(files, None)
+    if kind == "cfw":
+        return load_cfw(path), cfg
+    return cfw_from_vae(files, cfg, seed), cfg
+
+
+def cfw_from_vae(files: WeightFiles, cfg: StableSRConfig, seed: int) -> CFWAutoencoder:
+    """The VAE (keys under `first_stage_model.`, or bare) for the encoder, decoder and quant convs; the fusion
+    layers as the official constructor leaves them, drawn from `seed`."""
+    prefix = "first_stage_model." if any(k.startswith("first_stage_model.") for k in files.keys()) else ""
+    with torch.device("meta"):
+        vae = AutoencoderKL(cfg.cfw)
+        cfw = CFWAutoencoder(cfg.cfw)
+    load_module(vae, files, prefix, what="the VAE of the CFW autoencoder")
+    missing, unexpected = cfw.load_state_dict(vae.state_dict(), strict=False, assign=True)
+    assert not unexpected and all(k.startswith(FUSION_PREFIX) for k in missing), "CFW is the VAE plus fusion layers"
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for level in cfw.decoder.fusion_levels:
+            fusion = getattr(cfw.decoder, f"fusion_layer_{level}")
+            fusion.to_empty(device="cpu")
+            init_fusion_like_official(fusion, generator)
+    return cfw.eval()
+
+
+@torch.no_grad()
+def init_fusion_like_official(fusion: FusionLayer, generator: torch.Generator) -> None:
+    """PyTorch's default initialisation (each layer's `reset_parameters`, from the global generator), except
+    the convolutions of the RRDBs' dense blocks: basicsr's `ResidualDenseBlock` re-initialises them with
+    `default_init_weights(..., 0.1)`, Kaiming-normal weights times 0.1 and zero biases, so that each
+    residual block starts close to the identity."""
+    for layer in fusion.modules():
+        if hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
+    for block in fusion.modules():
+        if isinstance(block, ResidualDenseBlock):
+            for conv in block.children():
+                nn.init.kaiming_normal_(conv.weight, generator=generator)
+                conv.weight.mul_(0.1)
+                nn.init.zeros_(conv.bias)
+
+
+def new_loss(cfg: CFWLossConfig, seed: int) -> CFWLoss:
+    """The loss with its discriminator, initialised from `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CFWLoss(cfg)
+
+
+@torch.no_grad()
+def discriminator_from(loss: CFWLoss, path: str) -> None:
+    """A CFW file that carries its discriminator (`loss.discriminator.*`: the official checkpoint, and the
+    checkpoints `train cfw` writes) continues with it; otherwise D keeps its fresh initialisation."""
+    files = WeightFiles([path])
+    found = {k[len(DISCRIMINATOR_PREFIX):]: k for k in files.keys() if k.startswith(DISCRIMINATOR_PREFIX)}
+    if not found:
+        return
+    expected = {k: list(v.shape) for k, v in loss.discriminator.state_dict().items()}
+    mismatch = check_keys(expected, {name: files.shape(key) for name, key in found.items()})
+    if any(mismatch):
+        raise WeightsError(mismatch_message(f"{path}: its {DISCRIMINATOR_PREFIX}* does not fit the PatchGAN", *mismatch))
+    loss.discriminator.load_state_dict({name: files.tensor(key) for name, key in found.items()})
+
+
+# ------------------------------------------------------------------------------------------------------
+# One step
+
+
+def reconstruct(cfw: CFWAutoencoder, lr: torch.Tensor, latent: torch.Tensor,
+                scale_factor: torch.Tensor) -> torch.Tensor:
+    """x_hat: the sampled latent decoded with the LR's encoder features fused in at w = 1 (Eq. 2).
+    lr in [0, 1], (B, 3, h, w); latent in diffusion space, (B, 4, H/8, W/8) -> x_hat (B, 3, H, W)."""
+    with torch.no_grad():
+        # F_e: the frozen encoder on the LR, bicubic-upsampled (and clamped) as inference upsamples it
+        lr_up = upsample(lr * 2 - 1, latent.shape[-2] * cfw.downscale / lr.shape[-2])
+        enc_features = cfw.encode_with_features(lr_up)[1]
+    # F_m = F_d + C(F_e, F_d; theta) * w, decoding the VAE latent latent / scale_factor
+    return cfw.decode(latent / scale_factor, enc_features, W_TRAIN)
+
+
+def train_step(cfw: CFWAutoencoder, loss: CFWLoss, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, batch, step: int, device: torch.device,
+               dtype: torch.dtype) -> dict[str, float]:
+    """L_G and (from disc_start) L_D on one batch, then one Adam step; `step` = steps taken before this
+    one. Returns the terms for the log.
+
+    Adam keeps its state per parameter, so one Adam over two parameter groups (fusion layers,
+    discriminator) is the official pair of Adams with the same settings; a parameter without a gradient
+    (the discriminator before disc_start) is left alone. Each loss is sent back only into its own group.
+    Two departures from the official Lightning loop, neither in what a step optimises: it runs the decoder
+    a second time for the discriminator's pass, after the generator's update, where D here scores this
+    step's x_hat (one decoder pass); and before disc_start it runs D and steps D's Adam with zero
+    gradients (D's weights stay; its BatchNorm running statistics, never used in training mode, and its
+    Adam step count move), where here D does not run, so its Adam bias correction starts at disc_start.
+    """
+    lr, gt, latent, scale_factor = (t.to(device) for t in batch)
+    target = gt * 2 - 1
+    fusion, discriminator = (group["params"] for group in optimizer.param_groups)
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, dtype):
+        reconstruction = reconstruct(cfw, lr, latent, scale_factor).float()
+        g_loss, terms = loss.generator_loss(target, reconstruction, step)
+    scaler.scale(g_loss).backward(inputs=fusion)
+    with autocast(device, dtype):
+        d_loss = loss.discriminator_loss(target, reconstruction, step)
+    if d_loss is not None:
+        scaler.scale(d_loss).backward(inputs=discriminator)
+        terms["d_loss"] = d_loss.item()
+    scaler.step(optimizer)
+    scaler.update()
+    return {"loss": g_loss.item(), **terms}
+
+
+# ------------------------------------------------------------------------------------------------------
+# The command
+
+
+@dataclass
+class CFWOptions:
+    out: str  # the run folder
+    steps: int  # optimizer steps in total (a resumed run continues up to it)
+    cfw_base: str | None = None  # a CFW, VAE or SD 2.x safetensors file
+    data: list[str] | None = None  # folders written by `train cfw-data`
+    batch_size: int = 8  # samples per step (official: 1 with 8 accumulated)
+    lr: float = 5e-5  # Adam learning rate of the fusion layers and the discriminator (official 5e-5)
+    disc_start: int = 501  # steps before the adversarial terms switch on (official 501)
+    seed: int = 0
+    device: str | None = None
+    dtype: str = "float32"  # autocast dtype on a GPU; the weights stay float32
+    resume: bool = False
+    save_every: int = 500  # steps between saves (and at the end, and on Ctrl-C)
+    val_every: int = 100  # steps between validation L1 losses (0: never)
+
+
+# Options a resumed run keeps from its start (the others may change: steps, device, dtype, save/val).
+KEPT_OPTIONS = ("cfw_base", "data", "batch_size", "lr", "disc_start", "seed")
+
+
+def run_train_cfw(args) -> None:
+    """`python -m stablesr_min train cfw ...`: argparse's namespace (None where an option was not given)
+    -> CFWOptions -> train_cfw. A resumed run takes its kept options from its state."""
+    required = {"cfw_base": "--cfw-base FILE", "data": "--data DIR"}
+    train_cfw(*command_options(args, CFWOptions, ("cfw_base", "data"), KEPT_OPTIONS, required))
+
+
+def check_options(opts: CFWOptions) -> None:
+    check_option_ranges(opts, ("steps", "batch_size"), ("disc_start", "save_every", "val_every"), ("lr",))
+
+
+def train_cfw(opts: CFWOptions, state: TrainState | None = None) -> None:
+    """Train the fusion layers for `opts.steps` steps in all; with `state` (and `opts.resume`), continue."""
+    check_options(opts)
+    run = RunFolder(opts.out, resume=opts.resume)
+    device = pick_device(opts.device)
+    dtype = pick_dtype(opts.dtype, device)
+    seeds = derive_seeds(opts.seed, ["data", "init", "discriminator"])
+    if opts.resume and state is None:
+        state = run.load_state()
+
+    # The model: the run's last checkpoint, or the base file
+    if state:
+        cfw, cfg = load_cfw(run.checkpoint_path), resolve_config(WeightFiles([run.checkpoint_path]), None)
+    else:
+        cfw, cfg = load_cfw_base(opts.cfw_base, seeds["init"])
+    samples = CFWSamples(opts.data, opts.batch_size, seeds["data"], cfw.downscale, cfg.cfw.embed_dim)
+    cfw.to(device)
+    trainable = prepare_for_training(cfw)
+    loss = new_loss(CFWLossConfig(disc_start=opts.disc_start), seeds["discriminator"])
+    if not state:
+        discriminator_from(loss, opts.cfw_base)
+    loss.to(device)
+
+    # Adam as the official (betas 0.5, 0.9, no weight decay); a loss scaler for float16
+    optimizer = torch.optim.Adam([{"params": list(trainable.values())},
+                                  {"params": list(loss.discriminator.parameters())}], lr=opts.lr, betas=(0.5, 0.9))
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    step, seconds = 0, 0.0
+    if state:
+        step, seconds = restore(state, trainable, loss, optimizer, scaler, samples)
+        run.keep_log_until(step)
+    validation = samples.load(list(range(min(opts.batch_size, len(samples.samples))))) if opts.val_every else None
+
+    n_trainable = sum(p.numel() for p in trainable.values())
+    n_frozen = sum(p.numel() for p in cfw.parameters()) - n_trainable
+    print(f"train cfw: {len(samples.samples)} samples of {samples.gt_size[1]}x{samples.gt_size[0]}; "
+          f"{n_trainable / 1e6:.2f} M trainable parameters, {n_frozen / 1e6:.2f} M frozen; batch {opts.batch_size}; "
+          f"adversarial from step {opts.disc_start}; {device}, {opts.dtype}; steps {step} -> {opts.steps}",
+          file=sys.stderr)
+
+    def save() -> None:
+        # The checkpoint carries D as the official one does (`loss.` keys, which loading a CFW ignores)
+        discriminator = {DISCRIMINATOR_PREFIX + k: v for k, v in loss.discriminator.state_dict().items()}
+        weights = {k: p.detach() for k, p in trainable.items()} | discriminator
+        state = TrainState(step, {k: getattr(opts, k) for k in KEPT_OPTIONS}, weights, optimizer.state_dict(),
+                           {}, samples.state_dict(), {"seconds": seconds, "scaler": scaler.state_dict()})
+        run.save(cfw.state_dict() | discriminator, config_metadata(cfg.to_json()), state)
+
+    progress = TrainProgress("train cfw", opts.steps, step)
+    hint = "lower --batch-size, or use --dtype bfloat16"
+    with StopRequest() as stop, out_of_memory_is_a_usage_error(device, hint):
+        while step < opts.steps and not stop.requested:
+            started = time.monotonic()
+            terms = train_step(cfw, loss, optimizer, scaler, samples.next_batch(), step, device, dtype)
+            step += 1
+            seconds += time.monotonic() - started
+
+            record = {"step": step, **terms, "lr": opts.lr, "seconds": round(seconds, 3)}
+            if validation is not None and step % opts.val_every == 0:
+                record["val_l1"] = validation_l1(cfw, validation, device, dtype)
+            run.log(record)
+            progress.update(step, record["loss"])
+            if save_due(step, opts.steps, opts.save_every, stop):
+                save()
+    run.finish(step, opts.steps)
+
+
+@torch.no_grad()
+def validation_l1(cfw: CFWAutoencoder, batch, device: torch.device, dtype: torch.dtype) -> float:
+    """mean |GT - x_hat| on a fixed batch (the first samples): the same inputs at every measurement."""
+    lr, gt, latent, scale_factor = (t.to(device) for t in batch)
+    with autocast(device, dtype):
+        reconstruction = reconstruct(cfw, lr, latent, scale_factor).float()
+    return (gt * 2 - 1 - reconstruction).abs().mean().item()
+
+
+def restore(state: TrainState, trainable: dict[str, nn.Parameter], loss: CFWLoss, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, samples: CFWSamples) -> tuple[int, float]:
+    """Put a saved state back in place; returns (step, seconds trained)."""
+    discriminator = {k[len(DISCRIMINATOR_PREFIX):]: v for k, v in state.weights.items()
+                     if k.startswith(DISCRIMINATOR_PREFIX)}
+    fusion = {k: v for k, v in state.weights.items() if not k.startswith(DISCRIMINATOR_PREFIX)}
+    if sorted(fusion) != sorted(trainable) or sorted(discriminator) != sorted(loss.discriminator.state_dict()):
+        raise UsageError("the run's state does not match its checkpoint's fusion layers; start a new run")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(fusion[name])
+    loss.discriminator.load_state_dict(discriminator)
+    optimizer.load_state_dict(state.optimizer)
+    scaler.load_state_dict(state.extra["scaler"])
+    samples.load_state_dict(state.data)
+    return state.step, state.extra["seconds"]

@@ -1,0 +1,253 @@
+"""Training CFW (paper Sec. 3.2) on the golden-size weights: the data it samples, what trains, the loss's
+schedule, resuming, and one clear line for each bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from stablesr_min.cfw_data import CFWSamples, DataFolder
+from stablesr_min.cfw_loss import CFWLossConfig, PatchDiscriminator
+from stablesr_min.cfw import ResidualDenseBlock
+from stablesr_min.cli import main
+from stablesr_min.config import StableSRConfig
+from stablesr_min.model import load_stablesr
+from stablesr_min.train_cfw import (FUSION_PREFIX, discriminator_from, load_cfw_base, new_loss,
+                                    prepare_for_training, train_step)
+from stablesr_min.weights import WeightFiles, WeightsError
+
+ROOT = Path(__file__).resolve().parent.parent
+GENERATE = ["--count", "4", "--steps", "2", "--gt-size", "64"]  # the issue's command (batch: the default 6)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Two smooth random photos of different sizes, one smaller than the crop (so it is padded)."""
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"a.png": (90, 120), "b.jpg": (60, 100)}.items():
+        coarse = rng.uniform(0, 255, (h // 10 + 1, w // 10 + 1, 3)).astype(np.uint8)
+        Image.fromarray(coarse).resize((w, h), Image.BICUBIC).save(folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(golden_weights, photos, tmp_path_factory):
+    """`train cfw-data` exactly as the issue runs it: 4 samples, 2 steps, 64 px crops."""
+    out = tmp_path_factory.mktemp("cfw") / "DATA"
+    assert main(["train", "cfw-data", "--weights", str(golden_weights[0]), "--data", str(photos),
+                 "--out", str(out), *GENERATE]) == 0
+    return out
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "stablesr_min", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def tensors(path):
+    return load_file(str(path))
+
+
+# ------------------------------------------------------------------------------------------------------
+# The data
+
+
+def test_generated_samples_decode_to_their_gt_size(data, stablesr):
+    folder = DataFolder(data)
+    assert folder.indices() == [0, 1, 2, 3]
+    assert json.loads((data / "generation.json").read_text())["dropped"] == []
+    for i in folder.indices():
+        latent = tensors(folder.latent(i))["latent"]
+        gt, lr = Image.open(folder.gt(i)), Image.open(folder.lr(i))
+        assert gt.size == (64, 64) and lr.size == (16, 16)
+        assert latent.shape == (1, 4, 8, 8) and latent.dtype == torch.float32 and torch.isfinite(latent).all()
+        assert float(WeightFiles([folder.latent(i)]).metadata["stablesr_min.scale_factor"]) == 0.18215
+        with torch.no_grad():
+            decoded = stablesr.vae.decode(latent / 0.18215)  # the plain VAE decoder
+        assert decoded.shape == (1, 3, gt.size[1], gt.size[0])
+
+
+def test_a_continued_generation_writes_what_an_uninterrupted_one_does(data, tmp_path):
+    out = tmp_path / "DATA"
+    shutil.copytree(data, out)
+    for name in ("latent/00000002.safetensors", "latent/00000003.safetensors", "lr/00000000.png"):
+        (out / name).unlink()  # as if stopped after sample 1 (sample 0 incomplete: it is made again)
+    assert main(["train", "cfw-data", "--out", str(out), "--count", "4"]) == 0  # options from generation.json
+    for sub, ext in [("lr", "png"), ("gt", "png"), ("latent", "safetensors")]:
+        for i in range(4):
+            name = f"{sub}/{i:08d}.{ext}"
+            assert (out / name).read_bytes() == (data / name).read_bytes(), name
+
+
+def test_samples_come_in_a_seeded_order_that_resumes(data):
+    a = CFWSamples([data], 3, seed=5, factor=8, latent_channels=4)
+    first = [a.next_batch() for _ in range(3)]  # crosses an epoch (4 samples)
+    b = CFWSamples([data], 3, seed=5, factor=8, latent_channels=4)
+    b.next_batch()
+    b.load_state_dict(a.state_dict() | {"used": torch.tensor(3)})
+    for x, y in zip(first[1], b.next_batch()):
+        assert torch.equal(x, y)
+    lr, gt, latent, scale_factor = first[0]
+    assert lr.shape == (3, 3, 16, 16) and gt.shape == (3, 3, 64, 64) and latent.shape == (3, 4, 8, 8)
+    assert scale_factor.flatten().tolist() == pytest.approx([0.18215] * 3)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The model and the loss
+
+
+def test_a_vae_base_gives_its_vae_and_seeded_official_fusion_layers(golden_weights, stablesr, tmp_path):
+    vae_only = tmp_path / "vae.safetensors"
+    files = WeightFiles([golden_weights[0]])
+    save_file({k: files.tensor(k) for k in files.keys() if k.startswith("first_stage_model.")}, vae_only,
+              metadata=files.metadata)
+    cfw, cfg = load_cfw_base(str(vae_only), seed=3)
+    again, _ = load_cfw_base(str(vae_only), seed=3)
+    other, _ = load_cfw_base(str(vae_only), seed=4)
+    vae = stablesr.vae.state_dict()
+    state, state_again, state_other = cfw.state_dict(), again.state_dict(), other.state_dict()
+    assert sorted(k for k in state if not k.startswith(FUSION_PREFIX)) == sorted(vae)
+    for k, v in vae.items():
+        assert torch.equal(state[k], v), k
+    fusion = [k for k in state if k.startswith(FUSION_PREFIX)]
+    assert fusion and all(torch.equal(state[k], state_again[k]) for k in fusion)
+    assert any(not torch.equal(state[k], state_other[k]) for k in fusion)
+    for block in cfw.modules():
+        if isinstance(block, ResidualDenseBlock):  # basicsr: Kaiming-normal x 0.1, zero bias
+            for conv in block.children():
+                assert not conv.bias.any()
+                fan_in = conv.weight[0].numel()
+                assert conv.weight.std().item() == pytest.approx(0.1 * (2 / fan_in) ** 0.5, rel=0.15)
+    assert cfg.cfw.ch == StableSRConfig.from_json(files.config_json()).vae.ch
+
+
+def test_patch_discriminator_is_taming_three_layer_patchgan():
+    d = PatchDiscriminator(CFWLossConfig())
+    shapes = {k: tuple(v.shape) for k, v in d.state_dict().items()}
+    assert shapes["main.0.weight"] == (64, 3, 4, 4) and "main.0.bias" in shapes
+    assert shapes["main.2.weight"] == (128, 64, 4, 4) and "main.2.bias" not in shapes
+    assert shapes["main.5.weight"] == (256, 128, 4, 4) and shapes["main.8.weight"] == (512, 256, 4, 4)
+    assert shapes["main.9.running_var"] == (512,) and shapes["main.11.weight"] == (1, 512, 4, 4)
+    assert d(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 6, 6)
+    assert not d.main[3].bias.any() and d.main[2].weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_the_discriminator_waits_for_disc_start(golden_weights, data):
+    cfw, _ = load_cfw_base(str(golden_weights[1]), seed=0)
+    trainable = prepare_for_training(cfw)
+    loss = new_loss(CFWLossConfig(disc_start=2), seed=0)
+    optimizer = torch.optim.Adam([{"params": list(trainable.values())},
+                                  {"params": list(loss.discriminator.parameters())}], lr=1e-3, betas=(0.5, 0.9))
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    batch = CFWSamples([data], 2, seed=0, factor=8, latent_channels=4).next_batch()
+    start = {k: v.clone() for k, v in loss.discriminator.state_dict().items()}
+    for step in range(2):
+        terms = train_step(cfw, loss, optimizer, scaler, batch, step, torch.device("cpu"), torch.float32)
+        assert terms["g_adv"] == 0.0 and "d_loss" not in terms and terms["loss"] == terms["l1"]
+        for k, v in loss.discriminator.state_dict().items():  # weights and BatchNorm buffers alike
+            assert torch.equal(v, start[k]), k
+    terms = train_step(cfw, loss, optimizer, scaler, batch, 2, torch.device("cpu"), torch.float32)
+    assert terms["g_adv"] != 0.0 and terms["d_loss"] > 0
+    assert terms["loss"] == pytest.approx(terms["l1"] + 0.025 * terms["g_adv"], rel=1e-6)
+    assert all(not torch.equal(p, start[k]) for k, p in loss.discriminator.named_parameters())
+
+
+# ------------------------------------------------------------------------------------------------------
+# The command
+
+
+@pytest.fixture(scope="module")
+def runs(golden_weights, data, tmp_path_factory):
+    """The issue's `train cfw` command (plus an adversarial start at step 1 and a validation at step 3), and
+    the same run stopped at step 2 and resumed."""
+    folder = tmp_path_factory.mktemp("runs")
+    args = ["train", "cfw", "--cfw-base", str(golden_weights[1]), "--data", str(data), "--batch-size", "2",
+            "--disc-start", "1", "--val-every", "3"]
+    assert main([*args, "--out", str(folder / "A"), "--steps", "3"]) == 0
+    assert main([*args, "--out", str(folder / "B"), "--steps", "2"]) == 0
+    assert main(["train", "cfw", "--out", str(folder / "B"), "--steps", "3", "--resume"]) == 0
+    return folder / "A", folder / "B"
+
+
+def test_train_cfw_changes_only_the_fusion_layers_and_upscale_takes_the_result(golden_weights, data, runs, tmp_path):
+    stablesr, base = golden_weights
+    run = runs[0]
+    before, after = tensors(base), tensors(run / "last.safetensors")
+    assert sorted(k for k in after if not k.startswith("loss.discriminator.")) == sorted(before)
+    assert any(k.startswith(FUSION_PREFIX) for k in before)
+    for k in before:
+        assert torch.equal(before[k], after[k]) != k.startswith(FUSION_PREFIX), k
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and [("val_l1" in r) for r in log] == [False, False, True]
+    assert log[0]["g_adv"] == 0 and "d_loss" not in log[0] and all(r["g_adv"] != 0 and "d_loss" in r for r in log[1:])
+
+    up = tmp_path / "up"
+    assert main(["upscale", str(data / "lr" / "00000000.png"), "--out", str(up), "--cfw", str(run / "last.safetensors"),
+                 "--weights", str(stablesr), "--steps", "2", "--tile", "16", "--overlap", "6"]) == 0
+    assert Image.open(up / "00000000.png").size == (64, 64)
+
+
+def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(runs):
+    for name in ("last.safetensors", "state.safetensors"):
+        a, b = (tensors(run / name) for run in runs)
+        assert sorted(a) == sorted(b)
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}: {k}"
+    state = tensors(runs[0] / "state.safetensors")
+    # the checkpoint carries D as the official does; a new run from it (--cfw-base RUN/last) starts D there
+    loss = new_loss(CFWLossConfig(), seed=9)
+    discriminator_from(loss, str(runs[0] / "last.safetensors"))
+    for k, v in loss.discriminator.state_dict().items():
+        assert torch.equal(v, state["weights.loss.discriminator." + k]), k
+    assert "weights.loss.discriminator.main.3.running_mean" in state
+    # Adam moments for every fusion parameter and every discriminator parameter (it trained from step 1)
+    n_fusion = sum(k.startswith("weights." + FUSION_PREFIX) for k in state)
+    n_discriminator = len(list(PatchDiscriminator(CFWLossConfig()).parameters()))
+    assert sum(k.endswith(".exp_avg") for k in state) == n_fusion + n_discriminator
+    logs = [(run / "log.jsonl").read_text() for run in runs]
+    assert [json.loads(line)["loss"] for line in logs[0].splitlines()] == \
+        [json.loads(line)["loss"] for line in logs[1].splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Bad input: one line, exit code 2
+
+
+def test_bad_input_ends_in_one_clear_line(golden_weights, data, tmp_path):
+    stablesr, cfw = golden_weights
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = tmp_path / "bad"
+    shutil.copytree(data, bad)
+    save_file({"latent": torch.zeros(1, 4, 4, 4)}, bad / "latent" / "00000001.safetensors",
+              metadata={"stablesr_min.scale_factor": "0.18215"})
+    cases = {
+        f"{empty}: holds no CFW training samples (latent/*.safetensors); make them with `python -m stablesr_min "
+        "train cfw-data`": ["train", "cfw", "--cfw-base", cfw, "--data", empty, "--out", tmp_path / "r1", "--steps", 1],
+        f"{empty}: no images found (.png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff, in it or its subfolders)":
+            ["train", "cfw-data", "--weights", stablesr, "--data", empty, "--out", tmp_path / "d", *GENERATE],
+        f"{bad / 'latent' / '00000001.safetensors'}: latent of shape [1, 4, 4, 4] does not match its GT "
+        f"{bad / 'gt' / '00000001.png'} (64x64): the decoder needs (1, 4, H/8, W/8); generate the sample again "
+        "with this model's weights, or remove it":
+            ["train", "cfw", "--cfw-base", cfw, "--data", bad, "--out", tmp_path / "r2", "--steps", 1],
+        f"{stablesr}: is a StableSR checkpoint, which goes to `train cfw-data --weights`; --cfw-base takes a CFW "
+        "checkpoint (to continue) or a VAE or SD 2.x checkpoint":
+            ["train", "cfw", "--cfw-base", stablesr, "--data", data, "--out", tmp_path / "r3", "--steps", 1],
+    }
+    for message, args in cases.items():
+        result = run_cli(*args)
+        assert (result.returncode, result.stderr) == (2, f"error: {message}\n"), args
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_stablesr_file_is_refused_as_cfw_base(golden_weights):
+    with pytest.raises(WeightsError, match="is a StableSR checkpoint"):
+        load_cfw_base(str(golden_weights[0]), seed=0)

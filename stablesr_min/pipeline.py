@@ -335,11 +335,11 @@ class StableSRPipeline:
         upsampled = upsample(lr, opts.scale)
         canvas = self.canvas(upsampled, opts)
         z0 = self.encode(canvas, noises.vae, opts, generator)
-        noise = noises.x_T if noises.x_T is not None else draw(z0, generator)
+        noise = (noises.x_T if noises.x_T is not None else draw(z0, generator)).to(z0)
         # The official DDIM canvas script computes q(x_999 | z_0) too, then discards it (`x_T = None`) and
         # starts from pure noise; its DDPM canvas script (and its untiled DDIM script) start from
         # q(x_999 | z_0). Each sampler starts as its official canvas script does.
-        x_T = noise.to(z0) if opts.sampler == "ddim" else start_latent(self.train_schedule, z0, noise)
+        x_T = noise if opts.sampler == "ddim" else start_latent(self.train_schedule, z0, noise)
         context = text_context(self.model, opts.prompt, lr.shape[0])
         x0 = self.sample(x_T, z0, context, opts, noises.steps, generator, weights, progress, on_step)
         return Sampled(upsampled, canvas, x0)

@@ -278,6 +278,10 @@ def add_train_sr_parser(train_sub) -> None:
     sr.add_argument("--resume", action="store_true", help="continue the run in --out")
     sr.add_argument("--save-every", type=int, help="steps between saves (default 500; 0: only at the end and on Ctrl-C, as always)")
     sr.add_argument("--val-every", type=int, help="steps between validation losses (default 100; 0: never)")
+    sr.add_argument("--checkpointing", action="store_true", default=None,
+                    help="recompute the UNet's blocks in the backward pass (gradient checkpointing): less memory")
+    sr.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                    help="under torchrun: seconds a process waits for the others before giving up (default 600)")
     sr.set_defaults(run=cmd_train_sr)
 
 

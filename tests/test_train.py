@@ -204,7 +204,7 @@ def test_out_of_memory_is_one_line(base, photos, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.splitlines()[-1] == ("error: out of memory on cpu: lower --batch-size or --gt-size (--grad-accum "
-                                    "keeps the effective batch), or use --dtype bfloat16")
+                                    "keeps the effective batch), use --checkpointing, or use --dtype bfloat16")
 
 
 @pytest.fixture(scope="module")

@@ -351,7 +351,7 @@ def distribute(network: nn.Module, procs: Processes) -> nn.Module:
     if not procs.distributed:
         return network
     device_ids = [procs.device.index] if procs.device.type == "cuda" else None
-    return DistributedDataParallel(network, device_ids=device_ids, broadcast_buffers=False)
+    return DistributedDataParallel(network, device_ids=device_ids)
 
 
 def gradient_sync(network: nn.Module, last_micro_batch: bool):

@@ -315,11 +315,19 @@ def torchrun_processes(device_name: str | None, timeout_s: float) -> Iterator[Pr
         if rank != 0:
             raise SystemExit(130) from None
         raise
-    except dist.DistError as e:  # a peer died or a collective timed out
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except RuntimeError as e:
+        if not lost_a_process(e):
+            raise
+        first_line = str(e).strip().splitlines()[0]
         print(f"error: rank {rank}: lost the other processes of the run ({first_line}); continue from the "
               "last checkpoint with --resume", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def lost_a_process(error: RuntimeError) -> bool:
+    """A collective operation failed: a peer died or did not answer within --dist-timeout. NCCL says so
+    with a DistError; gloo with a plain RuntimeError from its sources."""
+    return isinstance(error, dist.DistError) or "gloo" in str(error)
 
 
 def join_processes(device_name: str | None, timeout_s: float) -> Processes:

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from stablesr_min.model import load_stablesr
 from stablesr_min.pipeline import text_context
 from stablesr_min.schedule import Schedule
 from stablesr_min.train import Denoiser, diffusion_loss, is_trainable, prepare_for_finetuning
-from stablesr_min.training import distribute, torchrun_processes
+from stablesr_min.training import distribute, mean_over_ranks, torchrun_processes
 from stablesr_min.weights import save_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +112,46 @@ def test_two_processes_of_batch_1_average_to_the_gradients_of_batch_2(base, tmp_
                 assert grad.norm() < 1e-7 * total, f"rank {rank}: d loss / d {name} should be ~0"
             else:
                 assert relative_error(grad, reference[name]) <= 1e-5, f"rank {rank}: d loss / d {name}"
+
+
+def hanging_worker(rank: int, port: int, err: Path) -> None:
+    """Rank 1 joins, then stops answering; rank 0 waits for it in an all-reduce, at most 2 s."""
+    torch.set_num_threads(1)
+    os.environ |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port)}
+    sys.stderr = open(err, "w", buffering=1)
+    with torchrun_processes("cpu", 2) as procs:
+        if rank == 1:
+            time.sleep(300)
+        mean_over_ranks(procs, 1.0)
+
+
+def test_a_process_that_stops_answering_makes_the_others_exit_after_the_timeout(tmp_path):
+    port, spawn = free_port(), mp.get_context("spawn")
+    ranks = [spawn.Process(target=hanging_worker, args=(rank, port, tmp_path / f"err{rank}")) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    ranks[0].join(120)
+    ranks[1].kill()
+    ranks[1].join()
+    assert ranks[0].exitcode == 1
+    lines = (tmp_path / "err0").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0: lost the other processes of the run (")
+    assert "Timed out" in lines[0] and lines[0].endswith("); continue from the last checkpoint with --resume")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(base):
+    model = load_stablesr([base])
+    trainable = prepare_for_finetuning(model)
+    plain = {name: g.clone() for name, g in gradients(model, trainable, Denoiser(model), rank=None).items()}
+    model.zero_grad(set_to_none=True)
+    model.unet.checkpointing = True
+    calls = []
+    model.unet.middle_block.register_forward_hook(lambda *args: calls.append(1))
+    recomputed = gradients(model, trainable, Denoiser(model), rank=None)
+    assert len(calls) == 2  # the forward pass, and its recomputation in the backward pass
+    for name, grad in plain.items():
+        assert torch.equal(recomputed[name], grad), name
 
 
 # ------------------------------------------------------------------------------------------------------

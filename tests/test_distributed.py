@@ -147,7 +147,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(base):
     model.zero_grad(set_to_none=True)
     model.unet.checkpointing = True
     calls = []
-    model.unet.middle_block.register_forward_hook(lambda *args: calls.append(1))
+    model.unet.middle_block.register_forward_pre_hook(lambda *args: calls.append(1))
     recomputed = gradients(model, trainable, Denoiser(model), rank=None)
     assert len(calls) == 2  # the forward pass, and its recomputation in the backward pass
     for name, grad in plain.items():

@@ -22,7 +22,12 @@ computes it (`LatentDiffusionSRTextWT.get_input`, `forward`, `p_losses`):
 Trainable: every `.spade.` parameter of the UNet and the whole time-aware encoder; the VAE, the text
 encoder and the rest of the UNet are frozen (no gradients, eval mode). AdamW with the official settings
 (lr 5e-5, PyTorch's default betas (0.9, 0.999) and weight decay 0.01; constant lr). The official run
-used batch 6 per GPU x 8 GPUs x 4 accumulated batches (`--grad-accum`).
+used batch 6 per GPU x 8 GPUs x 4 accumulated batches (`--grad-accum`):
+
+    torchrun --nproc_per_node 8 -m stablesr_min train sr ... --batch-size 6 --grad-accum 4
+
+runs this file in 8 processes; what they share (joining, seeds per rank, rank 0 writing, averaging the
+gradients) is in training.py.
 """
 
 from __future__ import annotations
@@ -252,7 +257,6 @@ class SROptions:
     save_every: int = 500  # steps between saves (and at the end, and on Ctrl-C)
     val_every: int = 100  # steps between validation losses (0: never)
     checkpointing: bool = False  # recompute the UNet's blocks in the backward pass: less memory, ~1/3 slower
-    dist_timeout: float = DIST_TIMEOUT  # seconds before a collective operation gives up on the other processes
 
 
 # Options a resumed run keeps from its start; it also keeps STORED_OPTIONS unless they are given again
@@ -266,7 +270,8 @@ def run_train_sr(args) -> None:
     """`python -m stablesr_min train sr ...` (or `torchrun ... -m stablesr_min train sr ...`): argparse's
     namespace (None where an option was not given) -> SROptions -> train_sr, in every process of the run.
     A resumed run takes its kept options from its state."""
-    with torchrun_processes(args.device, args.dist_timeout or DIST_TIMEOUT) as procs:
+    timeout = DIST_TIMEOUT if args.dist_timeout is None else args.dist_timeout
+    with torchrun_processes(args.device, timeout) as procs:
         opts, state = sr_options(args)
         train_sr(opts, procs, state)
 

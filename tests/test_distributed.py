@@ -19,13 +19,14 @@ from safetensors import safe_open
 
 from stablesr_min import train as train_module
 from stablesr_min import weights
-from stablesr_min.cli import main
+from stablesr_min.cli import UsageError, main
 from stablesr_min.golden import relative_error
 from stablesr_min.model import load_stablesr
 from stablesr_min.pipeline import text_context
 from stablesr_min.schedule import Schedule
 from stablesr_min.train import Denoiser, diffusion_loss, is_trainable, prepare_for_finetuning
-from stablesr_min.training import distribute, mean_over_ranks, torchrun_processes
+from stablesr_min.training import (Processes, TrainState, check_world_size, distribute, mean_over_ranks,
+                                    torchrun_processes)
 from stablesr_min.weights import save_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,3 +237,12 @@ def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint_whole(ba
     assert {name: (out / name).read_bytes() for name in saved} == saved
     assert sorted(p.name for p in out.iterdir()) == ["last.safetensors", "log.jsonl", "state.safetensors"]
     assert load_stablesr([out / "last.safetensors"]) is not None
+
+
+def test_a_run_resumes_on_as_many_processes_as_it_ran_on():
+    state = TrainState(4, {}, {}, {"state": {}, "param_groups": []}, {}, {}, {"world_size": 2})
+    check_world_size(state, Processes(torch.device("cpu"), rank=1, world_size=2))
+    with pytest.raises(UsageError) as error:
+        check_world_size(state, Processes(torch.device("cpu")))
+    assert str(error.value) == ("--resume: this run was trained by 2 process(es), this one has 1; resume it "
+                                "with the same number (torchrun --nproc_per_node ..., x machines)")

@@ -50,6 +50,7 @@ def base(golden_weights) -> Path:
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
+    """Two photos larger than the 128 px crops of the torchrun run (batch 1 needs a 2x2 deepest level)."""
     folder = tmp_path_factory.mktemp("photos")
     images = ROOT.parent / "shared" / "images"
     Image.open(images / "rocket.jpg").crop((0, 0, 200, 160)).save(folder / "rocket.png")

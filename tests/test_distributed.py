@@ -160,18 +160,30 @@ def test_gradient_checkpointing_gives_the_same_gradients(base):
 # torchrun
 
 
-def test_torchrun_with_2_processes_writes_one_run_that_upscales(base, photos, golden_weights, tmp_path):
-    out = tmp_path / "run"
+def torchrun(*args) -> subprocess.CompletedProcess:
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-               "-m", "stablesr_min", "train", "sr", "--base", str(base), "--data", str(photos), "--out", str(out),
-               "--steps", "2", "--device", "cpu", "--batch-size", "1", "--gt-size", "128", "--val-every", "1"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+               "-m", "stablesr_min", "train", "sr", "--device", "cpu", *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_with_2_processes_writes_one_run_that_resumes_and_upscales(base, photos, golden_weights,
+                                                                             tmp_path):
+    out, stopped = tmp_path / "run", tmp_path / "stopped"
+    options = ["--base", base, "--data", photos, "--batch-size", 1, "--gt-size", 128, "--val-every", 1]
+    done = torchrun("--out", out, "--steps", 2, *options)
     assert done.returncode == 0, done.stderr
     assert "global batch 2 = 1 per process x 2 process(es) x 1 accumulated" in done.stderr
     assert done.stderr.count("train sr: step 2/2") == 1  # rank 0 alone reports
     assert sorted(p.name for p in out.iterdir()) == ["last.safetensors", "log.jsonl", "state.safetensors"]
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
+
+    # a run of 1 step resumed to 2 on 2 processes: every rank continues its own streams
+    assert torchrun("--out", stopped, "--steps", 1, *options).returncode == 0
+    assert torchrun("--out", stopped, "--steps", 2, "--resume").returncode == 0
+    for name in ("last.safetensors", "state.safetensors"):
+        ours, theirs = tensors(stopped / name), tensors(out / name)
+        assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours), name
 
     # every rank's random streams are in the one state file
     state = tensors(out / "state.safetensors")

@@ -419,6 +419,10 @@ def add_train_sr_parser(train_sub) -> None:
     sr.add_argument("--time-blind", action="store_true", default=None,
                     help="ablation: the encoder always sees t = 0 (stored in the config, so sampling does too)")
     add_run_options(sr, "validation losses")
+    sr.add_argument("--checkpointing", action="store_true", default=None,
+                    help="recompute the UNet's blocks in the backward pass (gradient checkpointing): less memory")
+    sr.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                    help="under torchrun: seconds a process waits for the others before giving up (default 600)")
     sr.set_defaults(run=cmd_train_sr)
 
 

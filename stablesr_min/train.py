@@ -22,7 +22,12 @@ computes it (`LatentDiffusionSRTextWT.get_input`, `forward`, `p_losses`):
 Trainable: every `.spade.` parameter of the UNet and the whole time-aware encoder; the VAE, the text
 encoder and the rest of the UNet are frozen (no gradients, eval mode). AdamW with the official settings
 (lr 5e-5, PyTorch's default betas (0.9, 0.999) and weight decay 0.01; constant lr). The official run
-used batch 6 per GPU x 8 GPUs x 4 accumulated batches (`--grad-accum`).
+used batch 6 per GPU x 8 GPUs x 4 accumulated batches (`--grad-accum`):
+
+    torchrun --nproc_per_node 8 -m stablesr_min train sr ... --batch-size 6 --grad-accum 4
+
+runs this file in 8 processes; what they share (joining, seeds per rank, rank 0 writing, averaging the
+gradients) is in training.py.
 """
 
 from __future__ import annotations
@@ -36,14 +41,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli import UsageError, pick_device, pick_dtype
+from .cli import UsageError, pick_dtype
 from .config import StableSRConfig
 from .model import StableSR, load_stablesr, resolve_config
 from .pipeline import draw, text_context, upsample
 from .schedule import Schedule
 from .time_encoder import AttentionBlock, TimeAwareEncoder
-from .training import (RunFolder, StopRequest, TrainProgress, TrainState, autocast, check_option_ranges,
-                       command_options, derive_seeds, out_of_memory_is_a_usage_error, save_due)
+from .training import (DIST_TIMEOUT, Processes, RunFolder, StopRequest, TrainProgress, TrainState, any_rank,
+                       autocast, check_option_ranges, check_world_size, command_options, derive_seeds, distribute,
+                       gather_ranks, gradient_sync, mean_over_ranks, of_rank, out_of_memory_is_a_usage_error,
+                       rank_seed, save_due, stop_on_non_finite, torchrun_processes)
 from .unet import SFT, ResBlock
 from .vae import DiagonalGaussian
 from .weights import KIND_HINTS, WeightFiles, WeightsError, config_metadata, guess_kind
@@ -155,18 +162,32 @@ def encode(model: StableSR, image: torch.Tensor, generator: torch.Generator | No
     return model.cfg.diffusion.scale_factor * posterior.sample(draw(posterior.mean, generator))
 
 
-def diffusion_loss(model: StableSR, schedule: Schedule, z_lr: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
+class Denoiser(nn.Module):
+    """eps_theta(z_t, t, c, s(z_lr, t)): the UNet conditioned by the time-aware encoder, the networks that
+    a training step runs with gradients, as one module. With several processes, DistributedDataParallel
+    wraps this module (training.distribute): it holds every trainable parameter, and DDP leaves its
+    frozen ones (requires_grad False) out of the gradient all-reduce."""
+
+    def __init__(self, model: StableSR):
+        super().__init__()
+        self.unet, self.time_encoder = model.unet, model.time_encoder  # the model's own modules, shared
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, z_lr: torch.Tensor) -> torch.Tensor:
+        # s: the time-aware encoder's features of the LR latent, one per UNet width
+        struct_cond = self.time_encoder(z_lr, t)
+        # eps_theta(z_t, t, c, s)
+        return self.unet(z_t, t, context, struct_cond)
+
+
+def diffusion_loss(denoiser: nn.Module, schedule: Schedule, z_lr: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
                    noise: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """|| eps_theta(z_t, t, c, s(z_lr, t)) - target ||^2, averaged over every element (so over the batch
-    of per-sample means)."""
-    # s: the time-aware encoder's features of the LR latent, one per UNet width
-    struct_cond = model.time_encoder(z_lr, t)
+    of per-sample means); `denoiser` is a Denoiser, or one wrapped for several processes."""
     # z_t = sqrt(ab_t) z + sqrt(1 - ab_t) eps
     z_t = schedule.q_sample(z, t, noise)
     # the target: eps, or v = sqrt(ab_t) eps - sqrt(1 - ab_t) z
     target = noise if schedule.parameterization == "eps" else schedule.velocity(z, t, noise)
-    # eps_theta(z_t, t, c, s)
-    output = model.unet(z_t, t, context, struct_cond)
+    output = denoiser(z_t, t, context, z_lr)
     return F.mse_loss(output.float(), target)
 
 
@@ -179,13 +200,13 @@ def latents(model: StableSR, lr: torch.Tensor, gt: torch.Tensor,
         return encode(model, lr_up, generator), encode(model, gt * 2 - 1, generator)
 
 
-def sample_loss(model: StableSR, schedule: Schedule, context: torch.Tensor, lr: torch.Tensor, gt: torch.Tensor,
-                generator: torch.Generator) -> torch.Tensor:
+def sample_loss(model: StableSR, denoiser: nn.Module, schedule: Schedule, context: torch.Tensor, lr: torch.Tensor,
+                gt: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One draw of the objective on a batch: posterior samples, t ~ U{0..T-1}, eps ~ N(0, I)."""
     z_lr, z = latents(model, lr, gt, generator)
     t = torch.randint(len(schedule), (z.shape[0],), generator=generator).to(z.device)
     noise = draw(z, generator)
-    return diffusion_loss(model, schedule, z_lr, z, t, noise, context)
+    return diffusion_loss(denoiser, schedule, z_lr, z, t, noise, context)
 
 
 VALIDATION_TIMESTEP_COUNT = 4  # val_loss: the mean over these many evenly spread timesteps
@@ -204,9 +225,9 @@ class Validation:
         self.timesteps = [(2 * i + 1) * timesteps // (2 * n) for i in range(n)]  # 125, 375, 625, 875
 
     @torch.no_grad()
-    def loss(self, model: StableSR, schedule: Schedule, context: torch.Tensor) -> float:
+    def loss(self, denoiser: Denoiser, schedule: Schedule, context: torch.Tensor) -> float:
         batch, device = len(self.z), self.z.device
-        losses = [diffusion_loss(model, schedule, self.z_lr, self.z, torch.full((batch,), t, device=device),
+        losses = [diffusion_loss(denoiser, schedule, self.z_lr, self.z, torch.full((batch,), t, device=device),
                                  self.noise, context) for t in self.timesteps]
         return torch.stack(losses).mean().item()
 
@@ -233,38 +254,46 @@ class SROptions:
     resume: bool = False  # continue the run in `out`
     save_every: int = 500  # steps between saves (and at the end, and on Ctrl-C)
     val_every: int = 100  # steps between validation losses (0: never)
+    checkpointing: bool = False  # recompute the UNet's blocks in the backward pass: less memory, ~1/3 slower
 
 
 # Options a resumed run keeps from its start; it also keeps STORED_OPTIONS unless they are given again
 # (the rest, --steps and --device, are given anew).
 KEPT_OPTIONS = ("base", "data", "config", "batch_size", "gt_size", "lr", "grad_accum", "time_blind", "seed")
-STORED_OPTIONS = KEPT_OPTIONS + ("dtype", "save_every", "val_every")
+STORED_OPTIONS = KEPT_OPTIONS + ("dtype", "save_every", "val_every", "checkpointing")
 SCALE = 4  # LR = GT / 4, as StableSR trains
 
 
 def run_train_sr(args) -> None:
-    """`python -m stablesr_min train sr ...`: argparse's namespace (None where an option was not given)
-    -> SROptions -> train_sr. A resumed run takes its kept options from its state."""
+    """`python -m stablesr_min train sr ...` (or `torchrun ... -m stablesr_min train sr ...`): argparse's
+    namespace (None where an option was not given) -> SROptions -> train_sr, in every process of the run.
+    A resumed run takes its kept options from its state."""
+    timeout = DIST_TIMEOUT if args.dist_timeout is None else args.dist_timeout
     required = {"base": "--base FILE", "data": "--data DIR"}
-    train_sr(*command_options(args, SROptions, ("base", "data", "config"), KEPT_OPTIONS, required))
+    with torchrun_processes(args.device, timeout) as procs:
+        opts, state = command_options(args, SROptions, ("base", "data", "config"), KEPT_OPTIONS, required)
+        train_sr(opts, procs, state)
 
 
 def check_options(opts: SROptions) -> None:
     check_option_ranges(opts, ("steps", "batch_size", "grad_accum"), ("save_every", "val_every"), ("lr",))
 
 
-def train_sr(opts: SROptions, state: TrainState | None = None) -> None:
-    """Fine-tune for `opts.steps` steps in all; with `state` (and `opts.resume`), continue that run."""
+def train_sr(opts: SROptions, procs: Processes, state: TrainState | None = None) -> None:
+    """Fine-tune for `opts.steps` steps in all, in this process of the run; with `state` (and
+    `opts.resume`), continue that run."""
     from .data import TrainingPairs  # the data pipeline loads only for training
     from .degradation import DegradationConfig
 
     check_options(opts)
     run = RunFolder(opts.out, resume=opts.resume)
-    device = pick_device(opts.device)
+    device = procs.device
     dtype = pick_dtype(opts.dtype, device)
     seeds = derive_seeds(opts.seed, ["data", "noise", "init", "validation"])
     if opts.resume and state is None:
         state = run.load_state()
+    if state:
+        check_world_size(state, procs)
 
     # The model's config (the model itself loads once the data is found): the run's last checkpoint's, or
     # the base file's
@@ -277,28 +306,34 @@ def train_sr(opts: SROptions, state: TrainState | None = None) -> None:
         raise UsageError(f"--gt-size {opts.gt_size}: must be a multiple of {multiple} (8 latents x the VAE's "
                          f"factor {2 ** (len(cfg.vae.ch_mult) - 1)}, so that every level of the networks is whole)")
 
-    # The data, the model (frozen but for the new layers), the empty prompt's context
-    pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=DegradationConfig(), seed=seeds["data"],
-                          scale=SCALE)
+    # The data (each rank its own stream of the same photos), the model (frozen but for the new layers),
+    # the empty prompt's context
+    pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=DegradationConfig(),
+                          seed=rank_seed(seeds["data"], procs.rank), scale=SCALE)
     model = load_stablesr([run.checkpoint_path]) if state else load_base(opts.base, cfg, seeds["init"])
-    model.to(device)
     trainable = prepare_for_finetuning(model)
-    schedule = Schedule.from_config(model.cfg.diffusion)
+    model.unet.checkpointing = opts.checkpointing
     with torch.no_grad():
-        context = text_context(model, "", opts.batch_size)
+        context = text_context(model, "", opts.batch_size).to(device)  # once, on the CPU
+    move_step_networks(model, device)
+    denoiser = Denoiser(model)
+    network = distribute(denoiser, procs)
+    schedule = Schedule.from_config(model.cfg.diffusion)
 
     # AdamW with PyTorch's defaults besides the lr, as the official trainer; a loss scaler for float16
     optimizer = torch.optim.AdamW(trainable.values(), lr=opts.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    generator = torch.Generator().manual_seed(seeds["noise"])
-    step, seconds = 0, 0.0
+    generator = torch.Generator().manual_seed(rank_seed(seeds["noise"], procs.rank))
+    step, seconds, saved_step = 0, 0.0, None
     if state:
-        step, seconds = restore(state, trainable, optimizer, scaler, generator, pairs)
-        run.keep_log_until(step)
+        step, seconds = restore(state, procs.rank, trainable, optimizer, scaler, generator, pairs)
+        saved_step = step
+        if procs.is_main:
+            run.keep_log_until(step)
 
-    # A fixed batch for val_loss, from its own seeded pipeline
+    # A fixed batch for val_loss, from its own seeded pipeline (rank 0 measures it)
     validation = None
-    if opts.val_every:
+    if opts.val_every and procs.is_main:
         val_pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=DegradationConfig(),
                                   seed=seeds["validation"], scale=SCALE)
         with autocast(device, dtype):
@@ -306,51 +341,75 @@ def train_sr(opts: SROptions, state: TrainState | None = None) -> None:
 
     n_trainable = sum(p.numel() for p in trainable.values())
     n_frozen = sum(p.numel() for p in model.parameters()) - n_trainable
-    print(f"train sr: {len(pairs.files)} images; {n_trainable / 1e6:.2f} M trainable parameters, "
-          f"{n_frozen / 1e6:.2f} M frozen; batch {opts.batch_size} x {opts.grad_accum} at {opts.gt_size} px; "
-          f"{'time-aware' if model.cfg.time_encoder.time_aware else 'TIME-BLIND (t = 0)'} encoder; "
-          f"{device}, {opts.dtype}; steps {step} -> {opts.steps}", file=sys.stderr)
+    if procs.is_main:
+        print(f"train sr: {len(pairs.files)} images; {n_trainable / 1e6:.2f} M trainable parameters, "
+              f"{n_frozen / 1e6:.2f} M frozen; global batch {opts.batch_size * procs.world_size * opts.grad_accum} "
+              f"= {opts.batch_size} per process x {procs.world_size} process(es) x {opts.grad_accum} accumulated, "
+              f"at {opts.gt_size} px; "
+              f"{'time-aware' if model.cfg.time_encoder.time_aware else 'TIME-BLIND (t = 0)'} encoder; "
+              f"{device}, {opts.dtype}; steps {step} -> {opts.steps}", file=sys.stderr)
 
     def save() -> None:
-        state = TrainState(step, {k: getattr(opts, k) for k in STORED_OPTIONS},
-                           {k: p.detach() for k, p in trainable.items()}, optimizer.state_dict(),
-                           {"noise": generator.get_state()}, pairs.state_dict(),
-                           {"seconds": seconds, "scaler": scaler.state_dict()})
-        run.save(model.state_dict(), config_metadata(model.cfg.to_json()), state)
+        """Every rank hands its random streams to rank 0, which writes the run folder."""
+        generators = gather_ranks(procs, {"noise": generator.get_state()})
+        data = gather_ranks(procs, pairs.state_dict())
+        if procs.is_main:
+            state = TrainState(step, {k: getattr(opts, k) for k in STORED_OPTIONS},
+                               {k: p.detach() for k, p in trainable.items()}, optimizer.state_dict(), generators,
+                               data, {"seconds": seconds, "scaler": scaler.state_dict(),
+                                      "world_size": procs.world_size})
+            run.save(model.state_dict(), config_metadata(model.cfg.to_json()), state)
 
     # The loop: one optimizer step per iteration, over grad_accum micro-batches
-    progress = TrainProgress("train sr", opts.steps, step)
-    hint = "lower --batch-size or --gt-size (--grad-accum keeps the effective batch), or use --dtype bfloat16"
+    progress = TrainProgress("train sr", opts.steps, step) if procs.is_main else None
+    hint = ("lower --batch-size or --gt-size (--grad-accum keeps the effective batch), use --checkpointing, "
+            "or use --dtype bfloat16")
     with StopRequest() as stop, out_of_memory_is_a_usage_error(device, hint):
-        while step < opts.steps and not stop.requested:
+        stop_requested = False
+        while step < opts.steps and not stop_requested:
             started = time.monotonic()
             optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
-            for _ in range(opts.grad_accum):
+            for micro_batch in range(opts.grad_accum):
                 lr, gt = pairs.next_batch()
-                with autocast(device, dtype):
-                    loss = sample_loss(model, schedule, context, lr.to(device), gt.to(device), generator)
-                scaler.scale(loss / opts.grad_accum).backward()
+                with gradient_sync(network, last_micro_batch=micro_batch == opts.grad_accum - 1):
+                    with autocast(device, dtype):
+                        loss = sample_loss(model, network, schedule, context, lr.to(device), gt.to(device),
+                                           generator)
+                    scaler.scale(loss / opts.grad_accum).backward()
                 loss_sum += loss.item()
+            mean_loss = mean_over_ranks(procs, loss_sum / opts.grad_accum)
+            stop_on_non_finite(mean_loss, step + 1, saved_step, run.checkpoint_path)
             scaler.step(optimizer)
             scaler.update()
             step += 1
             seconds += time.monotonic() - started
 
-            record = {"step": step, "loss": loss_sum / opts.grad_accum, "lr": opts.lr, "seconds": round(seconds, 3)}
-            if validation is not None and step % opts.val_every == 0:
-                with autocast(device, dtype):
-                    record["val_loss"] = validation.loss(model, schedule, context)
-            run.log(record)
-            progress.update(step, record["loss"])
-            if save_due(step, opts.steps, opts.save_every, stop):
+            if procs.is_main:
+                record = {"step": step, "loss": mean_loss, "lr": opts.lr, "seconds": round(seconds, 3)}
+                if validation is not None and step % opts.val_every == 0:
+                    with autocast(device, dtype):
+                        record["val_loss"] = validation.loss(denoiser, schedule, context)
+                run.log(record)
+                progress.update(step, record["loss"])
+            stop_requested = any_rank(procs, stop.requested)  # Ctrl-C reaches the ranks at different moments
+            if save_due(step, opts.steps, opts.save_every, stop_requested):
                 save()
-    run.finish(step, opts.steps)
+                saved_step = step
+    run.finish(step, opts.steps, announce=procs.is_main)
 
 
-def restore(state: TrainState, trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+def move_step_networks(model: StableSR, device: torch.device) -> None:
+    """What a training step runs goes to the device: the UNet, the time-aware encoder and the VAE's
+    encoder. The text encoder (its context is computed once) and the VAE's decoder (training never
+    decodes) stay on the CPU."""
+    for part in (model.unet, model.time_encoder, model.vae.encoder, model.vae.quant_conv):
+        part.to(device)
+
+
+def restore(state: TrainState, rank: int, trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
             scaler: torch.amp.GradScaler, generator: torch.Generator, pairs) -> tuple[int, float]:
-    """Put a saved state back in place; returns (step, seconds trained)."""
+    """Put a saved state back in place (this rank's generators and data); returns (step, seconds trained)."""
     if sorted(state.weights) != sorted(trainable):
         raise UsageError("the run's state does not match its checkpoint's trainable tensors; start a new run")
     with torch.no_grad():
@@ -358,6 +417,6 @@ def restore(state: TrainState, trainable: dict[str, nn.Parameter], optimizer: to
             p.copy_(state.weights[name])
     optimizer.load_state_dict(state.optimizer)
     scaler.load_state_dict(state.extra["scaler"])
-    generator.set_state(state.generators["noise"])
-    pairs.load_state_dict(state.data)
+    generator.set_state(of_rank(state.generators, rank)["noise"])
+    pairs.load_state_dict(of_rank(state.data, rank))
     return state.step, state.extra["seconds"]

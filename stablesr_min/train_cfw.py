@@ -297,7 +297,7 @@ def train_cfw(opts: CFWOptions, state: TrainState | None = None) -> None:
                 record["val_l1"] = validation_l1(cfw, validation, device, dtype)
             run.log(record)
             progress.update(step, record["loss"])
-            if save_due(step, opts.steps, opts.save_every, stop):
+            if save_due(step, opts.steps, opts.save_every, stop.requested):
                 save()
     run.finish(step, opts.steps)
 

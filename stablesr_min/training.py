@@ -12,14 +12,25 @@ A run folder holds three files, each replaced atomically (temp file, then rename
 
 A run continues bit-identically from its state on the CPU: a run stopped at step k and resumed computes
 the same numbers as one that never stopped.
+
+Several processes (`torchrun --nproc_per_node N -m stablesr_min train ...`): one process per device, each
+with its own data stream and random generators (seeded from the run's seed and its rank), the gradients of
+the trainable networks averaged over the processes by DistributedDataParallel. Every rank takes the same
+decisions at the same step (stop, save, a non-finite loss), because it decides on all-reduced numbers; only
+rank 0 writes the run folder, and its state file holds every rank's generators and data state. A process
+started with plain `python -m` is rank 0 of 1: nothing distributed runs, and its numbers are those of a
+run without this machinery.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
+import os
+import re
 import signal
 import sys
 import time
@@ -28,10 +39,15 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .atomic import atomic_write
-from .cli import ProgressLine, UsageError
-from .weights import WeightFiles, save_safetensors
+from .cli import ProgressLine, UsageError, pick_device
+from .data import DataError
+from .image_io import ImageError
+from .weights import WeightFiles, WeightsError, save_safetensors
 
 CHECKPOINT = "last.safetensors"
 STATE = "state.safetensors"
@@ -149,12 +165,14 @@ class RunFolder:
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def finish(self, step: int, steps: int) -> None:
-        """Say where the checkpoint is. A run stopped before `steps` (Ctrl-C) ends as interrupted, and
-        --resume continues it."""
-        print(f"wrote {self.checkpoint_path} (step {step})")
+    def finish(self, step: int, steps: int, announce: bool = True) -> None:
+        """Say where the checkpoint is (`announce`: only one process of a run speaks). A run stopped before
+        `steps` (Ctrl-C) ends as interrupted, and --resume continues it."""
+        if announce:
+            print(f"wrote {self.checkpoint_path} (step {step})")
         if step < steps:
-            print(f"stopped at step {step} of {steps}; continue with --resume", file=sys.stderr)
+            if announce:
+                print(f"stopped at step {step} of {steps}; continue with --resume", file=sys.stderr)
             raise KeyboardInterrupt
 
     def keep_log_until(self, step: int) -> None:
@@ -166,9 +184,9 @@ class RunFolder:
         atomic_write(self.log_path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
 
 
-def save_due(step: int, steps: int, save_every: int, stop: "StopRequest") -> bool:
+def save_due(step: int, steps: int, save_every: int, stopped: bool) -> bool:
     """Save every `save_every` steps (0: never on the way), at the last step, and when stopped."""
-    return bool(save_every and step % save_every == 0 or step == steps or stop.requested)
+    return bool(save_every and step % save_every == 0 or step == steps or stopped)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -304,3 +322,169 @@ def out_of_memory_is_a_usage_error(device: torch.device, hint: str) -> Iterator[
         if "allocate memory" not in str(e):
             raise
         raise UsageError(f"out of memory on {device}: {hint}") from None
+
+
+def stop_on_non_finite(loss: float, step: int, saved_step: int | None, checkpoint: Path) -> None:
+    """A NaN or infinite loss ends the run before its optimizer step, and nothing of that step is saved:
+    the run folder keeps its last good checkpoint."""
+    if math.isfinite(loss):
+        return
+    kept = (f"{checkpoint} keeps step {saved_step}; continue from it with --resume" if saved_step is not None
+            else "no step had been saved yet; start again")
+    raise UsageError(f"step {step}: the loss is {loss} (not finite); stopped without saving this step. {kept}, "
+                     "with a lower --lr (or --dtype bfloat16 rather than float16)")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Several processes (torchrun)
+
+DIST_TIMEOUT = 600.0  # seconds a collective operation waits for the other processes (--dist-timeout)
+USER_ERRORS = (UsageError, WeightsError, ImageError, DataError)  # what `main` prints as one line, exit code 2
+
+
+@dataclass
+class Processes:
+    """This process among the run's processes; `python -m` starts one alone (rank 0 of 1)."""
+
+    device: torch.device  # this process's device (on GPUs: cuda:LOCAL_RANK)
+    rank: int = 0  # 0 .. world_size - 1, over every machine; rank 0 writes the run folder
+    world_size: int = 1  # processes in the run
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+@contextlib.contextmanager
+def torchrun_processes(device_name: str | None, timeout_s: float) -> Iterator[Processes]:
+    """Join the run's other processes (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT in each one's environment): NCCL between GPUs, gloo between CPUs, every collective
+    operation given up after `timeout_s`, so that a process that died makes the others exit rather than
+    hang. Errors are said once, by rank 0; the other ranks exit with the same code, silently."""
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        procs = join_processes(device_name, timeout_s)
+        try:
+            yield procs
+        finally:
+            if procs.distributed:
+                dist.destroy_process_group()
+    except USER_ERRORS:
+        if rank != 0:
+            raise SystemExit(2) from None
+        raise
+    except KeyboardInterrupt:
+        if rank != 0:
+            raise SystemExit(130) from None
+        raise
+    except RuntimeError as e:
+        if not lost_a_process(e):
+            raise
+        first_line = str(e).strip().splitlines()[0]
+        print(f"error: rank {rank}: lost the other processes of the run ({first_line}); continue from the "
+              "last checkpoint with --resume", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def lost_a_process(error: RuntimeError) -> bool:
+    """A collective operation failed: a peer died or did not answer within --dist-timeout. NCCL says so
+    with a DistError; gloo with a plain RuntimeError from its sources."""
+    return isinstance(error, dist.DistError) or "gloo" in str(error)
+
+
+def join_processes(device_name: str | None, timeout_s: float) -> Processes:
+    if not timeout_s > 0:
+        raise UsageError(f"--dist-timeout must be > 0 seconds, got {timeout_s}")
+    device = pick_device(device_name)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return Processes(device)
+    if device.type == "cuda" and device.index is None:  # one GPU per process of the machine
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return Processes(device, dist.get_rank(), dist.get_world_size())
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Rank 0 keeps `seed` (so a one-process run is unchanged); rank r > 0 draws its own from it."""
+    return seed if rank == 0 else derive_seeds(seed, [f"rank {r}" for r in range(1, rank + 1)])[f"rank {rank}"]
+
+
+def distribute(network: nn.Module, procs: Processes) -> nn.Module:
+    """DistributedDataParallel over `network` when there are several processes: its gradients are
+    averaged over the ranks during backward. Only parameters with requires_grad take part in that
+    all-reduce, so a network holding frozen parts costs nothing more than its trainable ones (they are
+    broadcast from rank 0 once, when wrapped: identical already, they stay bit-identical)."""
+    if not procs.distributed:
+        return network
+    device_ids = [procs.device.index] if procs.device.type == "cuda" else None
+    return DistributedDataParallel(network, device_ids=device_ids)
+
+
+def gradient_sync(network: nn.Module, last_micro_batch: bool):
+    """With gradient accumulation, the all-reduce runs once, on the last micro-batch's backward."""
+    if isinstance(network, DistributedDataParallel) and not last_micro_batch:
+        return network.no_sync()
+    return contextlib.nullcontext()
+
+
+def mean_over_ranks(procs: Processes, value: float) -> float:
+    """The mean of every rank's `value` (the loss that rank 0 logs): every rank sees the same number, so
+    a non-finite loss on one rank stops them all at the same step."""
+    if not procs.distributed:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=procs.device)
+    dist.all_reduce(total)
+    return total.item() / procs.world_size
+
+
+def any_rank(procs: Processes, flag: bool) -> bool:
+    """Whether `flag` holds on some rank (Ctrl-C reaches the processes at different moments): every rank
+    stops and saves at the same step."""
+    if not procs.distributed:
+        return flag
+    count = torch.tensor([int(flag)], device=procs.device)
+    dist.all_reduce(count)
+    return count.item() > 0
+
+
+RANK_PREFIX = re.compile(r"rank(\d+)\.")
+
+
+def gather_ranks(procs: Processes, entries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every rank's entries (generator states, data state) in one dict on rank 0: rank 0's under their own
+    names (a one-process run's state is what it always was), rank r's under `rank<r>.<name>`. Other ranks
+    get {} (they write nothing)."""
+    if not procs.distributed:
+        return entries
+    gathered = [None] * procs.world_size if procs.is_main else None
+    dist.gather_object({k: v.cpu() for k, v in entries.items()}, gathered, dst=0)
+    if not procs.is_main:
+        return {}
+    merged = dict(gathered[0])
+    for rank, theirs in enumerate(gathered[1:], start=1):
+        merged |= {f"rank{rank}.{k}": v for k, v in theirs.items()}
+    return merged
+
+
+def of_rank(merged: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """This rank's entries of a dict written by gather_ranks."""
+    if rank == 0:
+        return {k: v for k, v in merged.items() if not RANK_PREFIX.match(k)}
+    prefix = f"rank{rank}."
+    return {k[len(prefix):]: v for k, v in merged.items() if k.startswith(prefix)}
+
+
+def check_world_size(state: TrainState, procs: Processes) -> None:
+    """A run resumes on as many processes as it ran on: each rank continues its own data stream."""
+    saved = state.extra.get("world_size", 1)
+    if saved != procs.world_size:
+        raise UsageError(f"--resume: this run was trained by {saved} process(es), this one has {procs.world_size}; "
+                         f"resume it with the same number (torchrun --nproc_per_node ..., x machines)")

@@ -20,7 +20,7 @@ from stablesr_min.sampler import aggregation_step, ddim_step
 from stablesr_min.schedule import DDIM_TABLES, TABLES, DDIMSchedule, Schedule
 from stablesr_min.text import TextEncoder
 from stablesr_min.time_encoder import TimeAwareEncoder
-from stablesr_min.train import diffusion_loss, prepare_for_finetuning
+from stablesr_min.train import Denoiser, diffusion_loss, prepare_for_finetuning
 from stablesr_min.tokenizer import tokenize
 from stablesr_min.unet import UNet
 from stablesr_min.vae import AutoencoderKL
@@ -168,7 +168,7 @@ def test_train_step(golden, golden_weights):
     trainable = prepare_for_finetuning(model)
     assert list(trainable) == p["trainable"]
     assert sorted(n for n, q in model.named_parameters() if q.requires_grad) == p["trainable"]
-    loss = diffusion_loss(model, Schedule.from_config(model.cfg.diffusion), golden["train_step.lr_latent"],
+    loss = diffusion_loss(Denoiser(model), Schedule.from_config(model.cfg.diffusion), golden["train_step.lr_latent"],
                           golden["train_step.hr_latent"], golden["train_step.t"], golden["train_step.noise"],
                           golden["train_step.context"])
     loss.backward()

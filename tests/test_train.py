@@ -204,7 +204,7 @@ def test_out_of_memory_is_one_line(base, photos, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.splitlines()[-1] == ("error: out of memory on cpu: lower --batch-size or --gt-size (--grad-accum "
-                                    "keeps the effective batch), or use --dtype bfloat16")
+                                    "keeps the effective batch), use --checkpointing, or use --dtype bfloat16")
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +228,7 @@ BAD_INPUTS = {
     "gt-size": ({"--gt-size": "96"}, [], "error: --gt-size 96: must be a multiple of 64 (8 latents x the VAE's "
                                          "factor 8, so that every level of the networks is whole)"),
     "steps": ({"--steps": "0"}, [], "error: --steps must be >= 1, got 0"),
+    "dist-timeout": ({"--dist-timeout": "0"}, [], "error: --dist-timeout must be > 0 seconds, got 0.0"),
     "a run is there": ({"--out": "{run_a}"}, [], "error: --out {run_a}: already holds a run; pass --resume to "
                                                  "continue it, or choose another folder"),
     "nothing to resume": ({}, ["--resume"], "error: --resume: {out} holds no run to resume (no state.safetensors); "

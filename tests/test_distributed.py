@@ -1,0 +1,261 @@
+"""Training on several processes (torchrun + DistributedDataParallel, gloo on the CPU) and fault safety:
+the gradients of 2 processes x batch 1 are those of 1 process x batch 2, a torchrun run writes one run
+folder that upscales, a non-finite loss stops the run keeping the last good checkpoint, and a crash in the
+middle of a save leaves the previous checkpoint whole.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+from safetensors import safe_open
+
+from stablesr_min import train as train_module
+from stablesr_min import weights
+from stablesr_min.cli import UsageError, main
+from stablesr_min.golden import relative_error
+from stablesr_min.model import load_stablesr
+from stablesr_min.pipeline import text_context
+from stablesr_min.schedule import Schedule
+from stablesr_min.train import Denoiser, diffusion_loss, is_trainable, prepare_for_finetuning
+from stablesr_min.training import (Processes, TrainState, check_world_size, distribute, mean_over_ranks,
+                                    torchrun_processes)
+from stablesr_min.weights import save_safetensors
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base(golden_weights) -> Path:
+    return golden_weights[0]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Two photos larger than the 128 px crops of the torchrun run (batch 1 needs a 2x2 deepest level)."""
+    folder = tmp_path_factory.mktemp("photos")
+    images = ROOT.parent / "shared" / "images"
+    Image.open(images / "rocket.jpg").crop((0, 0, 200, 160)).save(folder / "rocket.png")
+    Image.open(images / "astronaut.png").crop((0, 0, 160, 200)).save(folder / "astronaut.png")
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------------
+# The gradients of 2 processes x batch 1 = those of 1 process x batch 2
+
+
+def fixed_batch(model) -> tuple[torch.Tensor, ...]:
+    """z_lr, z, t, noise of 2 samples, latents big enough that the deepest level of the networks is 2x2
+    (GroupNorm needs more than one value per group with batch 1)."""
+    levels = max(len(model.cfg.unet.channel_mult), len(model.cfg.time_encoder.channel_mult))
+    side = 2 * 2 ** (levels - 1)
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, model.cfg.unet.out_channels, side, side)
+    z_lr, z, noise = (torch.randn(shape, generator=gen) for _ in range(3))
+    return z_lr, z, torch.tensor([100, 800]), noise
+
+
+def gradients(model, trainable, network, rank: int | None) -> dict[str, torch.Tensor]:
+    """The trainable parameters' gradients of the loss on sample `rank` (None: on both)."""
+    z_lr, z, t, noise = (x if rank is None else x[rank:rank + 1] for x in fixed_batch(model))
+    with torch.no_grad():
+        context = text_context(model, "", len(z))
+    diffusion_loss(network, Schedule.from_config(model.cfg.diffusion), z_lr, z, t, noise, context).backward()
+    return {name: p.grad for name, p in trainable.items()}
+
+
+def gradient_worker(rank: int, port: int, base: Path, out: Path) -> None:
+    """One of 2 processes, set up as torchrun sets up each one."""
+    torch.set_num_threads(1)
+    os.environ |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port)}
+    with torchrun_processes("cpu", 60) as procs:
+        model = load_stablesr([base])
+        trainable = prepare_for_finetuning(model)  # before wrapping: DDP all-reduces what requires grad
+        grads = gradients(model, trainable, distribute(Denoiser(model), procs), rank)
+        frozen = {k: v for k, v in tensors(base).items() if not is_trainable(k)}
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in frozen.items()), "a frozen tensor changed"
+        save_safetensors(grads, out / f"grads{rank}.safetensors")
+
+
+def test_two_processes_of_batch_1_average_to_the_gradients_of_batch_2(base, tmp_path):
+    mp.spawn(gradient_worker, args=(free_port(), base, tmp_path), nprocs=2)
+    model = load_stablesr([base])
+    reference = gradients(model, prepare_for_finetuning(model), Denoiser(model), rank=None)
+    flat_reference = torch.cat([g.flatten() for g in reference.values()])
+    total = flat_reference.norm()
+    for rank in (0, 1):
+        grads = tensors(tmp_path / f"grads{rank}.safetensors")
+        assert sorted(grads) == sorted(reference)
+        assert relative_error(torch.cat([grads[name].flatten() for name in reference]), flat_reference) <= 1e-5
+        for name, grad in grads.items():
+            # A bias whose shift the next GroupNorm removes has a zero gradient, computed as rounding noise
+            # (~1e-9 of the whole gradient): that noise is no gradient to compare, only to bound.
+            if reference[name].norm() < 1e-7 * total:
+                assert grad.norm() < 1e-7 * total, f"rank {rank}: d loss / d {name} should be ~0"
+            else:
+                assert relative_error(grad, reference[name]) <= 1e-5, f"rank {rank}: d loss / d {name}"
+
+
+def hanging_worker(rank: int, port: int, err: Path) -> None:
+    """Rank 1 joins, then stops answering; rank 0 waits for it in an all-reduce, at most 2 s."""
+    torch.set_num_threads(1)
+    os.environ |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port)}
+    sys.stderr = open(err, "w", buffering=1)
+    with torchrun_processes("cpu", 2) as procs:
+        if rank == 1:
+            time.sleep(300)
+        mean_over_ranks(procs, 1.0)
+
+
+def test_a_process_that_stops_answering_makes_the_others_exit_after_the_timeout(tmp_path):
+    port, spawn = free_port(), mp.get_context("spawn")
+    ranks = [spawn.Process(target=hanging_worker, args=(rank, port, tmp_path / f"err{rank}")) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    ranks[0].join(120)
+    ranks[1].kill()
+    ranks[1].join()
+    assert ranks[0].exitcode == 1
+    lines = (tmp_path / "err0").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0: lost the other processes of the run (")
+    assert "Timed out" in lines[0] and lines[0].endswith("); continue from the last checkpoint with --resume")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(base):
+    model = load_stablesr([base])
+    trainable = prepare_for_finetuning(model)
+    plain = {name: g.clone() for name, g in gradients(model, trainable, Denoiser(model), rank=None).items()}
+    model.zero_grad(set_to_none=True)
+    model.unet.checkpointing = True
+    calls = []
+    model.unet.middle_block.register_forward_pre_hook(lambda *args: calls.append(1))
+    recomputed = gradients(model, trainable, Denoiser(model), rank=None)
+    assert len(calls) == 2  # the forward pass, and its recomputation in the backward pass
+    for name, grad in plain.items():
+        assert torch.equal(recomputed[name], grad), name
+
+
+# ------------------------------------------------------------------------------------------------------
+# torchrun
+
+
+def torchrun(*args) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
+               "-m", "stablesr_min", "train", "sr", "--device", "cpu", *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_with_2_processes_writes_one_run_that_resumes_and_upscales(base, photos, golden_weights,
+                                                                             tmp_path):
+    out, stopped = tmp_path / "run", tmp_path / "stopped"
+    options = ["--base", base, "--data", photos, "--batch-size", 1, "--gt-size", 128, "--val-every", 1]
+    done = torchrun("--out", out, "--steps", 2, *options)
+    assert done.returncode == 0, done.stderr
+    assert "global batch 2 = 1 per process x 2 process(es) x 1 accumulated" in done.stderr
+    assert done.stderr.count("train sr: step 2/2") == 1  # rank 0 alone reports
+    assert sorted(p.name for p in out.iterdir()) == ["last.safetensors", "log.jsonl", "state.safetensors"]
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+
+    # a run of 1 step resumed to 2 on 2 processes: every rank continues its own streams
+    assert torchrun("--out", stopped, "--steps", 1, *options).returncode == 0
+    assert torchrun("--out", stopped, "--steps", 2, "--resume").returncode == 0
+    for name in ("last.safetensors", "state.safetensors"):
+        ours, theirs = tensors(stopped / name), tensors(out / name)
+        assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+    # every rank's random streams are in the one state file
+    state = tensors(out / "state.safetensors")
+    assert {"generator.noise", "generator.rank1.noise", "data.generator", "data.rank1.generator"} <= set(state)
+    assert not torch.equal(state["generator.noise"], state["generator.rank1.noise"])
+    assert not any(k.startswith(("generator.rank2", "data.rank2")) for k in state)
+
+    trained, before = tensors(out / "last.safetensors"), tensors(base)
+    assert all(torch.equal(trained[k], v) for k, v in before.items() if not is_trainable(k))
+    image = tmp_path / "small.png"
+    Image.open(ROOT.parent / "shared" / "images" / "astronaut.png").crop((200, 100, 224, 120)).save(image)
+    assert main(["upscale", str(image), "--out", str(tmp_path / "up"), "--weights", str(out / "last.safetensors"),
+                 "--cfw", str(golden_weights[1]), "--steps", "2", "--tile", "16", "--overlap", "6"]) == 0
+    assert Image.open(tmp_path / "up" / "small.png").size == (96, 80)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Fault safety
+
+RUN_ARGS = ["--batch-size", "2", "--gt-size", "64", "--seed", "0", "--val-every", "0", "--save-every", "1"]
+
+
+def train(*args) -> int:
+    return main(["train", "sr", *map(str, args)])
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(base, photos, tmp_path, capsys,
+                                                                            monkeypatch):
+    real_loss, calls = train_module.sample_loss, []
+
+    def nan_at_step_2(*args):
+        calls.append(1)
+        loss = real_loss(*args)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(train_module, "sample_loss", nan_at_step_2)
+    out = tmp_path / "run"
+    code = train("--base", base, "--data", photos, "--out", out, "--steps", 3, *RUN_ARGS)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"error: step 2: the loss is nan (not finite); stopped without saving this "
+                                    f"step. {out}/last.safetensors keeps step 1; continue from it with --resume, "
+                                    "with a lower --lr (or --dtype bfloat16 rather than float16)")
+    model = load_stablesr([out / "last.safetensors"])
+    assert all(p.isfinite().all() for p in model.parameters())
+    with safe_open(str(out / "last.safetensors"), framework="pt") as f:
+        assert f.metadata()["stablesr_min.step"] == "1"
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint_whole(base, photos, tmp_path,
+                                                                             monkeypatch):
+    out = tmp_path / "run"
+    assert train("--base", base, "--data", photos, "--out", out, "--steps", 1, *RUN_ARGS) == 0
+    saved = {name: (out / name).read_bytes() for name in ("last.safetensors", "state.safetensors")}
+
+    def crash_half_way(tensors, path, metadata):
+        Path(path).write_bytes(b"\0" * 1000)  # the start of a file, then the machine goes down
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(weights, "save_file", crash_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        train("--out", out, "--steps", 2, "--resume")
+    assert {name: (out / name).read_bytes() for name in saved} == saved
+    assert sorted(p.name for p in out.iterdir()) == ["last.safetensors", "log.jsonl", "state.safetensors"]
+    assert load_stablesr([out / "last.safetensors"]) is not None
+
+
+def test_a_run_resumes_on_as_many_processes_as_it_ran_on():
+    state = TrainState(4, {}, {}, {"state": {}, "param_groups": []}, {}, {}, {"world_size": 2})
+    check_world_size(state, Processes(torch.device("cpu"), rank=1, world_size=2))
+    with pytest.raises(UsageError) as error:
+        check_world_size(state, Processes(torch.device("cpu")))
+    assert str(error.value) == ("--resume: this run was trained by 2 process(es), this one has 1; resume it "
+                                "with the same number (torchrun --nproc_per_node ..., x machines)")

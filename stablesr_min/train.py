@@ -43,10 +43,10 @@ from .config import StableSRConfig
 from .model import StableSR, load_stablesr, resolve_config
 from .pipeline import draw, text_context, upsample
 from .schedule import Schedule
-from .time_encoder import AttentionBlock, TimeAwareEncoder
+from .time_encoder import AttentionBlock
 from .training import (RunFolder, StopRequest, TrainProgress, TrainState, autocast, derive_seeds,
                        out_of_memory_is_a_usage_error, resume_options)
-from .unet import SFT, ResBlock
+from .unet import SFT, ResBlock, SpatialTransformer
 from .vae import DiagonalGaussian
 from .weights import KIND_HINTS, WeightFiles, WeightsError, config_metadata, guess_kind
 
@@ -111,26 +111,33 @@ def stablesr_from_sd2(paths: list[str], cfg: StableSRConfig, seed: int) -> Stabl
     new_modules = [model.time_encoder] + [m for m in model.unet.modules() if isinstance(m, SFT)]
     new_keys = {k for k in model.state_dict() if is_trainable(k)}
     assert not unexpected and set(missing) == new_keys, "the SD 2.x tree and StableSR's differ beyond the new layers"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in new_modules:
-            module.to_empty(device="cpu")
-            for layer in module.modules():
-                if hasattr(layer, "reset_parameters"):  # what each layer's constructor calls
-                    layer.reset_parameters()
+    for module in new_modules:
+        module.to_empty(device="cpu")
+    default_init(new_modules, seed)
     zero_init_like_official(model.time_encoder)
     return model.eval()
 
 
+def default_init(modules: list[nn.Module], seed: int) -> None:
+    """PyTorch's default initialisation of every layer of the modules, drawn from a generator seeded with
+    `seed` (the global one is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in modules:
+            for layer in module.modules():
+                if hasattr(layer, "reset_parameters"):  # what each layer's constructor calls
+                    layer.reset_parameters()
+
+
 @torch.no_grad()
-def zero_init_like_official(encoder: TimeAwareEncoder) -> None:
-    """The official EncoderUNetModelWT wraps the last conv of every residual branch and the output
-    projection of every attention in `zero_module`, so each block starts as its skip path. (Its SPADE
-    layers keep PyTorch's default initialisation.)"""
-    for layer in encoder.modules():
+def zero_init_like_official(network: nn.Module) -> None:
+    """The official EncoderUNetModelWT (and SD's UNetModel) wrap the last conv of every residual branch and
+    the output projection of every attention and spatial transformer in `zero_module`, so each block
+    starts as its skip path. (The SPADE layers keep PyTorch's default initialisation.)"""
+    for layer in network.modules():
         if isinstance(layer, ResBlock):
             out = layer.out_layers[-1]
-        elif isinstance(layer, AttentionBlock):
+        elif isinstance(layer, (AttentionBlock, SpatialTransformer)):
             out = layer.proj_out
         else:
             continue
@@ -157,12 +164,12 @@ def encode(model: StableSR, image: torch.Tensor, generator: torch.Generator | No
     return model.cfg.diffusion.scale_factor * posterior.sample(draw(posterior.mean, generator))
 
 
-def diffusion_loss(model: StableSR, schedule: Schedule, z_lr: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
-                   noise: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+def diffusion_loss(model: StableSR, schedule: Schedule, z_lr: torch.Tensor | None, z: torch.Tensor,
+                   t: torch.Tensor, noise: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """|| eps_theta(z_t, t, c, s(z_lr, t)) - target ||^2, averaged over every element (so over the batch
-    of per-sample means)."""
+    of per-sample means). Without z_lr (the prior alone, `train unet`): || eps_theta(z_t, t, c) - target ||^2."""
     # s: the time-aware encoder's features of the LR latent, one per UNet width
-    struct_cond = model.time_encoder(z_lr, t)
+    struct_cond = model.time_encoder(z_lr, t) if z_lr is not None else None
     # z_t = sqrt(ab_t) z + sqrt(1 - ab_t) eps
     z_t = schedule.q_sample(z, t, noise)
     # the target: eps, or v = sqrt(ab_t) eps - sqrt(1 - ab_t) z
@@ -185,6 +192,12 @@ def sample_loss(model: StableSR, schedule: Schedule, context: torch.Tensor, lr: 
                 generator: torch.Generator) -> torch.Tensor:
     """One draw of the objective on a batch: posterior samples, t ~ U{0..T-1}, eps ~ N(0, I)."""
     z_lr, z = latents(model, lr, gt, generator)
+    return random_timestep_loss(model, schedule, context, z_lr, z, generator)
+
+
+def random_timestep_loss(model: StableSR, schedule: Schedule, context: torch.Tensor, z_lr: torch.Tensor | None,
+                         z: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The objective at t ~ U{0..T-1} and eps ~ N(0, I), one of each per sample."""
     t = torch.randint(len(schedule), (z.shape[0],), generator=generator).to(z.device)
     noise = draw(z, generator)
     return diffusion_loss(model, schedule, z_lr, z, t, noise, context)
@@ -195,12 +208,11 @@ VALIDATION_TIMESTEP_COUNT = 4  # val_loss: the mean over these many evenly sprea
 
 class Validation:
     """A fixed batch from its own seeded data pipeline, with fixed posterior samples and noise, scored at
-    fixed timesteps: the same inputs at every measurement, so val_loss compares the steps of a run."""
+    fixed timesteps: the same inputs at every measurement, so val_loss compares the steps of a run.
+    z_lr is None for the prior alone."""
 
-    def __init__(self, model: StableSR, pairs, seed: int, timesteps: int, device: torch.device):
-        generator = torch.Generator().manual_seed(seed)
-        lr, gt = pairs.next_batch()
-        self.z_lr, self.z = latents(model, lr.to(device), gt.to(device), generator)
+    def __init__(self, z_lr: torch.Tensor | None, z: torch.Tensor, generator: torch.Generator, timesteps: int):
+        self.z_lr, self.z = z_lr, z
         self.noise = draw(self.z, generator)
         n = VALIDATION_TIMESTEP_COUNT
         self.timesteps = [(2 * i + 1) * timesteps // (2 * n) for i in range(n)]  # 125, 375, 625, 875
@@ -211,6 +223,14 @@ class Validation:
         losses = [diffusion_loss(model, schedule, self.z_lr, self.z, torch.full((batch,), t, device=device),
                                  self.noise, context) for t in self.timesteps]
         return torch.stack(losses).mean().item()
+
+
+def sr_validation(model: StableSR, pairs, seed: int, timesteps: int, device: torch.device) -> Validation:
+    """The validation of `train sr`: one batch of LR/GT pairs, and posterior samples of their latents."""
+    generator = torch.Generator().manual_seed(seed)
+    lr, gt = pairs.next_batch()
+    z_lr, z = latents(model, lr.to(device), gt.to(device), generator)
+    return Validation(z_lr, z, generator, timesteps)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -323,7 +343,7 @@ def train_sr(opts: SROptions, state: TrainState | None = None) -> None:
         val_pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=DegradationConfig(),
                                   seed=seeds["validation"], scale=SCALE)
         with autocast(device, dtype):
-            validation = Validation(model, val_pairs, seeds["validation"], len(schedule), device)
+            validation = sr_validation(model, val_pairs, seeds["validation"], len(schedule), device)
 
     n_trainable = sum(p.numel() for p in trainable.values())
     n_frozen = sum(p.numel() for p in model.parameters()) - n_trainable

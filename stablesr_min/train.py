@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +43,7 @@ from .model import StableSR, load_stablesr, resolve_config
 from .pipeline import draw, text_context, upsample
 from .schedule import Schedule
 from .time_encoder import AttentionBlock
-from .training import (RunFolder, StopRequest, TrainProgress, TrainState, autocast, derive_seeds,
-                       out_of_memory_is_a_usage_error, resume_options)
+from .training import RunFolder, TrainState, autocast, derive_seeds, resume_options, run_steps
 from .unet import SFT, ResBlock, SpatialTransformer
 from .vae import DiagonalGaussian
 from .weights import KIND_HINTS, WeightFiles, WeightsError, config_metadata, guess_kind
@@ -352,44 +350,27 @@ def train_sr(opts: SROptions, state: TrainState | None = None) -> None:
           f"{'time-aware' if model.cfg.time_encoder.time_aware else 'TIME-BLIND (t = 0)'} encoder; "
           f"{device}, {opts.dtype}; steps {step} -> {opts.steps}", file=sys.stderr)
 
-    def save() -> None:
+    def save(step: int, seconds: float) -> None:
         state = TrainState(step, {k: getattr(opts, k) for k in STORED_OPTIONS},
                            {k: p.detach() for k, p in trainable.items()}, optimizer.state_dict(),
                            {"noise": generator.get_state()}, pairs.state_dict(),
                            {"seconds": seconds, "scaler": scaler.state_dict()})
         run.save(model.state_dict(), config_metadata(model.cfg.to_json()), state)
 
-    # The loop: one optimizer step per iteration, over grad_accum micro-batches
-    progress = TrainProgress("train sr", opts.steps, step)
-    hint = "lower --batch-size or --gt-size (--grad-accum keeps the effective batch), or use --dtype bfloat16"
-    with StopRequest() as stop, out_of_memory_is_a_usage_error(device, hint):
-        while step < opts.steps and not stop.requested:
-            started = time.monotonic()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for _ in range(opts.grad_accum):
-                lr, gt = pairs.next_batch()
-                with autocast(device, dtype):
-                    loss = sample_loss(model, schedule, context, lr.to(device), gt.to(device), generator)
-                scaler.scale(loss / opts.grad_accum).backward()
-                loss_sum += loss.item()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            seconds += time.monotonic() - started
+    def backward() -> tuple[float, dict[str, float]]:
+        """One optimizer step's gradients, over grad_accum micro-batches; their mean loss."""
+        loss_sum = 0.0
+        for _ in range(opts.grad_accum):
+            lr, gt = pairs.next_batch()
+            with autocast(device, dtype):
+                loss = sample_loss(model, schedule, context, lr.to(device), gt.to(device), generator)
+            scaler.scale(loss / opts.grad_accum).backward()
+            loss_sum += loss.item()
+        return loss_sum / opts.grad_accum, {}
 
-            record = {"step": step, "loss": loss_sum / opts.grad_accum, "lr": opts.lr, "seconds": round(seconds, 3)}
-            if validation is not None and step % opts.val_every == 0:
-                with autocast(device, dtype):
-                    record["val_loss"] = validation.loss(model, schedule, context)
-            run.log(record)
-            progress.update(step, record["loss"])
-            if opts.save_every and step % opts.save_every == 0 or step == opts.steps or stop.requested:
-                save()
-    print(f"wrote {run.checkpoint_path} (step {step})")
-    if step < opts.steps:
-        print(f"stopped at step {step} of {opts.steps}; continue with --resume", file=sys.stderr)
-        raise KeyboardInterrupt
+    val_loss = (lambda: validation.loss(model, schedule, context)) if validation is not None else None
+    hint = "lower --batch-size or --gt-size (--grad-accum keeps the effective batch), or use --dtype bfloat16"
+    run_steps("train sr", run, opts, step, seconds, optimizer, scaler, backward, val_loss, save, device, dtype, hint)
 
 
 def restore(state: TrainState, trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,

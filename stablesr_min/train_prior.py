@@ -47,7 +47,6 @@ import dataclasses
 import json
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -63,8 +62,7 @@ from .schedule import Schedule
 from .text import TextEncoder
 from .train import (Validation, absolute, default_init, encode, gt_size_multiple,
                     random_timestep_loss, restore, zero_init_like_official)
-from .training import (RunFolder, StopRequest, TrainProgress, TrainState, autocast, derive_seeds,
-                       out_of_memory_is_a_usage_error, resume_options)
+from .training import RunFolder, TrainState, autocast, derive_seeds, resume_options, run_steps
 from .unet import UNet
 from .vae import AutoencoderKL, DiagonalGaussian
 from .weights import KIND_HINTS, WeightFiles, WeightsError, config_metadata, guess_kind
@@ -388,9 +386,9 @@ def train_unet(opts: UNetOptions, state: TrainState | None = None) -> None:
 def fit(name: str, opts: PriorOptions, kept: tuple[str, ...], run: RunFolder, state: TrainState | None,
         trainable: dict[str, nn.Parameter], crops, loss: Callable, val_loss: Callable[[], float],
         checkpoint: Callable, seeds: dict[str, int], device: torch.device, dtype: torch.dtype, summary: str) -> None:
-    """The loop both stages share (as `train.train_sr`'s): one AdamW step per batch of crops, the log,
-    progress, saves, Ctrl-C. `loss(images, generator)` -> (loss, terms to log); `checkpoint()` -> the
-    complete model's tensors and metadata."""
+    """What both stages share: AdamW (constant lr) on the trainable tensors, restoring a resumed run, and
+    `training.run_steps` with one batch of crops per step. `loss(images, generator)` -> (loss, terms to
+    log); `checkpoint()` -> the complete model's tensors and metadata."""
     optimizer = torch.optim.AdamW(trainable.values(), lr=opts.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     generator = torch.Generator().manual_seed(seeds["noise"])
@@ -400,36 +398,18 @@ def fit(name: str, opts: PriorOptions, kept: tuple[str, ...], run: RunFolder, st
         run.keep_log_until(step)
     print(f"{summary}; {device}, {opts.dtype}; steps {step} -> {opts.steps}", file=sys.stderr)
 
-    def save() -> None:
+    def save(step: int, seconds: float) -> None:
         state = TrainState(step, {k: getattr(opts, k) for k in kept + STORED},
                            {k: p.detach() for k, p in trainable.items()}, optimizer.state_dict(),
                            {"noise": generator.get_state()}, crops.state_dict(),
                            {"seconds": seconds, "scaler": scaler.state_dict()})
         run.save(*checkpoint(), state)
 
-    progress = TrainProgress(name, opts.steps, step)
-    hint = "lower --batch-size or --crop, or use --dtype bfloat16"
-    with StopRequest() as stop, out_of_memory_is_a_usage_error(device, hint):
-        while step < opts.steps and not stop.requested:
-            started = time.monotonic()
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, dtype):
-                value, terms = loss(crops.next_batch().to(device), generator)
-            scaler.scale(value).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            seconds += time.monotonic() - started
+    def backward() -> tuple[float, dict[str, float]]:
+        with autocast(device, dtype):
+            value, terms = loss(crops.next_batch().to(device), generator)
+        scaler.scale(value).backward()
+        return value.item(), terms
 
-            record = {"step": step, "loss": value.item(), **terms, "lr": opts.lr, "seconds": round(seconds, 3)}
-            if opts.val_every and step % opts.val_every == 0:
-                with autocast(device, dtype):
-                    record["val_loss"] = val_loss()
-            run.log(record)
-            progress.update(step, record["loss"])
-            if opts.save_every and step % opts.save_every == 0 or step == opts.steps or stop.requested:
-                save()
-    print(f"wrote {run.checkpoint_path} (step {step})")
-    if step < opts.steps:
-        print(f"stopped at step {step} of {opts.steps}; continue with --resume", file=sys.stderr)
-        raise KeyboardInterrupt
+    hint = "lower --batch-size or --crop, or use --dtype bfloat16"
+    run_steps(name, run, opts, step, seconds, optimizer, scaler, backward, val_loss, save, device, dtype, hint)

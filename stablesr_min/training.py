@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -240,3 +240,40 @@ def out_of_memory_is_a_usage_error(device: torch.device, hint: str) -> Iterator[
         if "allocate memory" not in str(e):
             raise
         raise UsageError(f"out of memory on {device}: {hint}") from None
+
+
+# ------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def run_steps(name: str, run: RunFolder, opts: Any, step: int, seconds: float, optimizer: torch.optim.Optimizer,
+              scaler: torch.amp.GradScaler, backward: Callable[[], tuple[float, dict[str, float]]],
+              val_loss: Callable[[], float] | None, save: Callable[[int, float], None], device: torch.device,
+              dtype: torch.dtype, oom_hint: str) -> None:
+    """The loop every training command shares, from `step` up to `opts.steps`: each iteration, `backward()`
+    computes the gradients (returns the loss and any terms to log), then one optimizer step; the log line,
+    val_loss every `opts.val_every` steps, progress, `save(step, seconds)` every `opts.save_every` steps,
+    at the end and on Ctrl-C. A run stopped early says how to continue and raises KeyboardInterrupt."""
+    progress = TrainProgress(name, opts.steps, step)
+    with StopRequest() as stop, out_of_memory_is_a_usage_error(device, oom_hint):
+        while step < opts.steps and not stop.requested:
+            started = time.monotonic()
+            optimizer.zero_grad(set_to_none=True)
+            loss, terms = backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            seconds += time.monotonic() - started
+
+            record = {"step": step, "loss": loss, **terms, "lr": opts.lr, "seconds": round(seconds, 3)}
+            if val_loss is not None and opts.val_every and step % opts.val_every == 0:
+                with autocast(device, dtype):
+                    record["val_loss"] = val_loss()
+            run.log(record)
+            progress.update(step, record["loss"])
+            if opts.save_every and step % opts.save_every == 0 or step == opts.steps or stop.requested:
+                save(step, seconds)
+    print(f"wrote {run.checkpoint_path} (step {step})")
+    if step < opts.steps:
+        print(f"stopped at step {step} of {opts.steps}; continue with --resume", file=sys.stderr)
+        raise KeyboardInterrupt

@@ -263,26 +263,36 @@ SCALE = 4  # LR = GT / 4, as StableSR trains
 
 
 def run_train_sr(args) -> None:
-    """`python -m stablesr_min train sr ...`: argparse's namespace (None where an option was not given)
-    -> SROptions -> train_sr. A resumed run takes its kept options from its state."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SROptions)}
-    for name in ("base", "data", "config"):
-        if given[name] is not None:
+    """`python -m stablesr_min train sr ...`"""
+    train_sr(*options_from_args(args, SROptions, KEPT_OPTIONS, ("base", "data")))
+
+
+PATH_OPTIONS = ("base", "vae", "data", "config")  # options naming files or folders: stored resolved
+
+
+def options_from_args(args, cls, kept: tuple[str, ...], needed: tuple[str, ...]):
+    """argparse's namespace (None where an option was not given) -> the command's options dataclass `cls`;
+    a resumed run takes its kept options from its state. Returns (options, the state or None)."""
+    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+    for name in PATH_OPTIONS:
+        if given.get(name) is not None:
             given[name] = absolute(given[name])
     state = None
     if args.resume:
-        given, state = resume_options(args.out, args.steps, given, KEPT_OPTIONS)
-    elif args.base is None or args.data is None:
-        raise UsageError("train sr needs --base FILE and --data DIR (or --resume to continue a run)")
-    train_sr(SROptions(**{k: v for k, v in given.items() if v is not None}), state)
+        given, state = resume_options(args.out, args.steps, given, kept)
+    elif any(given[name] is None for name in needed):
+        flags = " and ".join(f"--{name} {'DIR' if name == 'data' else 'FILE'}" for name in needed)
+        raise UsageError(f"train {args.what} needs {flags} (or --resume to continue a run)")
+    return cls(**{k: v for k, v in given.items() if v is not None}), state
 
 
 def absolute(value):
     return [str(Path(v).resolve()) for v in value] if isinstance(value, list) else str(Path(value).resolve())
 
 
-def check_options(opts: SROptions) -> None:
-    for name in ("steps", "batch_size", "grad_accum"):
+def check_options(opts, positive: tuple[str, ...] = ("steps", "batch_size", "grad_accum")) -> None:
+    """The options every training command checks: counts >= 1, intervals >= 0, lr > 0."""
+    for name in positive:
         if getattr(opts, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
     for name in ("save_every", "val_every"):

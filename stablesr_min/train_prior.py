@@ -43,7 +43,6 @@ Not done as SD: no EMA of the UNet's weights, no learning-rate warm-up, one reso
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
@@ -60,9 +59,9 @@ from .model import StableSR, load_stablesr, load_vae, resolve_config
 from .pipeline import draw, text_context
 from .schedule import Schedule
 from .text import TextEncoder
-from .train import (Validation, absolute, default_init, encode, gt_size_multiple,
+from .train import (Validation, check_options, default_init, encode, gt_size_multiple, options_from_args,
                     random_timestep_loss, restore, zero_init_like_official)
-from .training import RunFolder, TrainState, autocast, derive_seeds, resume_options, run_steps
+from .training import RunFolder, TrainState, autocast, derive_seeds, run_steps
 from .unet import UNet
 from .vae import AutoencoderKL, DiagonalGaussian
 from .weights import KIND_HINTS, WeightFiles, WeightsError, config_metadata, guess_kind
@@ -254,22 +253,6 @@ VAE_KEPT, UNET_KEPT = KEPT + ("kl_weight",), KEPT + ("vae",)
 STORED = ("dtype", "save_every", "val_every")
 
 
-def options_from_args(args, cls, kept: tuple[str, ...], needed: tuple[str, ...]):
-    """argparse's namespace (None where an option was not given) -> options; a resumed run takes its kept
-    options from its state. Returns (options, state or None)."""
-    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
-    for name in ("data", "config", "vae"):
-        if given.get(name) is not None:
-            given[name] = absolute(given[name])
-    state = None
-    if args.resume:
-        given, state = resume_options(args.out, args.steps, given, kept)
-    elif any(given[name] is None for name in needed):
-        flags = " and ".join(f"--{name} {'DIR' if name == 'data' else 'FILE'}" for name in needed)
-        raise UsageError(f"train {args.what} needs {flags} (or --resume to continue a run)")
-    return cls(**{k: v for k, v in given.items() if v is not None}), state
-
-
 def run_train_vae(args) -> None:
     """`python -m stablesr_min train vae ...`"""
     train_vae(*options_from_args(args, VAEOptions, VAE_KEPT, ("data",)))
@@ -280,15 +263,8 @@ def run_train_unet(args) -> None:
     train_unet(*options_from_args(args, UNetOptions, UNET_KEPT, ("vae", "data")))
 
 
-def check_options(opts: PriorOptions, multiple: int) -> None:
-    for name in ("steps", "batch_size"):
-        if getattr(opts, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
-    for name in ("save_every", "val_every"):
-        if getattr(opts, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(opts, name)}")
-    if not opts.lr > 0:
-        raise UsageError(f"--lr must be > 0, got {opts.lr}")
+def check_prior_options(opts: PriorOptions, multiple: int) -> None:
+    check_options(opts, ("steps", "batch_size"))
     if opts.crop < multiple or opts.crop % multiple:
         raise UsageError(f"--crop {opts.crop}: must be a multiple of {multiple}, so that every level of the "
                          "networks is whole")
@@ -302,7 +278,7 @@ def train_vae(opts: VAEOptions, state: TrainState | None = None) -> None:
     if opts.resume and state is None:
         state = run.load_state()
     cfg = resolve_config(WeightFiles([run.checkpoint_path]), None) if state else prior_config(opts.config)
-    check_options(opts, 2 ** (len(cfg.vae.ch_mult) - 1))
+    check_prior_options(opts, 2 ** (len(cfg.vae.ch_mult) - 1))
     if not opts.kl_weight >= 0:
         raise UsageError(f"--kl-weight must be >= 0, got {opts.kl_weight}")
     device = pick_device(opts.device)
@@ -348,7 +324,7 @@ def train_unet(opts: UNetOptions, state: TrainState | None = None) -> None:
         vae = vae_for_prior(opts.vae)
         cfg = prior_config(opts.config)
         cfg.vae = vae.cfg
-    check_options(opts, gt_size_multiple(cfg, 1))
+    check_prior_options(opts, gt_size_multiple(cfg, 1))
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.dtype, device)
 

@@ -336,14 +336,9 @@ def train_sr(opts: SROptions, state: TrainState | None = None) -> None:
     with torch.no_grad():
         context = text_context(model, "", opts.batch_size)
 
-    # AdamW with PyTorch's defaults besides the lr, as the official trainer; a loss scaler for float16
-    optimizer = torch.optim.AdamW(trainable.values(), lr=opts.lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    generator = torch.Generator().manual_seed(seeds["noise"])
-    step, seconds = 0, 0.0
-    if state:
-        step, seconds = restore(state, trainable, optimizer, scaler, generator, pairs)
-        run.keep_log_until(step)
+    # AdamW with PyTorch's defaults besides the lr, as the official trainer
+    optimizer, scaler, generator, step, seconds = start_optimizer(trainable, opts.lr, dtype, seeds["noise"], run,
+                                                                  state, pairs)
 
     # A fixed batch for val_loss, from its own seeded pipeline
     validation = None
@@ -361,10 +356,8 @@ def train_sr(opts: SROptions, state: TrainState | None = None) -> None:
           f"{device}, {opts.dtype}; steps {step} -> {opts.steps}", file=sys.stderr)
 
     def save(step: int, seconds: float) -> None:
-        state = TrainState(step, {k: getattr(opts, k) for k in STORED_OPTIONS},
-                           {k: p.detach() for k, p in trainable.items()}, optimizer.state_dict(),
-                           {"noise": generator.get_state()}, pairs.state_dict(),
-                           {"seconds": seconds, "scaler": scaler.state_dict()})
+        state = snapshot(step, seconds, {k: getattr(opts, k) for k in STORED_OPTIONS}, trainable, optimizer, scaler,
+                         generator, pairs)
         run.save(model.state_dict(), config_metadata(model.cfg.to_json()), state)
 
     def backward() -> tuple[float, dict[str, float]]:
@@ -381,6 +374,30 @@ def train_sr(opts: SROptions, state: TrainState | None = None) -> None:
     val_loss = (lambda: validation.loss(model, schedule, context)) if validation is not None else None
     hint = "lower --batch-size or --gt-size (--grad-accum keeps the effective batch), or use --dtype bfloat16"
     run_steps("train sr", run, opts, step, seconds, optimizer, scaler, backward, val_loss, save, device, dtype, hint)
+
+
+def start_optimizer(trainable: dict[str, nn.Parameter], lr: float, dtype: torch.dtype, noise_seed: int,
+                    run: RunFolder, state: TrainState | None, data):
+    """AdamW (PyTorch's defaults besides the lr), a loss scaler for float16 and the noise generator, at the
+    start of a run or, with `state`, where it stopped (the data pipeline too, and the log cut to its step).
+    Returns (optimizer, scaler, generator, step, seconds trained)."""
+    optimizer = torch.optim.AdamW(trainable.values(), lr=lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    generator = torch.Generator().manual_seed(noise_seed)
+    step, seconds = 0, 0.0
+    if state:
+        step, seconds = restore(state, trainable, optimizer, scaler, generator, data)
+        run.keep_log_until(step)
+    return optimizer, scaler, generator, step, seconds
+
+
+def snapshot(step: int, seconds: float, options: dict, trainable: dict[str, nn.Parameter],
+             optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, generator: torch.Generator,
+             data) -> TrainState:
+    """Everything a resume needs, as `restore` puts it back."""
+    return TrainState(step, options, {k: p.detach() for k, p in trainable.items()}, optimizer.state_dict(),
+                      {"noise": generator.get_state()}, data.state_dict(),
+                      {"seconds": seconds, "scaler": scaler.state_dict()})
 
 
 def restore(state: TrainState, trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,

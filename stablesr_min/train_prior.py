@@ -60,7 +60,7 @@ from .pipeline import draw, text_context
 from .schedule import Schedule
 from .text import TextEncoder
 from .train import (Validation, check_options, default_init, encode, gt_size_multiple, options_from_args,
-                    random_timestep_loss, restore, zero_init_like_official)
+                    random_timestep_loss, snapshot, start_optimizer, zero_init_like_official)
 from .training import RunFolder, TrainState, autocast, derive_seeds, run_steps
 from .unet import UNet
 from .vae import AutoencoderKL, DiagonalGaussian
@@ -365,21 +365,13 @@ def fit(name: str, opts: PriorOptions, kept: tuple[str, ...], run: RunFolder, st
     """What both stages share: AdamW (constant lr) on the trainable tensors, restoring a resumed run, and
     `training.run_steps` with one batch of crops per step. `loss(images, generator)` -> (loss, terms to
     log); `checkpoint()` -> the complete model's tensors and metadata."""
-    optimizer = torch.optim.AdamW(trainable.values(), lr=opts.lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    generator = torch.Generator().manual_seed(seeds["noise"])
-    step, seconds = 0, 0.0
-    if state:
-        step, seconds = restore(state, trainable, optimizer, scaler, generator, crops)
-        run.keep_log_until(step)
+    optimizer, scaler, generator, step, seconds = start_optimizer(trainable, opts.lr, dtype, seeds["noise"], run,
+                                                                  state, crops)
     print(f"{summary}; {device}, {opts.dtype}; steps {step} -> {opts.steps}", file=sys.stderr)
 
     def save(step: int, seconds: float) -> None:
-        state = TrainState(step, {k: getattr(opts, k) for k in kept + STORED},
-                           {k: p.detach() for k, p in trainable.items()}, optimizer.state_dict(),
-                           {"noise": generator.get_state()}, crops.state_dict(),
-                           {"seconds": seconds, "scaler": scaler.state_dict()})
-        run.save(*checkpoint(), state)
+        options = {k: getattr(opts, k) for k in kept + STORED}
+        run.save(*checkpoint(), snapshot(step, seconds, options, trainable, optimizer, scaler, generator, crops))
 
     def backward() -> tuple[float, dict[str, float]]:
         with autocast(device, dtype):

@@ -7,7 +7,8 @@ fetch here, so the prior is trained first, in two stages, as latent diffusion tr
     python -m stablesr_min train unet --vae runs/vae/last.safetensors --data photos/ --out runs/unet --steps N
     python -m stablesr_min train sr   --base runs/unet/last.safetensors --data photos/ --out runs/sr --steps N
 
-Stage 1, the autoencoder (`vae.AutoencoderKL`). LDM's objective (Rombach et al. 2022, App. G, Eq. 25):
+Stage 1, the autoencoder (`vae.AutoencoderKL`). LDM's objective (Rombach et al. 2022, arXiv 2112.10752v2,
+App. G, Eq. 25):
 
     L_Autoencoder = min_{E,D} max_psi ( L_rec(x, D(E(x))) - L_adv(D(E(x))) + log D_psi(x) + L_reg(x; E, D) )
 
@@ -73,8 +74,9 @@ from .weights import KIND_HINTS, WeightFiles, WeightsError, config_metadata, gue
 # groups. Chosen to train in tens of minutes on a 2-core CPU (README, "Training a tiny prior"):
 TINY_SIZES = {
     # VAE: 3 levels, so 4x down (SD: 8x) with 4 latent channels: 48 values per latent cell -> 4 (SD: 192 -> 4).
-    # A tiny decoder trained for minutes cannot invent the detail that 8x would throw away (LDM's f=4
-    # models reconstruct best, LDM Table 8); widths 32, 64, 64, one residual block per level.
+    # A tiny decoder trained for minutes cannot invent the detail that 8x would throw away (LDM's
+    # autoencoder zoo, Table 8: reconstructions worsen as the factor grows); widths 32, 64, 64, one residual
+    # block per level.
     "vae": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1},
     # UNet: widths 32, 64, 64, one residual block per level, attention below the top level (SD: 320 ... 1280,
     # two blocks, attention at every level); heads of 32 channels.

@@ -239,7 +239,8 @@ class PriorOptions:
 
 @dataclass
 class VAEOptions(PriorOptions):
-    lr: float = 5e-4  # higher than LDM's 4.5e-6 x batch: a tiny model, minutes of training
+    lr: float = 5e-4  # higher than LDM's 4.5e-6 x batch: a tiny model, minutes of training (and AdamW with
+    #                   PyTorch's betas, as every command here; LDM's Adam betas (0.5, 0.9) suit its GAN term)
     kl_weight: float = 1e-6  # SD's VAE (kl-f8)
 
 
@@ -325,7 +326,7 @@ def train_unet(opts: UNetOptions, state: TrainState | None = None) -> None:
     else:
         vae = vae_for_prior(opts.vae)
         cfg = prior_config(opts.config)
-        cfg.vae = vae.cfg
+        cfg.vae = vae.cfg  # the VAE's sizes are the file's, whatever --config says
     check_prior_options(opts, gt_size_multiple(cfg, 1))
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.dtype, device)

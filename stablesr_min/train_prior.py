@@ -113,8 +113,11 @@ def prior_config(path: str | None) -> StableSRConfig:
         cfg = StableSRConfig.from_dict(blocks)
         if "time_encoder" not in given:
             cfg = StableSRConfig.from_dict({**cfg.to_dict(), "time_encoder": matching_time_encoder(cfg.unet)})
+        # every network `train sr` will build on it, SFT layers included, on the meta device (no memory)
+        with torch.device("meta"):
+            StableSR(StableSRConfig.from_dict({**cfg.to_dict(), "unet": {**cfg.to_dict()["unet"], "use_sft": True}}))
     except (TypeError, ValueError) as e:
-        raise UsageError(f"--config {path}: {e}") from None
+        raise UsageError(f"--config {path}: these sizes do not make the networks ({e})") from None
     cfg.unet.use_sft = False
     return cfg
 

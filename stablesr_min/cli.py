@@ -5,6 +5,7 @@
     python -m stablesr_min train sr --base stablesr_000117.safetensors --data photos/ --out runs/sr --steps 1000
     python -m stablesr_min train cfw-data --weights stablesr_000117.safetensors --data photos/ --out cfw_data --count 5000
     python -m stablesr_min train cfw --cfw-base v2-1_512-ema-pruned.safetensors --data cfw_data --out runs/cfw --steps 1000
+    python -m stablesr_min train vae --data photos/ --out runs/vae --steps 3000     (then `train unet`: a tiny prior)
 
 Every user error ends in one line on stderr and exit code 2; no traceback. Everything that can be checked
 before a model loads is checked then (inputs, output folder, options, device, memory), so a bad run fails
@@ -398,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_sub = train.add_subparsers(dest="what", required=True)
     add_train_sr_parser(train_sub)
     add_train_cfw_parsers(train_sub)
+    add_train_prior_parsers(train_sub)
     return parser
 
 
@@ -434,6 +436,37 @@ def add_run_options(parser, validation: str) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--save-every", type=int, help="steps between saves (default 500; 0: only at the end and on Ctrl-C, as always)")
     parser.add_argument("--val-every", type=int, help=f"steps between {validation} (default 100; 0: never)")
+
+
+def add_train_prior_parsers(train_sub) -> None:
+    # `train vae` and `train unet`: the tiny diffusion prior (train_prior.py). Options default to None here
+    # ("not given"): a resumed run takes them from its state, a new one from train_prior's option classes.
+    vae = train_sub.add_parser("vae", help="train the prior's VAE (AutoencoderKL: L1 + KL) on clean crops",
+                               description="Train a small AutoencoderKL (the first stage of a tiny Stable Diffusion) "
+                                           "with L1 + a small KL term on random crops of photos.")
+    unet = train_sub.add_parser("unet", help="train the prior's UNet (latent diffusion) on a trained VAE",
+                                description="Train a small SD 2.x-like UNet (no SFT) as a latent diffusion model on a "
+                                            "frozen VAE, with the empty prompt through a tiny frozen text encoder; "
+                                            "writes a checkpoint that `train sr --base` takes.")
+    unet.add_argument("--vae", metavar="FILE", help="the VAE: `train vae`'s last.safetensors (or an SD 2.x checkpoint)")
+    for p, crop, lr in ((vae, 64, "5e-4"), (unet, 128, "2e-4")):
+        p.add_argument("--data", nargs="+", metavar="DIR", help="folders of training photos (searched recursively)")
+        p.add_argument("--out", required=True, metavar="RUN", help="run folder: last.safetensors, state.safetensors, log.jsonl")
+        p.add_argument("--steps", type=int, required=True, help="optimizer steps in total (with --resume: up to this step)")
+        p.add_argument("--config", metavar="JSON", help="model sizes: a config JSON whose blocks update the tiny defaults")
+        p.add_argument("--batch-size", type=int, help="crops per step (default 8)")
+        p.add_argument("--crop", type=int, help=f"crop size in pixels (default {crop})")
+        p.add_argument("--lr", type=float, help=f"AdamW learning rate (default {lr}, constant)")
+        add_run_options(p, "validation losses")
+    vae.add_argument("--kl-weight", type=float, help="weight of the KL term (default 1e-6, SD's)")
+    vae.set_defaults(run=cmd_train_prior)
+    unet.set_defaults(run=cmd_train_prior)
+
+
+def cmd_train_prior(args) -> None:
+    from .train_prior import run_train_unet, run_train_vae  # imported here so that other commands stay fast
+
+    (run_train_vae if args.what == "vae" else run_train_unet)(args)
 
 
 def cmd_train_sr(args) -> None:

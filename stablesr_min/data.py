@@ -1,4 +1,5 @@
-"""Training pairs: HR crops from folders of photos, degraded on the fly into (LR, GT) batches.
+"""Training data: HR crops from folders of photos, degraded on the fly into (LR, GT) batches (`TrainingPairs`),
+or clean crops for training the diffusion prior (`CleanCrops`).
 
 As basicsr's `RealESRGANDataset` (StableSR's training set) and StableSR's `get_input`:
   1. each image of a batch: a horizontal flip (and, with `use_rot`, a vertical flip and a transpose),
@@ -15,6 +16,7 @@ other one; here every image found is used (small ones padded), and an unreadable
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -114,7 +116,87 @@ def smallest_gt_size(cfg: DegradationConfig, scale: int) -> int:
     return size
 
 
-class TrainingPairs:
+class ShuffledImages:
+    """The image files under folders, `batch_size` at a time in a seeded shuffled order, reshuffled at the
+    end of every epoch. The generator also draws everything random that a subclass adds (crops, flips, ...),
+    so `state_dict()` (the generator, the epoch's order and position) continues the stream bit-identically."""
+
+    def __init__(self, folders: list[str | os.PathLike], batch_size: int, seed: int):
+        self.batch_size = batch_size
+        self.files = find_images(folders)
+        for path in self.files:
+            check_readable(path)
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Start the file order anew from `seed`."""
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(len(self.files), generator=self.gen)
+        self.position = 0
+
+    def next_files(self) -> list[Path]:
+        """The next batch_size files of a shuffled order, reshuffled at the end of every epoch."""
+        files = []
+        for _ in range(self.batch_size):
+            if self.position == len(self.files):
+                self.order = torch.randperm(len(self.files), generator=self.gen)
+                self.position = 0
+            files.append(self.files[self.order[self.position]])
+            self.position += 1
+        return files
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "generator": self.gen.get_state(),
+            "order": self.order.clone(),
+            "position": torch.tensor(self.position),
+            "file_count": torch.tensor(len(self.files)),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if int(state["file_count"]) != len(self.files):
+            raise DataError(f"the saved training state saw {int(state['file_count'])} images, these folders "
+                            f"hold {len(self.files)}; resume with the same data")
+        self.gen.set_state(state["generator"])
+        self.order = state["order"].clone()
+        self.position = int(state["position"])
+
+
+class CleanCrops(ShuffledImages):
+    """Clean batches for training the prior (the VAE, the latent diffusion UNet): each image a horizontal
+    flip with probability 1/2, reflect-padded if smaller, and a random crop; nothing degraded.
+
+    `next_batch()` -> (B, 3, crop_size, crop_size), float32 in [0, 1]. Decoded photos are kept in memory
+    (the `cache` most recently used ones): the prior trains on a handful of photos, thousands of times each.
+    """
+
+    def __init__(self, folders: list[str | os.PathLike], crop_size: int, batch_size: int, seed: int = 0,
+                 cache: int = 64):
+        if batch_size < 1:
+            raise DataError(f"batch size {batch_size}: must be at least 1")
+        if crop_size < 1:
+            raise DataError(f"crop size {crop_size}: must be at least 1")
+        super().__init__(folders, batch_size, seed)
+        self.crop_size = crop_size
+        self.read = functools.lru_cache(maxsize=cache)(read_rgb)
+
+    def next_batch(self) -> torch.Tensor:
+        crops = [pad_and_crop(augment(self.read(path), self.gen, hflip=True, rot=False), self.crop_size, self.gen)
+                 for path in self.next_files()]
+        return torch.stack(crops)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return super().state_dict() | {"sizes": torch.tensor([self.crop_size, self.batch_size])}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        saved = state["sizes"].tolist()
+        if saved != [self.crop_size, self.batch_size]:
+            raise DataError(f"the saved training state used crop size {saved[0]}, batch size {saved[1]}; "
+                            "resume with the same settings")
+
+
+class TrainingPairs(ShuffledImages):
     """Batches of (LR, GT) pairs from folders of photos, degraded as StableSR trains.
 
     `next_batch()` -> lr (B, 3, gt_size/scale, gt_size/scale), gt (B, 3, gt_size, gt_size), float32 in
@@ -126,17 +208,13 @@ class TrainingPairs:
         self.gt_size, self.batch_size, self.cfg, self.scale = gt_size, batch_size, cfg, scale
         self.crop_size = cfg.crop_size or gt_size
         self.check_sizes()
-        self.files = find_images(folders)
-        for path in self.files:
-            check_readable(path)
-        self.reseed(seed)
+        super().__init__(folders, batch_size, seed)
+        self.pool = PairPool(cfg.queue_size, batch_size)
 
     def reseed(self, seed: int) -> None:
         """Start the stream anew from `seed` (a new file order, an empty pool): what a new TrainingPairs
         of this seed would draw, without searching the folders again."""
-        self.gen = torch.Generator().manual_seed(seed)
-        self.order = torch.randperm(len(self.files), generator=self.gen)
-        self.position = 0
+        super().reseed(seed)
         self.pool = PairPool(self.cfg.queue_size, self.batch_size)
 
     def check_sizes(self) -> None:
@@ -154,17 +232,6 @@ class TrainingPairs:
         if self.cfg.queue_size % self.batch_size:
             raise DataError(f"the pair pool's queue_size {self.cfg.queue_size} is not a multiple of the batch "
                             f"size {self.batch_size}; choose a batch size that divides it")
-
-    def next_files(self) -> list[Path]:
-        """The next batch_size files of a shuffled order, reshuffled at the end of every epoch."""
-        files = []
-        for _ in range(self.batch_size):
-            if self.position == len(self.files):
-                self.order = torch.randperm(len(self.files), generator=self.gen)
-                self.position = 0
-            files.append(self.files[self.order[self.position]])
-            self.position += 1
-        return files
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
@@ -185,23 +252,15 @@ class TrainingPairs:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {
-            "generator": self.gen.get_state(),
-            "order": self.order.clone(),
-            "position": torch.tensor(self.position),
-            "file_count": torch.tensor(len(self.files)),
+            **super().state_dict(),
             "sizes": torch.tensor([self.gt_size, self.batch_size, self.scale, self.crop_size]),
             **self.pool.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if int(state["file_count"]) != len(self.files):
-            raise DataError(f"the saved training state saw {int(state['file_count'])} images, these folders "
-                            f"hold {len(self.files)}; resume with the same data")
+        super().load_state_dict(state)
         saved = state["sizes"].tolist()
         if saved != [self.gt_size, self.batch_size, self.scale, self.crop_size]:
             raise DataError(f"the saved training state used gt_size {saved[0]}, batch size {saved[1]}, "
                             f"scale {saved[2]}, crop size {saved[3]}; resume with the same settings")
-        self.gen.set_state(state["generator"])
-        self.order = state["order"].clone()
-        self.position = int(state["position"])
         self.pool.load_state_dict(state)

@@ -111,6 +111,22 @@ def load_cfw(
     return load_module(cfw, files, "", what="the CFW autoencoder", dtype=dtype, device=device).eval()
 
 
+def load_vae(
+    path: str | os.PathLike,
+    config: StableSRConfig | str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> AutoencoderKL:
+    """Load the VAE (`first_stage_model.`) of a checkpoint strictly: a file of `train vae`, or the VAE inside
+    an SD 2.x or StableSR checkpoint (their other tensors are left unread)."""
+    files = WeightFiles([path])
+    cfg = resolve_config(files, config)
+    with torch.device("meta"):
+        vae = AutoencoderKL(cfg.vae)
+    return load_module(vae, files, "first_stage_model.", what="the VAE", dtype=dtype, device=device).eval()
+
+
 # ------------------------------------------------------------------------------------------------------
 # Where the weights are: the converted official files, or (for demos without them) tiny random ones
 

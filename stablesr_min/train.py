@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -47,11 +46,10 @@ from .model import StableSR, load_stablesr, resolve_config
 from .pipeline import draw, text_context, upsample
 from .schedule import Schedule
 from .time_encoder import AttentionBlock, TimeAwareEncoder
-from .training import (DIST_TIMEOUT, Processes, RunFolder, StopRequest, TrainProgress, TrainState, any_rank,
-                       autocast, check_option_ranges, check_world_size, command_options, derive_seeds, distribute,
-                       gather_ranks, gradient_sync, mean_over_ranks, of_rank, out_of_memory_is_a_usage_error,
-                       rank_seed, save_due, stop_on_non_finite, torchrun_processes)
-from .unet import SFT, ResBlock
+from .training import (DIST_TIMEOUT, Processes, RunFolder, TrainState, autocast, check_option_ranges,
+                       check_world_size, command_options, derive_seeds, distribute, gather_ranks, gradient_sync,
+                       of_rank, rank_seed, run_steps, torchrun_processes)
+from .unet import SFT, ResBlock, SpatialTransformer
 from .vae import DiagonalGaussian
 from .weights import KIND_HINTS, WeightFiles, WeightsError, config_metadata, guess_kind
 
@@ -116,26 +114,33 @@ def stablesr_from_sd2(paths: list[str], cfg: StableSRConfig, seed: int) -> Stabl
     new_modules = [model.time_encoder] + [m for m in model.unet.modules() if isinstance(m, SFT)]
     new_keys = {k for k in model.state_dict() if is_trainable(k)}
     assert not unexpected and set(missing) == new_keys, "the SD 2.x tree and StableSR's differ beyond the new layers"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in new_modules:
-            module.to_empty(device="cpu")
-            for layer in module.modules():
-                if hasattr(layer, "reset_parameters"):  # what each layer's constructor calls
-                    layer.reset_parameters()
+    for module in new_modules:
+        module.to_empty(device="cpu")
+    default_init(new_modules, seed)
     zero_init_like_official(model.time_encoder)
     return model.eval()
 
 
+def default_init(modules: list[nn.Module], seed: int) -> None:
+    """PyTorch's default initialisation of every layer of the modules, drawn from a generator seeded with
+    `seed` (the global one is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in modules:
+            for layer in module.modules():
+                if hasattr(layer, "reset_parameters"):  # what each layer's constructor calls
+                    layer.reset_parameters()
+
+
 @torch.no_grad()
-def zero_init_like_official(encoder: TimeAwareEncoder) -> None:
-    """The official EncoderUNetModelWT wraps the last conv of every residual branch and the output
-    projection of every attention in `zero_module`, so each block starts as its skip path. (Its SPADE
-    layers keep PyTorch's default initialisation.)"""
-    for layer in encoder.modules():
+def zero_init_like_official(network: nn.Module) -> None:
+    """The official EncoderUNetModelWT (and SD's UNetModel) wrap the last conv of every residual branch and
+    the output projection of every attention and spatial transformer in `zero_module`, so each block
+    starts as its skip path. (The SPADE layers keep PyTorch's default initialisation.)"""
+    for layer in network.modules():
         if isinstance(layer, ResBlock):
             out = layer.out_layers[-1]
-        elif isinstance(layer, AttentionBlock):
+        elif isinstance(layer, (AttentionBlock, SpatialTransformer)):
             out = layer.proj_out
         else:
             continue
@@ -172,17 +177,19 @@ class Denoiser(nn.Module):
         super().__init__()
         self.unet, self.time_encoder = model.unet, model.time_encoder  # the model's own modules, shared
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, z_lr: torch.Tensor) -> torch.Tensor:
-        # s: the time-aware encoder's features of the LR latent, one per UNet width
-        struct_cond = self.time_encoder(z_lr, t)
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                z_lr: torch.Tensor | None = None) -> torch.Tensor:
+        # s: the time-aware encoder's features of the LR latent, one per UNet width (none for the prior alone)
+        struct_cond = self.time_encoder(z_lr, t) if z_lr is not None else None
         # eps_theta(z_t, t, c, s)
         return self.unet(z_t, t, context, struct_cond)
 
 
-def diffusion_loss(denoiser: nn.Module, schedule: Schedule, z_lr: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
-                   noise: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+def diffusion_loss(denoiser: nn.Module, schedule: Schedule, z_lr: torch.Tensor | None, z: torch.Tensor,
+                   t: torch.Tensor, noise: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """|| eps_theta(z_t, t, c, s(z_lr, t)) - target ||^2, averaged over every element (so over the batch
-    of per-sample means); `denoiser` is a Denoiser, or one wrapped for several processes."""
+    of per-sample means); `denoiser` is a Denoiser, or one wrapped for several processes. Without z_lr (the
+    prior alone, `train unet`): || eps_theta(z_t, t, c) - target ||^2."""
     # z_t = sqrt(ab_t) z + sqrt(1 - ab_t) eps
     z_t = schedule.q_sample(z, t, noise)
     # the target: eps, or v = sqrt(ab_t) eps - sqrt(1 - ab_t) z
@@ -204,6 +211,12 @@ def sample_loss(model: StableSR, denoiser: nn.Module, schedule: Schedule, contex
                 gt: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One draw of the objective on a batch: posterior samples, t ~ U{0..T-1}, eps ~ N(0, I)."""
     z_lr, z = latents(model, lr, gt, generator)
+    return random_timestep_loss(denoiser, schedule, context, z_lr, z, generator)
+
+
+def random_timestep_loss(denoiser: nn.Module, schedule: Schedule, context: torch.Tensor, z_lr: torch.Tensor | None,
+                         z: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The objective at t ~ U{0..T-1} and eps ~ N(0, I), one of each per sample."""
     t = torch.randint(len(schedule), (z.shape[0],), generator=generator).to(z.device)
     noise = draw(z, generator)
     return diffusion_loss(denoiser, schedule, z_lr, z, t, noise, context)
@@ -214,12 +227,11 @@ VALIDATION_TIMESTEP_COUNT = 4  # val_loss: the mean over these many evenly sprea
 
 class Validation:
     """A fixed batch from its own seeded data pipeline, with fixed posterior samples and noise, scored at
-    fixed timesteps: the same inputs at every measurement, so val_loss compares the steps of a run."""
+    fixed timesteps: the same inputs at every measurement, so val_loss compares the steps of a run.
+    z_lr is None for the prior alone."""
 
-    def __init__(self, model: StableSR, pairs, seed: int, timesteps: int, device: torch.device):
-        generator = torch.Generator().manual_seed(seed)
-        lr, gt = pairs.next_batch()
-        self.z_lr, self.z = latents(model, lr.to(device), gt.to(device), generator)
+    def __init__(self, z_lr: torch.Tensor | None, z: torch.Tensor, generator: torch.Generator, timesteps: int):
+        self.z_lr, self.z = z_lr, z
         self.noise = draw(self.z, generator)
         n = VALIDATION_TIMESTEP_COUNT
         self.timesteps = [(2 * i + 1) * timesteps // (2 * n) for i in range(n)]  # 125, 375, 625, 875
@@ -230,6 +242,14 @@ class Validation:
         losses = [diffusion_loss(denoiser, schedule, self.z_lr, self.z, torch.full((batch,), t, device=device),
                                  self.noise, context) for t in self.timesteps]
         return torch.stack(losses).mean().item()
+
+
+def sr_validation(model: StableSR, pairs, seed: int, timesteps: int, device: torch.device) -> Validation:
+    """The validation of `train sr`: one batch of LR/GT pairs, and posterior samples of their latents."""
+    generator = torch.Generator().manual_seed(seed)
+    lr, gt = pairs.next_batch()
+    z_lr, z = latents(model, lr.to(device), gt.to(device), generator)
+    return Validation(z_lr, z, generator, timesteps)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -292,8 +312,6 @@ def train_sr(opts: SROptions, procs: Processes, state: TrainState | None = None)
     seeds = derive_seeds(opts.seed, ["data", "noise", "init", "validation"])
     if opts.resume and state is None:
         state = run.load_state()
-    if state:
-        check_world_size(state, procs)
 
     # The model's config (the model itself loads once the data is found): the run's last checkpoint's, or
     # the base file's
@@ -320,16 +338,9 @@ def train_sr(opts: SROptions, procs: Processes, state: TrainState | None = None)
     network = distribute(denoiser, procs)
     schedule = Schedule.from_config(model.cfg.diffusion)
 
-    # AdamW with PyTorch's defaults besides the lr, as the official trainer; a loss scaler for float16
-    optimizer = torch.optim.AdamW(trainable.values(), lr=opts.lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    generator = torch.Generator().manual_seed(rank_seed(seeds["noise"], procs.rank))
-    step, seconds, saved_step = 0, 0.0, None
-    if state:
-        step, seconds = restore(state, procs.rank, trainable, optimizer, scaler, generator, pairs)
-        saved_step = step
-        if procs.is_main:
-            run.keep_log_until(step)
+    # AdamW with PyTorch's defaults besides the lr, as the official trainer
+    optimizer, scaler, generator, step, seconds = start_optimizer(trainable, opts.lr, dtype, seeds["noise"], run,
+                                                                  state, pairs, procs)
 
     # A fixed batch for val_loss, from its own seeded pipeline (rank 0 measures it)
     validation = None
@@ -337,7 +348,7 @@ def train_sr(opts: SROptions, procs: Processes, state: TrainState | None = None)
         val_pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=DegradationConfig(),
                                   seed=seeds["validation"], scale=SCALE)
         with autocast(device, dtype):
-            validation = Validation(model, val_pairs, seeds["validation"], len(schedule), device)
+            validation = sr_validation(model, val_pairs, seeds["validation"], len(schedule), device)
 
     n_trainable = sum(p.numel() for p in trainable.values())
     n_frozen = sum(p.numel() for p in model.parameters()) - n_trainable
@@ -349,54 +360,61 @@ def train_sr(opts: SROptions, procs: Processes, state: TrainState | None = None)
               f"{'time-aware' if model.cfg.time_encoder.time_aware else 'TIME-BLIND (t = 0)'} encoder; "
               f"{device}, {opts.dtype}; steps {step} -> {opts.steps}", file=sys.stderr)
 
-    def save() -> None:
-        """Every rank hands its random streams to rank 0, which writes the run folder."""
-        generators = gather_ranks(procs, {"noise": generator.get_state()})
-        data = gather_ranks(procs, pairs.state_dict())
+    def save(step: int, seconds: float) -> None:
+        state = snapshot(step, seconds, {k: getattr(opts, k) for k in STORED_OPTIONS}, trainable, optimizer, scaler,
+                         generator, pairs, procs)
         if procs.is_main:
-            state = TrainState(step, {k: getattr(opts, k) for k in STORED_OPTIONS},
-                               {k: p.detach() for k, p in trainable.items()}, optimizer.state_dict(), generators,
-                               data, {"seconds": seconds, "scaler": scaler.state_dict(),
-                                      "world_size": procs.world_size})
             run.save(model.state_dict(), config_metadata(model.cfg.to_json()), state)
 
-    # The loop: one optimizer step per iteration, over grad_accum micro-batches
-    progress = TrainProgress("train sr", opts.steps, step) if procs.is_main else None
+    def backward() -> tuple[float, dict[str, float]]:
+        """One optimizer step's gradients, over grad_accum micro-batches (all-reduced once, after the last);
+        their mean loss."""
+        loss_sum = 0.0
+        for micro_batch in range(opts.grad_accum):
+            lr, gt = pairs.next_batch()
+            with gradient_sync(network, last_micro_batch=micro_batch == opts.grad_accum - 1):
+                with autocast(device, dtype):
+                    loss = sample_loss(model, network, schedule, context, lr.to(device), gt.to(device), generator)
+                scaler.scale(loss / opts.grad_accum).backward()
+            loss_sum += loss.item()
+        return loss_sum / opts.grad_accum, {}
+
+    val_loss = (lambda: validation.loss(denoiser, schedule, context)) if validation is not None else None
     hint = ("lower --batch-size or --gt-size (--grad-accum keeps the effective batch), use --checkpointing, "
             "or use --dtype bfloat16")
-    with StopRequest() as stop, out_of_memory_is_a_usage_error(device, hint):
-        stop_requested = False
-        while step < opts.steps and not stop_requested:
-            started = time.monotonic()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for micro_batch in range(opts.grad_accum):
-                lr, gt = pairs.next_batch()
-                with gradient_sync(network, last_micro_batch=micro_batch == opts.grad_accum - 1):
-                    with autocast(device, dtype):
-                        loss = sample_loss(model, network, schedule, context, lr.to(device), gt.to(device),
-                                           generator)
-                    scaler.scale(loss / opts.grad_accum).backward()
-                loss_sum += loss.item()
-            mean_loss = mean_over_ranks(procs, loss_sum / opts.grad_accum)
-            stop_on_non_finite(mean_loss, step + 1, saved_step, run.checkpoint_path)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            seconds += time.monotonic() - started
+    run_steps("train sr", run, opts, step, seconds, optimizer, scaler, backward, val_loss, save, device, dtype, hint,
+              procs)
 
-            if procs.is_main:
-                record = {"step": step, "loss": mean_loss, "lr": opts.lr, "seconds": round(seconds, 3)}
-                if validation is not None and step % opts.val_every == 0:
-                    with autocast(device, dtype):
-                        record["val_loss"] = validation.loss(denoiser, schedule, context)
-                run.log(record)
-                progress.update(step, record["loss"])
-            stop_requested = any_rank(procs, stop.requested)  # Ctrl-C reaches the ranks at different moments
-            if save_due(step, opts.steps, opts.save_every, stop_requested):
-                save()
-                saved_step = step
-    run.finish(step, opts.steps, announce=procs.is_main)
+
+def start_optimizer(trainable: dict[str, nn.Parameter], lr: float, dtype: torch.dtype, noise_seed: int,
+                    run: RunFolder, state: TrainState | None, data, procs: Processes):
+    """AdamW (PyTorch's defaults besides the lr), a loss scaler for float16 and this process's noise
+    generator, at the start of a run or, with `state`, where it stopped (this rank's data stream too, and
+    the log cut to its step). Returns (optimizer, scaler, generator, step, seconds trained)."""
+    optimizer = torch.optim.AdamW(trainable.values(), lr=lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    generator = torch.Generator().manual_seed(rank_seed(noise_seed, procs.rank))
+    step, seconds = 0, 0.0
+    if state:
+        check_world_size(state, procs)
+        step, seconds = restore(state, procs.rank, trainable, optimizer, scaler, generator, data)
+        if procs.is_main:
+            run.keep_log_until(step)
+    return optimizer, scaler, generator, step, seconds
+
+
+def snapshot(step: int, seconds: float, options: dict, trainable: dict[str, nn.Parameter],
+             optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, generator: torch.Generator,
+             data, procs: Processes) -> TrainState | None:
+    """Everything a resume needs, as `restore` puts it back: every rank hands its random streams to
+    rank 0, which gets the state (the other ranks get None: they write nothing)."""
+    generators = gather_ranks(procs, {"noise": generator.get_state()})
+    data_state = gather_ranks(procs, data.state_dict())
+    if not procs.is_main:
+        return None
+    return TrainState(step, options, {k: p.detach() for k, p in trainable.items()}, optimizer.state_dict(),
+                      generators, data_state, {"seconds": seconds, "scaler": scaler.state_dict(),
+                                               "world_size": procs.world_size})
 
 
 def move_step_networks(model: StableSR, device: torch.device) -> None:

@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -488,3 +488,46 @@ def check_world_size(state: TrainState, procs: Processes) -> None:
     if saved != procs.world_size:
         raise UsageError(f"--resume: this run was trained by {saved} process(es), this one has {procs.world_size}; "
                          f"resume it with the same number (torchrun --nproc_per_node ..., x machines)")
+
+
+# ------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def run_steps(name: str, run: RunFolder, opts: Any, step: int, seconds: float, optimizer: torch.optim.Optimizer,
+              scaler: torch.amp.GradScaler, backward: Callable[[], tuple[float, dict[str, float]]],
+              val_loss: Callable[[], float] | None, save: Callable[[int, float], None], device: torch.device,
+              dtype: torch.dtype, oom_hint: str, procs: Processes | None = None) -> None:
+    """The loop every training command shares, from `step` up to `opts.steps`: each iteration, `backward()`
+    computes the gradients (returns this process's loss and any terms to log), the loss is averaged over
+    the processes and must be finite, then one optimizer step; rank 0 logs (val_loss every
+    `opts.val_every` steps) and shows progress; `save(step, seconds)` every `opts.save_every` steps, at the
+    end and on Ctrl-C. A run stopped early says how to continue and raises KeyboardInterrupt."""
+    procs = procs or Processes(device)
+    progress = TrainProgress(name, opts.steps, step) if procs.is_main else None
+    saved_step = step if step > 0 else None  # a resumed run starts from its saved step
+    with StopRequest() as stop, out_of_memory_is_a_usage_error(device, oom_hint):
+        stopped = False
+        while step < opts.steps and not stopped:
+            started = time.monotonic()
+            optimizer.zero_grad(set_to_none=True)
+            loss, terms = backward()
+            loss = mean_over_ranks(procs, loss)
+            stop_on_non_finite(loss, step + 1, saved_step, run.checkpoint_path)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            seconds += time.monotonic() - started
+
+            if procs.is_main:
+                record = {"step": step, "loss": loss, **terms, "lr": opts.lr, "seconds": round(seconds, 3)}
+                if val_loss is not None and opts.val_every and step % opts.val_every == 0:
+                    with autocast(device, dtype):
+                        record["val_loss"] = val_loss()
+                run.log(record)
+                progress.update(step, record["loss"])
+            stopped = any_rank(procs, stop.requested)  # Ctrl-C reaches the processes at different moments
+            if save_due(step, opts.steps, opts.save_every, stopped):
+                save(step, seconds)
+                saved_step = step
+    run.finish(step, opts.steps, announce=procs.is_main)

@@ -189,6 +189,13 @@ class DiagonalGaussian:
     def mode(self) -> torch.Tensor:
         return self.mean
 
+    def kl(self) -> torch.Tensor:
+        """KL(q(z|x) || N(0, I)) per sample, (B,): the VAE's regulariser (Kingma & Welling 2014, App. B)
+
+            KL = 1/2 sum_j (mean_j^2 + std_j^2 - 1 - log std_j^2)
+        """
+        return 0.5 * (self.mean.pow(2) + self.std.pow(2) - 1 - self.logvar).flatten(1).sum(1)
+
 
 class AutoencoderKL(nn.Module):
     def __init__(self, cfg: VAEConfig | None = None):

@@ -1,0 +1,393 @@
+"""Training the diffusion prior: a tiny Stable Diffusion, trained the way SD was, with this project's networks.
+
+StableSR fine-tunes on top of a pretrained Stable Diffusion. No pretrained SD is small enough to ship or
+fetch here, so the prior is trained first, in two stages, as latent diffusion trains (Rombach et al. 2022):
+
+    python -m stablesr_min train vae  --data photos/ --out runs/vae --steps N
+    python -m stablesr_min train unet --vae runs/vae/last.safetensors --data photos/ --out runs/unet --steps N
+    python -m stablesr_min train sr   --base runs/unet/last.safetensors --data photos/ --out runs/sr --steps N
+
+Stage 1, the autoencoder (`vae.AutoencoderKL`). LDM's objective (Rombach et al. 2022, arXiv 2112.10752v2,
+App. G, Eq. 25):
+
+    L_Autoencoder = min_{E,D} max_psi ( L_rec(x, D(E(x))) - L_adv(D(E(x))) + log D_psi(x) + L_reg(x; E, D) )
+
+with SD's `LPIPSWithDiscriminator`: L_rec = L1 + LPIPS, L_reg = kl_weight * KL(q(z|x) || N(0, I)) with
+kl_weight 1e-6, and a PatchGAN that switches on late in training. Here: L1 + KL only, no LPIPS (its VGG
+weights cannot be downloaded) and no GAN (it only starts after the reconstructions are good, which tens of
+minutes on a CPU do not reach); so
+
+    L_vae = mean |x - D(z)| + kl_weight * KL(q(z|x) || N(0, I)) / (3 H W),   z ~ q(z|x),  x in [-1, 1]
+
+which is LDM's L1 and KL sums divided by the pixel count (Adam does not see the common factor). LDM also
+divides L1 by a learned scalar variance exp(logvar) and adds logvar; with that scalar at its start, 0, that
+is plain L1, and we keep it there.
+
+Stage 2, the latent diffusion UNet (`unet.UNet`, no SFT), on the frozen VAE's latents (LDM Eq. 3):
+
+    L_LDM = E_{z = E(x), c, eps ~ N(0, I), t} [ || eps - eps_theta(z_t, t, tau(c)) ||_2^2 ]
+
+the same objective and 1000-step schedule as SD (`train.diffusion_loss`, `schedule.Schedule`). It is
+unconditional in practice: c is always the empty prompt, and tau, the text encoder (`text.TextEncoder`, tiny),
+keeps seeded random weights and is frozen, so tau("") is one fixed context tensor that the UNet learns to
+take as given. StableSR encodes the same empty prompt with the same weights (they are in the checkpoint),
+so sampling sees exactly that context. As in LDM (`scale_by_std`), the latents are multiplied by
+scale_factor = 1 / std of a first batch's latents, so that the UNet sees latents of unit variance (SD's
+0.18215 was found so for its VAE); it goes into the config.
+
+Its checkpoint is the whole SD 2.x-like tree, the StableSR module tree with `use_sft=False`
+(first_stage_model = the trained VAE, model.diffusion_model, cond_stage_model), so `train sr --base` takes it
+as it takes an SD 2.x file; its config carries the time-aware encoder's widths to match the tiny UNet.
+
+Not done as SD: no EMA of the UNet's weights, no learning-rate warm-up, one resolution.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .cli import UsageError, pick_device, pick_dtype
+from .config import StableSRConfig, UNetConfig
+from .model import StableSR, load_stablesr, load_vae, resolve_config
+from .pipeline import draw, text_context
+from .schedule import Schedule
+from .text import TextEncoder
+from .train import (Denoiser, Validation, default_init, encode, gt_size_multiple, random_timestep_loss, snapshot,
+                    start_optimizer, zero_init_like_official)
+from .training import (Processes, RunFolder, TrainState, autocast, check_option_ranges, command_options,
+                       derive_seeds, run_steps)
+from .unet import UNet
+from .vae import AutoencoderKL, DiagonalGaussian
+from .weights import KIND_HINTS, WeightFiles, WeightsError, config_metadata, guess_kind
+
+# ------------------------------------------------------------------------------------------------------
+# The tiny sizes
+
+# Overrides of the official sizes (config.py). Every width is a multiple of 32, the networks' GroupNorm
+# groups. Chosen to train in tens of minutes on a 2-core CPU (README, "Training a tiny prior"):
+TINY_SIZES = {
+    # VAE: 3 levels, so 4x down (SD: 8x) with 4 latent channels: 48 values per latent cell -> 4 (SD: 192 -> 4).
+    # A tiny decoder trained for minutes cannot invent the detail that 8x would throw away (LDM's
+    # autoencoder zoo, Table 8: reconstructions worsen as the factor grows); widths 32, 64, 64, one residual
+    # block per level.
+    "vae": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1},
+    # UNet: widths 32, 64, 64, one residual block per level, attention below the top level (SD: 320 ... 1280,
+    # two blocks, attention at every level); heads of 32 channels.
+    "unet": {"model_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": 1, "attention_resolutions": [2, 4],
+             "num_head_channels": 32, "context_dim": 32, "semb_channels": 32, "use_sft": False},
+    # Text encoder: width 32, 2 blocks (the penultimate one's output is used, as SD 2.x), the BPE vocabulary
+    # and 77 tokens as CLIP's.
+    "text": {"width": 32, "heads": 2, "layers": 2, "embed_dim": 32},
+}
+
+
+def matching_time_encoder(unet: UNetConfig) -> dict[str, Any]:
+    """The time-aware encoder that `train sr` will add, sized to the UNet as the official one is to SD's:
+    one level per UNet level (so it has a feature for every UNet resolution), half the UNet's multipliers
+    ((1, 2, 4, 4) -> (1, 1, 2, 2)), attention where the UNet has it, and features of the SFT input width."""
+    return {"model_channels": unet.model_channels, "out_channels": unet.semb_channels,
+            "channel_mult": [max(1, m // 2) for m in unet.channel_mult],
+            "num_res_blocks": unet.num_res_blocks, "attention_resolutions": list(unet.attention_resolutions)}
+
+
+def prior_config(path: str | None) -> StableSRConfig:
+    """The tiny sizes, each block updated by the `--config` JSON's (a StableSRConfig JSON: only the blocks
+    and fields it gives change); the time-aware encoder matched to the UNet unless the JSON sizes it."""
+    given: dict[str, Any] = {}
+    if path is not None:
+        try:
+            given = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--config {path}: not a readable config JSON ({e})") from None
+        if not isinstance(given, dict):
+            raise UsageError(f"--config {path}: must hold a JSON object (a stablesr-min config)")
+    blocks = {name: {**TINY_SIZES.get(name, {}), **given.get(name, {})} for name in TINY_SIZES.keys() | given.keys()}
+    try:
+        cfg = StableSRConfig.from_dict(blocks)
+        if "time_encoder" not in given:
+            cfg = StableSRConfig.from_dict({**cfg.to_dict(), "time_encoder": matching_time_encoder(cfg.unet)})
+        # every network `train sr` will build on it, SFT layers included, on the meta device (no memory)
+        with torch.device("meta"):
+            StableSR(StableSRConfig.from_dict({**cfg.to_dict(), "unet": {**cfg.to_dict()["unet"], "use_sft": True}}))
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--config {path}: these sizes do not make the networks ({e})") from None
+    cfg.unet.use_sft = False
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------------
+# Stage 1: the VAE
+
+
+def vae_loss(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator,
+             kl_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """L_vae on a batch x in [-1, 1]; also its two terms, for the log (the KL per image, in nats)."""
+    posterior = DiagonalGaussian(vae.moments(x).float())
+    # z ~ q(z|x)
+    z = posterior.sample(draw(posterior.mean, generator))
+    # mean |x - D(z)|
+    l1 = (x - vae.decode(z).float()).abs().mean()
+    # KL(q(z|x) || N(0, I)), per image
+    kl = posterior.kl()
+    loss = l1 + kl_weight * kl.sum() / x.numel()
+    return loss, {"l1": l1.item(), "kl": kl.mean().item()}
+
+
+class VAEValidation:
+    """val_loss: mean |x - D(mean of q(z|x))| on a fixed batch of its own seeded crops (no sampling, so the
+    same inputs at every measurement)."""
+
+    def __init__(self, crops, device: torch.device):
+        self.x = crops.next_batch().to(device) * 2 - 1
+
+    @torch.no_grad()
+    def loss(self, vae: AutoencoderKL) -> float:
+        return (self.x - vae.decode(vae.encode(self.x).mode()).float()).abs().mean().item()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Stage 2: the UNet
+
+
+def vae_for_prior(path: str) -> AutoencoderKL:
+    """The frozen VAE of `--vae`: a `train vae` file, or the VAE of an SD 2.x or StableSR checkpoint."""
+    files = WeightFiles([path])
+    kind = guess_kind(files.keys())
+    if kind not in ("vae", "sd2", "stablesr"):
+        raise WeightsError(f"{path}: --vae needs a VAE written by `train vae` (or an SD 2.x or StableSR checkpoint), "
+                           f"but this is {KIND_HINTS[kind].split(':')[0]}")
+    return load_vae(path)
+
+
+@torch.no_grad()
+def init_text_encoder(text: TextEncoder, seed: int) -> None:
+    """Seeded random weights at OpenCLIP's initial scales (token 0.02, position 0.01, q/k/v and projection
+    width^-1/2; the rest PyTorch's default). Frozen: only its output for the empty prompt is ever used."""
+    default_init([text], seed)
+    generator = torch.Generator().manual_seed(seed)
+    width = text.cfg.width
+    text.token_embedding.weight.normal_(0, 0.02, generator=generator)
+    text.positional_embedding.normal_(0, 0.01, generator=generator)
+    for block in text.transformer.resblocks:
+        block.attn.in_proj_weight.normal_(0, width ** -0.5, generator=generator)
+        block.attn.in_proj_bias.zero_()
+    text.text_projection.normal_(0, width ** -0.5, generator=generator)
+    text.logit_scale.fill_(math.log(1 / 0.07))  # CLIP's initial temperature (unused by SD)
+
+
+@torch.no_grad()
+def init_unet(unet: UNet, seed: int) -> None:
+    """As SD's UNetModel starts: PyTorch's default initialisation (seeded), with the last conv of every
+    residual branch, every spatial transformer's output projection and the output conv at zero."""
+    default_init([unet], seed)
+    zero_init_like_official(unet)
+    unet.out[-1].weight.zero_()
+    unet.out[-1].bias.zero_()
+
+
+def new_prior(cfg: StableSRConfig, vae: AutoencoderKL, seeds: dict[str, int]) -> StableSR:
+    """The SD 2.x-like tree: the given (trained) VAE, a new UNet, a seeded random text encoder."""
+    with torch.device("meta"):
+        model = StableSR(cfg)
+    model.first_stage_model = vae
+    model.model.to_empty(device="cpu")
+    model.cond_stage_model.to_empty(device="cpu")
+    init_unet(model.unet, seeds["init"])
+    init_text_encoder(model.text_encoder, seeds["text"])
+    return model
+
+
+@torch.no_grad()
+def scale_by_std(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator) -> float:
+    """LDM's `scale_by_std`: 1 / std of the posterior samples of a batch of images in [0, 1]."""
+    posterior = DiagonalGaussian(vae.moments(images * 2 - 1).float())
+    return 1 / posterior.sample(draw(posterior.mean, generator)).std().item()
+
+
+def prior_loss(model: StableSR, schedule: Schedule, context: torch.Tensor, images: torch.Tensor,
+               generator: torch.Generator) -> torch.Tensor:
+    """One draw of L_LDM on a batch of images in [0, 1]: a posterior sample, t ~ U{0..T-1}, eps ~ N(0, I)."""
+    with torch.no_grad():
+        z = encode(model, images * 2 - 1, generator)
+    return random_timestep_loss(Denoiser(model), schedule, context, None, z, generator)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The commands
+
+
+@dataclass
+class PriorOptions:
+    out: str  # the run folder
+    steps: int  # optimizer steps in total (a resumed run continues up to it)
+    data: list[str] | None = None  # folders of photos
+    config: str | None = None  # config JSON over the tiny sizes (TINY_SIZES)
+    batch_size: int = 8  # crops per step
+    crop: int = 64  # crop size in pixels
+    lr: float = 2e-4  # AdamW learning rate, constant
+    seed: int = 0  # every random stream's seed is drawn from it (training.derive_seeds)
+    device: str | None = None  # cpu, cuda, cuda:N (default: cuda if available)
+    dtype: str = "float32"  # autocast dtype on a GPU; the weights stay float32
+    resume: bool = False  # continue the run in `out`
+    save_every: int = 500  # steps between saves (and at the end, and on Ctrl-C)
+    val_every: int = 100  # steps between validation losses (0: never)
+
+
+@dataclass
+class VAEOptions(PriorOptions):
+    lr: float = 5e-4  # higher than LDM's 4.5e-6 x batch: a tiny model, minutes of training (and AdamW with
+    #                   PyTorch's betas, as every command here; LDM's Adam betas (0.5, 0.9) suit its GAN term)
+    kl_weight: float = 1e-6  # SD's VAE (kl-f8)
+
+
+@dataclass
+class UNetOptions(PriorOptions):
+    vae: str | None = None  # the VAE file (`train vae`'s last.safetensors, or an SD 2.x checkpoint)
+    crop: int = 128  # 32 x 32 latents with the tiny 4x VAE
+
+
+# Options a resumed run keeps from its start; it also keeps STORED unless they are given again.
+KEPT = ("data", "config", "batch_size", "crop", "lr", "seed")
+VAE_KEPT, UNET_KEPT = KEPT + ("kl_weight",), KEPT + ("vae",)
+STORED = ("dtype", "save_every", "val_every")
+PATH_OPTIONS = ("data", "config")  # options naming files or folders: stored resolved
+
+
+def run_train_vae(args) -> None:
+    """`python -m stablesr_min train vae ...`"""
+    train_vae(*command_options(args, VAEOptions, PATH_OPTIONS, VAE_KEPT, {"data": "--data DIR"}))
+
+
+def run_train_unet(args) -> None:
+    """`python -m stablesr_min train unet ...`"""
+    train_unet(*command_options(args, UNetOptions, PATH_OPTIONS + ("vae",), UNET_KEPT,
+                                {"vae": "--vae FILE", "data": "--data DIR"}))
+
+
+def check_prior_options(opts: PriorOptions, multiple: int) -> None:
+    check_option_ranges(opts, ("steps", "batch_size"), ("save_every", "val_every"), ("lr",))
+    if opts.crop < multiple or opts.crop % multiple:
+        raise UsageError(f"--crop {opts.crop}: must be a multiple of {multiple}, so that every level of the "
+                         "networks is whole")
+
+
+def train_vae(opts: VAEOptions, state: TrainState | None = None) -> None:
+    """Train the VAE for `opts.steps` steps in all; with `state` (and `opts.resume`), continue that run."""
+    from .data import CleanCrops  # the data pipeline loads only for training
+
+    run = RunFolder(opts.out, resume=opts.resume)
+    if opts.resume and state is None:
+        state = run.load_state()
+    cfg = resolve_config(WeightFiles([run.checkpoint_path]), None) if state else prior_config(opts.config)
+    check_prior_options(opts, 2 ** (len(cfg.vae.ch_mult) - 1))
+    if not opts.kl_weight >= 0:
+        raise UsageError(f"--kl-weight must be >= 0, got {opts.kl_weight}")
+    device = pick_device(opts.device)
+    dtype = pick_dtype(opts.dtype, device)
+    seeds = derive_seeds(opts.seed, ["data", "noise", "init", "validation"])
+
+    crops = CleanCrops(opts.data, opts.crop, opts.batch_size, seed=seeds["data"])
+    if state:
+        vae = load_vae(run.checkpoint_path)
+    else:
+        vae = AutoencoderKL(cfg.vae)
+        default_init([vae], seeds["init"])
+    vae.to(device).train()
+    trainable = {f"first_stage_model.{k}": p for k, p in sorted(vae.named_parameters())}
+    validation = VAEValidation(CleanCrops(opts.data, opts.crop, opts.batch_size, seeds["validation"]), device)
+
+    def loss(images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        return vae_loss(vae, images * 2 - 1, generator, opts.kl_weight)
+
+    def checkpoint() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors = {f"first_stage_model.{k}": v for k, v in vae.state_dict().items()}
+        return tensors, config_metadata(cfg.to_json())
+
+    n = sum(p.numel() for p in trainable.values())
+    summary = (f"train vae: {len(crops.files)} images; {n / 1e6:.2f} M parameters, {vae.downscale}x down to "
+               f"{cfg.vae.embed_dim} channels; batch {opts.batch_size} at {opts.crop} px")
+    fit("train vae", opts, VAE_KEPT, run, state, trainable, crops, loss, lambda: validation.loss(vae), checkpoint,
+        seeds, device, dtype, summary)
+
+
+def train_unet(opts: UNetOptions, state: TrainState | None = None) -> None:
+    """Train the UNet for `opts.steps` steps in all on the frozen VAE; with `state`, continue that run."""
+    from .data import CleanCrops  # the data pipeline loads only for training
+
+    run = RunFolder(opts.out, resume=opts.resume)
+    if opts.resume and state is None:
+        state = run.load_state()
+    seeds = derive_seeds(opts.seed, ["data", "noise", "init", "text", "scale", "validation"])
+    if state:
+        model = load_stablesr([run.checkpoint_path])
+        cfg = model.cfg
+    else:
+        vae = vae_for_prior(opts.vae)
+        cfg = prior_config(opts.config)
+        cfg.vae = vae.cfg  # the VAE's sizes are the file's, whatever --config says
+    check_prior_options(opts, gt_size_multiple(cfg, 1))
+    device = pick_device(opts.device)
+    dtype = pick_dtype(opts.dtype, device)
+
+    crops = CleanCrops(opts.data, opts.crop, opts.batch_size, seed=seeds["data"])
+    if not state:
+        generator = torch.Generator().manual_seed(seeds["scale"])
+        batch = CleanCrops(opts.data, opts.crop, opts.batch_size, seed=seeds["scale"]).next_batch()
+        cfg.diffusion.scale_factor = scale_by_std(vae, batch, generator)
+        model = new_prior(cfg, vae, seeds)
+    model.to(device).requires_grad_(False).eval()
+    model.unet.requires_grad_(True).train()
+    trainable = {f"model.diffusion_model.{k}": p for k, p in sorted(model.unet.named_parameters())}
+    schedule = Schedule.from_config(cfg.diffusion)
+    with torch.no_grad():
+        context = text_context(model, "", opts.batch_size)
+        val_images = CleanCrops(opts.data, opts.crop, opts.batch_size, seed=seeds["validation"]).next_batch()
+        val_generator = torch.Generator().manual_seed(seeds["validation"])
+        validation = Validation(None, encode(model, val_images.to(device) * 2 - 1, val_generator), val_generator,
+                                len(schedule))
+
+    def loss(images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        return prior_loss(model, schedule, context, images, generator), {}
+
+    def checkpoint() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        return model.state_dict(), config_metadata(model.cfg.to_json())
+
+    n = sum(p.numel() for p in trainable.values())
+    summary = (f"train unet: {len(crops.files)} images; {n / 1e6:.2f} M trainable parameters; latents "
+               f"{opts.crop // model.vae.downscale} x {opts.crop // model.vae.downscale} x {cfg.vae.embed_dim}, "
+               f"scale_factor {cfg.diffusion.scale_factor:.4f}; batch {opts.batch_size}")
+    fit("train unet", opts, UNET_KEPT, run, state, trainable, crops, loss,
+        lambda: validation.loss(Denoiser(model), schedule, context), checkpoint, seeds, device, dtype, summary)
+
+
+def fit(name: str, opts: PriorOptions, kept: tuple[str, ...], run: RunFolder, state: TrainState | None,
+        trainable: dict[str, nn.Parameter], crops, loss: Callable, val_loss: Callable[[], float],
+        checkpoint: Callable, seeds: dict[str, int], device: torch.device, dtype: torch.dtype, summary: str) -> None:
+    """What both stages share: AdamW (constant lr) on the trainable tensors, restoring a resumed run, and
+    `training.run_steps` with one batch of crops per step. `loss(images, generator)` -> (loss, terms to
+    log); `checkpoint()` -> the complete model's tensors and metadata."""
+    procs = Processes(device)  # one process: the tiny prior trains on one CPU or GPU
+    optimizer, scaler, generator, step, seconds = start_optimizer(trainable, opts.lr, dtype, seeds["noise"], run,
+                                                                  state, crops, procs)
+    print(f"{summary}; {device}, {opts.dtype}; steps {step} -> {opts.steps}", file=sys.stderr)
+
+    def save(step: int, seconds: float) -> None:
+        options = {k: getattr(opts, k) for k in kept + STORED}
+        run.save(*checkpoint(), snapshot(step, seconds, options, trainable, optimizer, scaler, generator, crops, procs))
+
+    def backward() -> tuple[float, dict[str, float]]:
+        with autocast(device, dtype):
+            value, terms = loss(crops.next_batch().to(device), generator)
+        scaler.scale(value).backward()
+        return value.item(), terms
+
+    hint = "lower --batch-size or --crop, or use --dtype bfloat16"
+    run_steps(name, run, opts, step, seconds, optimizer, scaler, backward, val_loss, save, device, dtype, hint)

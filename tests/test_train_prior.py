@@ -1,0 +1,210 @@
+"""Training the tiny diffusion prior: `train vae`, then `train unet` on that VAE, then `train sr --base` on
+the result. What trains, what stays bit-identical, resume, the checkpoint's module tree, and bad input.
+Runs here are 32 px crops, batch 2, a few steps, at the default tiny sizes.
+"""
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from stablesr_min import training
+from stablesr_min.cli import main
+from stablesr_min.config import StableSRConfig
+from stablesr_min.data import CleanCrops
+from stablesr_min.model import StableSR, load_stablesr, load_vae
+from stablesr_min.text import TextEncoder
+from stablesr_min.train import default_init
+from stablesr_min.train_prior import TINY_SIZES, init_text_encoder, prior_config
+from stablesr_min.training import derive_seeds
+from stablesr_min.vae import AutoencoderKL
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_ARGS = ["--batch-size", "2", "--crop", "32", "--seed", "0"]
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def metadata(path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def train(what: str, *args) -> int:
+    return main(["train", what, *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Two photos of different sizes and modes, one smaller than the crop."""
+    folder = tmp_path_factory.mktemp("photos")
+    images = ROOT.parent / "shared" / "images"
+    Image.open(images / "rocket.jpg").crop((200, 100, 296, 172)).save(folder / "rocket_96x72.jpg")
+    Image.open(images / "camera.png").crop((200, 100, 230, 140)).save(folder / "camera_30x40_grey.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vae_run(photos, tmp_path_factory) -> Path:
+    """An uninterrupted 3-step VAE run, validation every 2 steps."""
+    out = tmp_path_factory.mktemp("runs") / "vae"
+    assert train("vae", "--data", photos, "--out", out, "--steps", 3, *RUN_ARGS, "--val-every", 2) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def unet_run(vae_run, photos, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "unet"
+    assert train("unet", "--vae", vae_run / "last.safetensors", "--data", photos, "--out", out, "--steps", 3,
+                 *RUN_ARGS, "--val-every", 2) == 0
+    return out
+
+
+def test_clean_crops_are_flipped_crops_in_0_1(photos):
+    crops = CleanCrops([photos], 32, 3, seed=1)
+    batch = crops.next_batch()
+    assert batch.shape == (3, 3, 32, 32) and batch.dtype == torch.float32
+    assert batch.min() >= 0 and batch.max() <= 1
+
+
+def test_train_vae_writes_a_loadable_vae_and_every_parameter_trains(vae_run):
+    assert sorted(p.name for p in vae_run.iterdir()) == ["last.safetensors", "log.jsonl", "state.safetensors"]
+    records = log(vae_run)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert sorted(records[1]) == ["kl", "l1", "loss", "lr", "seconds", "step", "val_loss"]
+    assert all(r["loss"] > 0 and r["kl"] > 0 and r["lr"] == 5e-4 for r in records)
+
+    vae = load_vae(vae_run / "last.safetensors")  # the strict loader
+    cfg = StableSRConfig.from_json(metadata(vae_run / "last.safetensors")["stablesr_min.config"])
+    assert cfg.vae.ch == 32 and cfg.vae.ch_mult == (1, 2, 2) and vae.downscale == 4
+    start = AutoencoderKL(cfg.vae)
+    default_init([start], derive_seeds(0, ["data", "noise", "init", "validation"])["init"])
+    trained = vae.state_dict()
+    for key, value in start.state_dict().items():
+        assert not torch.equal(value, trained[key]), f"{key} did not train"
+
+    state = training.TrainState.from_file(vae_run / "state.safetensors")
+    assert sorted(state.weights) == sorted(tensors(vae_run / "last.safetensors"))
+    assert state.options["crop"] == 32 and state.options["kl_weight"] == 1e-6
+
+
+def test_a_vae_run_stopped_by_ctrl_c_and_resumed_equals_an_uninterrupted_one(vae_run, photos, tmp_path,
+                                                                             monkeypatch):
+    update = training.TrainProgress.update
+
+    def ctrl_c_after_step_1(self, step, loss):
+        update(self, step, loss)
+        if step == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    out = tmp_path / "b"
+    with monkeypatch.context() as m:
+        m.setattr(training.TrainProgress, "update", ctrl_c_after_step_1)
+        code = train("vae", "--data", photos, "--out", out, "--steps", 3, *RUN_ARGS, "--val-every", 2)
+    assert code == 130 and metadata(out / "last.safetensors")["stablesr_min.step"] == "1"
+    assert train("vae", "--out", out, "--steps", 3, "--resume") == 0
+
+    for name in ("last.safetensors", "state.safetensors"):
+        ours, theirs = tensors(out / name), tensors(vae_run / name)
+        assert sorted(ours) == sorted(theirs)
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), f"{name}: {key} differs after the resume"
+    without_time = [[{k: v for k, v in r.items() if k != "seconds"} for r in log(run)] for run in (out, vae_run)]
+    assert without_time[0] == without_time[1]
+
+
+def test_train_unet_writes_the_sd2_tree_with_the_vae_and_text_encoder_untouched(unet_run, vae_run):
+    checkpoint = tensors(unet_run / "last.safetensors")
+    cfg = StableSRConfig.from_json(metadata(unet_run / "last.safetensors")["stablesr_min.config"])
+    assert cfg.unet.use_sft is False and cfg.unet.model_channels == 32 and cfg.text.width == 32
+    assert cfg.vae == load_vae(vae_run / "last.safetensors").cfg
+    assert 0 < cfg.diffusion.scale_factor != 0.18215  # measured on the data (scale_by_std)
+    with torch.device("meta"):
+        assert sorted(checkpoint) == sorted(StableSR(cfg).state_dict())
+
+    vae = tensors(vae_run / "last.safetensors")
+    assert all(torch.equal(checkpoint[k], v) for k, v in vae.items())
+    text = TextEncoder(cfg.text)
+    init_text_encoder(text, derive_seeds(0, ["data", "noise", "init", "text", "scale", "validation"])["text"])
+    for key, value in text.state_dict().items():
+        assert torch.equal(checkpoint[f"cond_stage_model.model.{key}"], value), f"{key} is frozen but changed"
+    assert text.token_embedding.weight.std() > 0.01  # random, not zeros
+
+    state = training.TrainState.from_file(unet_run / "state.safetensors")
+    assert sorted(state.weights) == sorted(k for k in checkpoint if k.startswith("model.diffusion_model."))
+    assert [r["step"] for r in log(unet_run)] == [1, 2, 3] and "val_loss" in log(unet_run)[1]
+    load_stablesr([unet_run / "last.safetensors"])  # loads strictly
+
+
+def test_the_time_aware_encoder_is_sized_to_the_tiny_unet(tmp_path):
+    cfg = prior_config(None)
+    assert cfg.time_encoder.out_channels == cfg.unet.semb_channels == 32
+    assert len(cfg.time_encoder.channel_mult) == len(cfg.unet.channel_mult)
+    path = tmp_path / "wider.json"
+    path.write_text(json.dumps({"unet": {"model_channels": 64, "semb_channels": 64}}))
+    wider = prior_config(str(path))
+    assert wider.unet.model_channels == 64 and wider.unet.channel_mult == tuple(TINY_SIZES["unet"]["channel_mult"])
+    assert wider.time_encoder.model_channels == wider.time_encoder.out_channels == 64
+
+
+def test_train_sr_fine_tunes_on_the_prior(unet_run, photos, tmp_path):
+    out = tmp_path / "sr"
+    assert train("sr", "--base", unet_run / "last.safetensors", "--data", photos, "--out", out, "--steps", 1,
+                 "--batch-size", 2, "--gt-size", 64, "--val-every", 1) == 0
+    model = load_stablesr([out / "last.safetensors"])
+    assert model.cfg.unet.use_sft and model.time_encoder is not None
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in tensors(unet_run / "last.safetensors").items())
+
+
+@pytest.fixture(scope="module")
+def empty_folder(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("empty")
+
+
+# case: (command, options changed from a good command, the error line)
+BAD_INPUTS = {
+    "vae: no images": ("vae", {"--data": "{empty}"}, "error: {empty}: no images found"),
+    "vae: no data": ("vae", {"--data": None}, "error: train vae needs --data DIR (or --resume to continue a run)"),
+    "vae: crop": ("vae", {"--crop": "30"}, "error: --crop 30: must be a multiple of 4, so that every level of "
+                                           "the networks is whole"),
+    "unet: no images": ("unet", {"--data": "{empty}"}, "error: {empty}: no images found"),
+    "unet: a CFW file as --vae": ("unet", {"--vae": "{cfw}"}, "error: {cfw}: --vae needs a VAE written by `train vae` "
+                                                             "(or an SD 2.x or StableSR checkpoint), but this is the "
+                                                             "CFW checkpoint (vqgan_cfw_00011)"),
+    "unet: not safetensors": ("unet", {"--vae": "{log}"}, "error: {log}: not a readable safetensors file"),
+    "unet: bad sizes": ("unet", {"--config": "{bad_config}"}, "error: --config {bad_config}: these sizes do not make the "
+                                                               "networks (num_channels (48) must be divisible by "
+                                                               "num_groups (32))"),
+    "unet: crop": ("unet", {"--crop": "40"}, "error: --crop 40: must be a multiple of 16, so that every level of "
+                                             "the networks is whole"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_code_2(case, photos, vae_run, golden_weights, empty_folder, tmp_path,
+                                               capsys):
+    bad_config = tmp_path / "bad.json"
+    bad_config.write_text(json.dumps({"unet": {"model_channels": 48}}))  # GroupNorm has 32 groups
+    names = {"empty": empty_folder, "cfw": golden_weights[1], "log": vae_run / "log.jsonl", "bad_config": bad_config}
+    what, changes, expected = BAD_INPUTS[case]
+    options = {"--data": photos, "--out": tmp_path / "new", "--steps": 2, "--crop": 32}
+    if what == "unet":
+        options["--vae"] = vae_run / "last.safetensors"
+    options |= {k: v.format(**names) if v else v for k, v in changes.items()}
+    code = train(what, *[x for option, value in options.items() if value is not None for x in (option, value)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(expected.format(**names)) and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "new").exists(), "a refused run writes nothing"

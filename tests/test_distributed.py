@@ -1,9 +1,10 @@
 """Training on several processes (torchrun + DistributedDataParallel, gloo on the CPU) and fault safety:
-the gradients of 2 processes x batch 1 are those of 1 process x batch 2, a torchrun run writes one run
-folder that upscales, a non-finite loss stops the run keeping the last good checkpoint, and a crash in the
-middle of a save leaves the previous checkpoint whole.
+the gradients of 2 processes x batch 1 are those of 1 process x batch 2, a torchrun run (train sr, train
+cfw) writes one run folder that loads, a non-finite loss stops the run keeping the last good checkpoint,
+and a crash in the middle of a save leaves the previous checkpoint whole.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -18,15 +19,16 @@ from PIL import Image
 from safetensors import safe_open
 
 from stablesr_min import train as train_module
+from stablesr_min import train_cfw as train_cfw_module
 from stablesr_min import weights
 from stablesr_min.cli import UsageError, main
 from stablesr_min.golden import relative_error
-from stablesr_min.model import load_stablesr
+from stablesr_min.model import load_cfw, load_stablesr
 from stablesr_min.pipeline import text_context
 from stablesr_min.schedule import Schedule
 from stablesr_min.train import Denoiser, diffusion_loss, is_trainable, prepare_for_finetuning
-from stablesr_min.training import (Processes, TrainState, check_world_size, distribute, mean_over_ranks,
-                                    torchrun_processes)
+from stablesr_min.training import (STATE_METADATA_KEY, Processes, TrainState, check_world_size, distribute,
+                                    mean_over_ranks, torchrun_processes)
 from stablesr_min.weights import save_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,9 +162,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(base):
 # torchrun
 
 
-def torchrun(*args) -> subprocess.CompletedProcess:
+def torchrun(what: str, *args) -> subprocess.CompletedProcess:
+    """`torchrun ... -m stablesr_min train <what> ...` on 2 CPU processes."""
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-               "-m", "stablesr_min", "train", "sr", "--device", "cpu", *map(str, args)]
+               "-m", "stablesr_min", "train", what, "--device", "cpu", *map(str, args)]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=os.environ | {"OMP_NUM_THREADS": "1"})
 
@@ -171,7 +174,7 @@ def test_torchrun_with_2_processes_writes_one_run_that_resumes_and_upscales(base
                                                                              tmp_path):
     out, stopped = tmp_path / "run", tmp_path / "stopped"
     options = ["--base", base, "--data", photos, "--batch-size", 1, "--gt-size", 128, "--val-every", 1]
-    done = torchrun("--out", out, "--steps", 2, *options)
+    done = torchrun("sr", "--out", out, "--steps", 2, *options)
     assert done.returncode == 0, done.stderr
     assert "global batch 2 = 1 per process x 2 process(es) x 1 accumulated" in done.stderr
     assert done.stderr.count("train sr: step 2/2") == 1  # rank 0 alone reports
@@ -179,8 +182,8 @@ def test_torchrun_with_2_processes_writes_one_run_that_resumes_and_upscales(base
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
 
     # a run of 1 step resumed to 2 on 2 processes: every rank continues its own streams
-    assert torchrun("--out", stopped, "--steps", 1, *options).returncode == 0
-    assert torchrun("--out", stopped, "--steps", 2, "--resume").returncode == 0
+    assert torchrun("sr", "--out", stopped, "--steps", 1, *options).returncode == 0
+    assert torchrun("sr", "--out", stopped, "--steps", 2, "--resume").returncode == 0
     for name in ("last.safetensors", "state.safetensors"):
         ours, theirs = tensors(stopped / name), tensors(out / name)
         assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours), name
@@ -198,6 +201,38 @@ def test_torchrun_with_2_processes_writes_one_run_that_resumes_and_upscales(base
     assert main(["upscale", str(image), "--out", str(tmp_path / "up"), "--weights", str(out / "last.safetensors"),
                  "--cfw", str(golden_weights[1]), "--steps", "2", "--tile", "16", "--overlap", "6"]) == 0
     assert Image.open(tmp_path / "up" / "small.png").size == (96, 80)
+
+
+@pytest.fixture(scope="module")
+def cfw_data(base, photos, tmp_path_factory) -> Path:
+    """A tiny `train cfw-data` folder: 2 samples of 64 px, sampled in 2 steps."""
+    out = tmp_path_factory.mktemp("cfw") / "DATA"
+    assert main(["train", "cfw-data", "--weights", str(base), "--data", str(photos), "--out", str(out),
+                 "--count", "2", "--steps", "2", "--gt-size", "64"]) == 0
+    return out
+
+
+def test_train_cfw_under_torchrun_with_2_processes_writes_one_run_that_loads(golden_weights, cfw_data, tmp_path):
+    cfw_base, out = golden_weights[1], tmp_path / "run"
+    done = torchrun("cfw", "--cfw-base", cfw_base, "--data", cfw_data, "--out", out, "--steps", 2, "--batch-size", 1,
+                    "--disc-start", 1, "--val-every", 1, "--dist-timeout", 60)
+    assert done.returncode == 0, done.stderr
+    assert "global batch 2 = 1 per process x 2 process(es)" in done.stderr
+    assert done.stderr.count("train cfw: step 2/2") == 1  # rank 0 alone reports
+    assert sorted(p.name for p in out.iterdir()) == ["last.safetensors", "log.jsonl", "state.safetensors"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and "d_loss" not in log[0] and "d_loss" in log[1]
+    assert all("val_l1" in r for r in log)
+
+    # only the fusion layers (and D) changed; the checkpoint loads as a CFW
+    trained, before = tensors(out / "last.safetensors"), tensors(cfw_base)
+    for k, v in before.items():
+        assert torch.equal(trained[k], v) != k.startswith(train_cfw_module.FUSION_PREFIX), k
+    assert load_cfw(out / "last.safetensors") is not None
+    state = tensors(out / "state.safetensors")
+    assert {"data.used", "data.rank1.used"} <= set(state) and not any(k.startswith("generator.") for k in state)
+    with safe_open(str(out / "state.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()[STATE_METADATA_KEY])["extra"]["world_size"] == 2
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -229,6 +264,29 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(base
                                     "with a lower --lr (or --dtype bfloat16 rather than float16)")
     model = load_stablesr([out / "last.safetensors"])
     assert all(p.isfinite().all() for p in model.parameters())
+    with safe_open(str(out / "last.safetensors"), framework="pt") as f:
+        assert f.metadata()["stablesr_min.step"] == "1"
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_non_finite_loss_stops_train_cfw_naming_the_step(golden_weights, cfw_data, tmp_path, capsys, monkeypatch):
+    real_reconstruct, calls = train_cfw_module.reconstruct, []
+
+    def nan_at_step_2(*args):
+        calls.append(1)
+        x_hat = real_reconstruct(*args)
+        return x_hat * float("nan") if len(calls) == 2 else x_hat
+
+    monkeypatch.setattr(train_cfw_module, "reconstruct", nan_at_step_2)
+    out = tmp_path / "run"
+    code = main(["train", "cfw", "--cfw-base", str(golden_weights[1]), "--data", str(cfw_data), "--out", str(out),
+                 "--steps", "3", "--batch-size", "1", "--val-every", "0", "--save-every", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"error: step 2: the loss is nan (not finite); stopped without saving this "
+                                    f"step. {out}/last.safetensors keeps step 1; continue from it with --resume, "
+                                    "with a lower --lr (or --dtype bfloat16 rather than float16)")
+    assert all(v.isfinite().all() for v in tensors(out / "last.safetensors").values() if v.is_floating_point())
     with safe_open(str(out / "last.safetensors"), framework="pt") as f:
         assert f.metadata()["stablesr_min.step"] == "1"
     assert len((out / "log.jsonl").read_text().splitlines()) == 1

@@ -23,10 +23,13 @@ from stablesr_min import train_cfw as train_cfw_module
 from stablesr_min import weights
 from stablesr_min.cli import UsageError, main
 from stablesr_min.golden import relative_error
+from stablesr_min.cfw_data import CFWSamples
+from stablesr_min.cfw_loss import CFWLossConfig
 from stablesr_min.model import load_cfw, load_stablesr
 from stablesr_min.pipeline import text_context
 from stablesr_min.schedule import Schedule
 from stablesr_min.train import Denoiser, diffusion_loss, is_trainable, prepare_for_finetuning
+from stablesr_min.train_cfw import Reconstruction, load_cfw_base, new_loss, prepare_for_training, step_gradients
 from stablesr_min.training import (STATE_METADATA_KEY, Processes, TrainState, check_world_size, distribute,
                                     mean_over_ranks, torchrun_processes)
 from stablesr_min.weights import save_safetensors
@@ -116,6 +119,40 @@ def test_two_processes_of_batch_1_average_to_the_gradients_of_batch_2(base, tmp_
                 assert grad.norm() < 1e-7 * total, f"rank {rank}: d loss / d {name} should be ~0"
             else:
                 assert relative_error(grad, reference[name]) <= 1e-5, f"rank {rank}: d loss / d {name}"
+
+
+def cfw_gradients(cfw_base: Path, data: Path, rank: int | None, procs: Processes) -> dict[str, torch.Tensor]:
+    """The fusion layers' gradients of L_G (before disc_start: the L1 term) on sample `rank` of a fixed
+    batch of 2 (None: on both), the fusion module wrapped for `procs`."""
+    cfw, _ = load_cfw_base(str(cfw_base), seed=0)
+    trainable = prepare_for_training(cfw)
+    loss = new_loss(CFWLossConfig(), seed=0)
+    optimizer = torch.optim.Adam([{"params": list(trainable.values())},
+                                  {"params": list(loss.discriminator.parameters())}])
+    batch = CFWSamples([data], 2, seed=0, factor=8, latent_channels=4).next_batch()
+    batch = [x if rank is None else x[rank:rank + 1] for x in batch]
+    step_gradients(distribute(Reconstruction(cfw), procs), loss.discriminator, loss, optimizer,
+                   torch.amp.GradScaler("cuda", enabled=False), batch, 0, procs.device, torch.float32)
+    return {name: p.grad for name, p in trainable.items()}
+
+
+def cfw_gradient_worker(rank: int, port: int, cfw_base: Path, data: Path, out: Path) -> None:
+    torch.set_num_threads(1)
+    os.environ |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port)}
+    with torchrun_processes("cpu", 60) as procs:
+        save_safetensors(cfw_gradients(cfw_base, data, rank, procs), out / f"grads{rank}.safetensors")
+
+
+def test_train_cfw_on_2_processes_of_batch_1_averages_to_the_gradients_of_batch_2(golden_weights, cfw_data,
+                                                                                   tmp_path):
+    mp.spawn(cfw_gradient_worker, args=(free_port(), golden_weights[1], cfw_data, tmp_path), nprocs=2)
+    reference = cfw_gradients(golden_weights[1], cfw_data, None, Processes(torch.device("cpu")))
+    for rank in (0, 1):
+        grads = tensors(tmp_path / f"grads{rank}.safetensors")
+        assert sorted(grads) == sorted(reference)
+        for name, grad in grads.items():
+            assert relative_error(grad, reference[name]) <= 1e-5, f"rank {rank}: d loss / d {name}"
 
 
 def hanging_worker(rank: int, port: int, err: Path) -> None:
@@ -212,10 +249,12 @@ def cfw_data(base, photos, tmp_path_factory) -> Path:
     return out
 
 
-def test_train_cfw_under_torchrun_with_2_processes_writes_one_run_that_loads(golden_weights, cfw_data, tmp_path):
-    cfw_base, out = golden_weights[1], tmp_path / "run"
-    done = torchrun("cfw", "--cfw-base", cfw_base, "--data", cfw_data, "--out", out, "--steps", 2, "--batch-size", 1,
-                    "--disc-start", 1, "--val-every", 1, "--dist-timeout", 60)
+def test_train_cfw_under_torchrun_with_2_processes_writes_one_run_that_resumes_and_loads(golden_weights, cfw_data,
+                                                                                         tmp_path):
+    cfw_base, out, stopped = golden_weights[1], tmp_path / "run", tmp_path / "stopped"
+    options = ["--cfw-base", cfw_base, "--data", cfw_data, "--batch-size", 1, "--disc-start", 1, "--val-every", 1,
+               "--dist-timeout", 60]
+    done = torchrun("cfw", "--out", out, "--steps", 2, *options)
     assert done.returncode == 0, done.stderr
     assert "global batch 2 = 1 per process x 2 process(es)" in done.stderr
     assert done.stderr.count("train cfw: step 2/2") == 1  # rank 0 alone reports
@@ -233,6 +272,13 @@ def test_train_cfw_under_torchrun_with_2_processes_writes_one_run_that_loads(gol
     assert {"data.used", "data.rank1.used"} <= set(state) and not any(k.startswith("generator.") for k in state)
     with safe_open(str(out / "state.safetensors"), framework="pt") as f:
         assert json.loads(f.metadata()[STATE_METADATA_KEY])["extra"]["world_size"] == 2
+
+    # a run of 1 step resumed to 2 on 2 processes (D trains from step 2): every rank continues its own order
+    assert torchrun("cfw", "--out", stopped, "--steps", 1, *options).returncode == 0
+    assert torchrun("cfw", "--out", stopped, "--steps", 2, "--resume").returncode == 0
+    for name in ("last.safetensors", "state.safetensors"):
+        ours, theirs = tensors(stopped / name), tensors(out / name)
+        assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours), name
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -291,43 +291,20 @@ def train(*args) -> int:
     return main(["train", "sr", *map(str, args)])
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(base, photos, tmp_path, capsys,
-                                                                            monkeypatch):
-    real_loss, calls = train_module.sample_loss, []
+def nan_on_second_call(monkeypatch, module, name: str) -> None:
+    """`module.name` returns its result times NaN on its second call (in the second step)."""
+    real, calls = getattr(module, name), []
 
     def nan_at_step_2(*args):
         calls.append(1)
-        loss = real_loss(*args)
-        return loss * float("nan") if len(calls) == 2 else loss
+        value = real(*args)
+        return value * float("nan") if len(calls) == 2 else value
 
-    monkeypatch.setattr(train_module, "sample_loss", nan_at_step_2)
-    out = tmp_path / "run"
-    code = train("--base", base, "--data", photos, "--out", out, "--steps", 3, *RUN_ARGS)
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
-    assert err.splitlines()[-1] == (f"error: step 2: the loss is nan (not finite); stopped without saving this "
-                                    f"step. {out}/last.safetensors keeps step 1; continue from it with --resume, "
-                                    "with a lower --lr (or --dtype bfloat16 rather than float16)")
-    model = load_stablesr([out / "last.safetensors"])
-    assert all(p.isfinite().all() for p in model.parameters())
-    with safe_open(str(out / "last.safetensors"), framework="pt") as f:
-        assert f.metadata()["stablesr_min.step"] == "1"
-    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+    monkeypatch.setattr(module, name, nan_at_step_2)
 
 
-def test_a_non_finite_loss_stops_train_cfw_naming_the_step(golden_weights, cfw_data, tmp_path, capsys, monkeypatch):
-    real_reconstruct, calls = train_cfw_module.reconstruct, []
-
-    def nan_at_step_2(*args):
-        calls.append(1)
-        x_hat = real_reconstruct(*args)
-        return x_hat * float("nan") if len(calls) == 2 else x_hat
-
-    monkeypatch.setattr(train_cfw_module, "reconstruct", nan_at_step_2)
-    out = tmp_path / "run"
-    code = main(["train", "cfw", "--cfw-base", str(golden_weights[1]), "--data", str(cfw_data), "--out", str(out),
-                 "--steps", "3", "--batch-size", "1", "--val-every", "0", "--save-every", "1"])
-    err = capsys.readouterr().err
+def assert_stopped_at_step_2(code: int, err: str, out: Path) -> None:
+    """One line naming step 2, exit code 2; the run folder keeps step 1 (saved every step)."""
     assert code == 2 and "Traceback" not in err
     assert err.splitlines()[-1] == (f"error: step 2: the loss is nan (not finite); stopped without saving this "
                                     f"step. {out}/last.safetensors keeps step 1; continue from it with --resume, "
@@ -336,6 +313,24 @@ def test_a_non_finite_loss_stops_train_cfw_naming_the_step(golden_weights, cfw_d
     with safe_open(str(out / "last.safetensors"), framework="pt") as f:
         assert f.metadata()["stablesr_min.step"] == "1"
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(base, photos, tmp_path, capsys,
+                                                                            monkeypatch):
+    nan_on_second_call(monkeypatch, train_module, "sample_loss")
+    out = tmp_path / "run"
+    code = train("--base", base, "--data", photos, "--out", out, "--steps", 3, *RUN_ARGS)
+    assert_stopped_at_step_2(code, capsys.readouterr().err, out)
+    assert load_stablesr([out / "last.safetensors"]) is not None
+
+
+def test_a_non_finite_loss_stops_train_cfw_naming_the_step(golden_weights, cfw_data, tmp_path, capsys, monkeypatch):
+    nan_on_second_call(monkeypatch, train_cfw_module, "reconstruct")
+    out = tmp_path / "run"
+    code = main(["train", "cfw", "--cfw-base", str(golden_weights[1]), "--data", str(cfw_data), "--out", str(out),
+                 "--steps", "3", "--batch-size", "1", "--val-every", "0", "--save-every", "1"])
+    assert_stopped_at_step_2(code, capsys.readouterr().err, out)
+    assert load_cfw(out / "last.safetensors") is not None
 
 
 def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint_whole(base, photos, tmp_path,

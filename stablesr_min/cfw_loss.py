@@ -127,9 +127,12 @@ class CFWLoss(nn.Module):
         terms["g_adv"] = adversarial.item()
         return loss, terms
 
-    def discriminator_loss(self, target: torch.Tensor, reconstruction: torch.Tensor,
-                           step: int) -> torch.Tensor | None:
-        """L_D on the GT and the (detached) reconstruction; None before disc_start, where D does not train."""
+    def discriminator_loss(self, target: torch.Tensor, reconstruction: torch.Tensor, step: int,
+                           discriminator: nn.Module | None = None) -> torch.Tensor | None:
+        """L_D on the GT and the (detached) reconstruction, scored by `discriminator` (default: D itself; with
+        several processes, D wrapped so that its gradients are averaged); None before disc_start, where D
+        does not train."""
         if not self.adversarial(step):
             return None
-        return hinge_discriminator_loss(self.discriminator(target), self.discriminator(reconstruction.detach()))
+        d = self.discriminator if discriminator is None else discriminator
+        return hinge_discriminator_loss(d(target), d(reconstruction.detach()))

@@ -423,8 +423,7 @@ def add_train_sr_parser(train_sub) -> None:
     add_run_options(sr, "validation losses")
     sr.add_argument("--checkpointing", action="store_true", default=None,
                     help="recompute the UNet's blocks in the backward pass (gradient checkpointing): less memory")
-    sr.add_argument("--dist-timeout", type=float, metavar="SECONDS",
-                    help="under torchrun: seconds a process waits for the others before giving up (default 600)")
+    add_torchrun_options(sr)
     sr.set_defaults(run=cmd_train_sr)
 
 
@@ -436,6 +435,12 @@ def add_run_options(parser, validation: str) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--save-every", type=int, help="steps between saves (default 500; 0: only at the end and on Ctrl-C, as always)")
     parser.add_argument("--val-every", type=int, help=f"steps between {validation} (default 100; 0: never)")
+
+
+def add_torchrun_options(parser) -> None:
+    """The options of a training command that runs under torchrun (train sr, train cfw)."""
+    parser.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                        help="under torchrun: seconds a process waits for the others before giving up (default 600)")
 
 
 def add_train_prior_parsers(train_sub) -> None:
@@ -506,6 +511,7 @@ def add_train_cfw_parsers(train_sub) -> None:
     cfw.add_argument("--lr", type=float, help="Adam learning rate, fusion layers and discriminator (default 5e-5)")
     cfw.add_argument("--disc-start", type=int, help="steps before the adversarial terms start (default 501)")
     add_run_options(cfw, "validation L1 losses (a fixed batch, w = 1)")
+    add_torchrun_options(cfw)
     cfw.set_defaults(run=cmd_train_cfw)
 
 

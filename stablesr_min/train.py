@@ -46,7 +46,7 @@ from .model import StableSR, load_stablesr, resolve_config
 from .pipeline import draw, text_context, upsample
 from .schedule import Schedule
 from .time_encoder import AttentionBlock, TimeAwareEncoder
-from .training import (DIST_TIMEOUT, Processes, RunFolder, TrainState, autocast, check_option_ranges,
+from .training import (Processes, RunFolder, TrainState, autocast, check_option_ranges,
                        check_world_size, command_options, derive_seeds, distribute, gather_ranks, gradient_sync,
                        of_rank, rank_seed, run_steps, torchrun_processes)
 from .unet import SFT, ResBlock, SpatialTransformer
@@ -288,9 +288,8 @@ def run_train_sr(args) -> None:
     """`python -m stablesr_min train sr ...` (or `torchrun ... -m stablesr_min train sr ...`): argparse's
     namespace (None where an option was not given) -> SROptions -> train_sr, in every process of the run.
     A resumed run takes its kept options from its state."""
-    timeout = DIST_TIMEOUT if args.dist_timeout is None else args.dist_timeout
     required = {"base": "--base FILE", "data": "--data DIR"}
-    with torchrun_processes(args.device, timeout) as procs:
+    with torchrun_processes(args.device, args.dist_timeout) as procs:
         opts, state = command_options(args, SROptions, ("base", "data", "config"), KEPT_OPTIONS, required)
         train_sr(opts, procs, state)
 
@@ -394,21 +393,17 @@ def start_optimizer(trainable: dict[str, nn.Parameter], lr: float, dtype: torch.
     optimizer = torch.optim.AdamW(trainable.values(), lr=lr)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     generator = torch.Generator().manual_seed(rank_seed(noise_seed, procs.rank))
-    step, seconds = 0, 0.0
-    if state:
-        check_world_size(state, procs)
-        step, seconds = restore(state, procs.rank, trainable, optimizer, scaler, generator, data)
-        if procs.is_main:
-            run.keep_log_until(step)
+    step, seconds = restore(state, run, procs, trainable, optimizer, scaler, generator, data) if state else (0, 0.0)
     return optimizer, scaler, generator, step, seconds
 
 
-def snapshot(step: int, seconds: float, options: dict, trainable: dict[str, nn.Parameter],
-             optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, generator: torch.Generator,
+def snapshot(step: int, seconds: float, options: dict, trainable: dict[str, torch.Tensor],
+             optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, generator: torch.Generator | None,
              data, procs: Processes) -> TrainState | None:
     """Everything a resume needs, as `restore` puts it back: every rank hands its random streams to
-    rank 0, which gets the state (the other ranks get None: they write nothing)."""
-    generators = gather_ranks(procs, {"noise": generator.get_state()})
+    rank 0, which gets the state (the other ranks get None: they write nothing). `trainable`: the tensors
+    the state keeps, by key; `generator`: the noise stream (None: a run without one, `train cfw`)."""
+    generators = gather_ranks(procs, {"noise": generator.get_state()} if generator is not None else {})
     data_state = gather_ranks(procs, data.state_dict())
     if not procs.is_main:
         return None
@@ -425,9 +420,13 @@ def move_step_networks(model: StableSR, device: torch.device) -> None:
         part.to(device)
 
 
-def restore(state: TrainState, rank: int, trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler, generator: torch.Generator, pairs) -> tuple[int, float]:
-    """Put a saved state back in place (this rank's generators and data); returns (step, seconds trained)."""
+def restore(state: TrainState, run: RunFolder, procs: Processes, trainable: dict[str, torch.Tensor],
+            optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, generator: torch.Generator | None,
+            data) -> tuple[int, float]:
+    """Put a saved state back in place (copied into the `trainable` tensors; this rank's generator and
+    data), on as many processes as it was saved from, and cut the log to its step; returns (step, seconds
+    trained)."""
+    check_world_size(state, procs)
     if sorted(state.weights) != sorted(trainable):
         raise UsageError("the run's state does not match its checkpoint's trainable tensors; start a new run")
     with torch.no_grad():
@@ -435,6 +434,9 @@ def restore(state: TrainState, rank: int, trainable: dict[str, nn.Parameter], op
             p.copy_(state.weights[name])
     optimizer.load_state_dict(state.optimizer)
     scaler.load_state_dict(state.extra["scaler"])
-    generator.set_state(of_rank(state.generators, rank)["noise"])
-    pairs.load_state_dict(of_rank(state.data, rank))
+    if generator is not None:
+        generator.set_state(of_rank(state.generators, procs.rank)["noise"])
+    data.load_state_dict(of_rank(state.data, procs.rank))
+    if procs.is_main:
+        run.keep_log_until(state.step)
     return state.step, state.extra["seconds"]

@@ -23,12 +23,17 @@ the same gradients in one batch.
 The base (`--cfw-base`) is a CFW checkpoint (to continue), or a VAE or SD 2.x checkpoint: the CFW
 autoencoder takes its VAE, and the fusion layers start as the official ones do. The official run starts
 from SD 2.1's VAE, which is also StableSR's (frozen) VAE.
+
+    torchrun --nproc_per_node 8 -m stablesr_min train cfw ... --batch-size 1
+
+runs this file in 8 processes, as `train sr` runs (training.py): each process its own order of the
+samples, the fusion layers' gradients and the discriminator's averaged over the processes.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -37,12 +42,13 @@ from torch import nn
 from .cfw import CFWAutoencoder, FusionLayer, ResidualDenseBlock
 from .cfw_data import CFWSamples
 from .cfw_loss import CFWLoss, CFWLossConfig
-from .cli import UsageError, pick_device, pick_dtype
+from .cli import pick_dtype
 from .config import StableSRConfig
 from .model import load_cfw, resolve_config
 from .pipeline import upsample
-from .training import (RunFolder, StopRequest, TrainProgress, TrainState, autocast, check_option_ranges,
-                       command_options, derive_seeds, out_of_memory_is_a_usage_error, save_due)
+from .train import restore, snapshot
+from .training import (Processes, RunFolder, TrainState, autocast, check_option_ranges, command_options,
+                       derive_seeds, distribute, rank_seed, run_steps, torchrun_processes)
 from .vae import AutoencoderKL
 from .weights import (WeightFiles, WeightsError, check_keys, config_metadata, guess_kind, load_module,
                       mismatch_message)
@@ -70,6 +76,14 @@ def prepare_for_training(cfw: CFWAutoencoder) -> dict[str, nn.Parameter]:
     for level in cfw.decoder.fusion_levels:
         getattr(cfw.decoder, f"fusion_layer_{level}").train()
     return trainable
+
+
+def trained_tensors(trainable: dict[str, nn.Parameter], loss: CFWLoss) -> dict[str, torch.Tensor]:
+    """What a run changes, by checkpoint key: the fusion layers' parameters and the discriminator's whole
+    state (its BatchNorm statistics too), under `loss.discriminator.` as the official checkpoint has it.
+    The tensors are the networks' own (state_dict shares their storage), so restoring copies into them."""
+    discriminator = {DISCRIMINATOR_PREFIX + k: v for k, v in loss.discriminator.state_dict().items()}
+    return dict(trainable) | discriminator
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -166,11 +180,25 @@ def reconstruct(cfw: CFWAutoencoder, lr: torch.Tensor, latent: torch.Tensor,
     return cfw.decode(latent / scale_factor, enc_features, W_TRAIN)
 
 
-def train_step(cfw: CFWAutoencoder, loss: CFWLoss, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, batch, step: int, device: torch.device,
-               dtype: torch.dtype) -> dict[str, float]:
-    """L_G and (from disc_start) L_D on one batch, then one Adam step; `step` = steps taken before this
-    one. Returns the terms for the log.
+class Reconstruction(nn.Module):
+    """`reconstruct` as a module: what a training step runs with gradients. With several processes,
+    DistributedDataParallel wraps it (training.distribute): it holds every fusion layer, and DDP leaves the
+    frozen rest of the autoencoder (requires_grad False) out of the gradient all-reduce."""
+
+    def __init__(self, cfw: CFWAutoencoder):
+        super().__init__()
+        self.cfw = cfw
+
+    def forward(self, lr: torch.Tensor, latent: torch.Tensor, scale_factor: torch.Tensor) -> torch.Tensor:
+        return reconstruct(self.cfw, lr, latent, scale_factor)
+
+
+def step_gradients(reconstruction: nn.Module, discriminator: nn.Module, loss: CFWLoss,
+                   optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batch, step: int,
+                   device: torch.device, dtype: torch.dtype) -> tuple[float, dict[str, float]]:
+    """The gradients of L_G and (from disc_start) L_D on one batch, for one Adam step; `step` = steps taken
+    before this one. `reconstruction` and `discriminator` are a Reconstruction and D, or each wrapped for
+    several processes. Returns L_G and the other terms for the log.
 
     Adam keeps its state per parameter, so one Adam over two parameter groups (fusion layers,
     discriminator) is the official pair of Adams with the same settings; a parameter without a gradient
@@ -180,23 +208,23 @@ def train_step(cfw: CFWAutoencoder, loss: CFWLoss, optimizer: torch.optim.Optimi
     step's x_hat (one decoder pass); and before disc_start it runs D and steps D's Adam with zero
     gradients (D's weights stay; its BatchNorm running statistics, never used in training mode, and its
     Adam step count move), where here D does not run, so its Adam bias correction starts at disc_start.
+
+    L_G's adversarial term runs D itself (loss.discriminator), never its wrapper: its gradients go to the
+    fusion layers alone, and a wrapped D would wait for gradients of its own that never come.
     """
     lr, gt, latent, scale_factor = (t.to(device) for t in batch)
     target = gt * 2 - 1
-    fusion, discriminator = (group["params"] for group in optimizer.param_groups)
-    optimizer.zero_grad(set_to_none=True)
+    fusion_params, discriminator_params = (group["params"] for group in optimizer.param_groups)
     with autocast(device, dtype):
-        reconstruction = reconstruct(cfw, lr, latent, scale_factor).float()
-        g_loss, terms = loss.generator_loss(target, reconstruction, step)
-    scaler.scale(g_loss).backward(inputs=fusion)
+        x_hat = reconstruction(lr, latent, scale_factor).float()
+        g_loss, terms = loss.generator_loss(target, x_hat, step)
+    scaler.scale(g_loss).backward(inputs=fusion_params)
     with autocast(device, dtype):
-        d_loss = loss.discriminator_loss(target, reconstruction, step)
+        d_loss = loss.discriminator_loss(target, x_hat, step, discriminator)
     if d_loss is not None:
-        scaler.scale(d_loss).backward(inputs=discriminator)
+        scaler.scale(d_loss).backward(inputs=discriminator_params)
         terms["d_loss"] = d_loss.item()
-    scaler.step(optimizer)
-    scaler.update()
-    return {"loss": g_loss.item(), **terms}
+    return g_loss.item(), terms
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -225,32 +253,37 @@ KEPT_OPTIONS = ("cfw_base", "data", "batch_size", "lr", "disc_start", "seed")
 
 
 def run_train_cfw(args) -> None:
-    """`python -m stablesr_min train cfw ...`: argparse's namespace (None where an option was not given)
-    -> CFWOptions -> train_cfw. A resumed run takes its kept options from its state."""
+    """`python -m stablesr_min train cfw ...` (or `torchrun ... -m stablesr_min train cfw ...`): argparse's
+    namespace (None where an option was not given) -> CFWOptions -> train_cfw, in every process of the run.
+    A resumed run takes its kept options from its state."""
     required = {"cfw_base": "--cfw-base FILE", "data": "--data DIR"}
-    train_cfw(*command_options(args, CFWOptions, ("cfw_base", "data"), KEPT_OPTIONS, required))
+    with torchrun_processes(args.device, args.dist_timeout) as procs:
+        opts, state = command_options(args, CFWOptions, ("cfw_base", "data"), KEPT_OPTIONS, required)
+        train_cfw(opts, procs, state)
 
 
 def check_options(opts: CFWOptions) -> None:
     check_option_ranges(opts, ("steps", "batch_size"), ("disc_start", "save_every", "val_every"), ("lr",))
 
 
-def train_cfw(opts: CFWOptions, state: TrainState | None = None) -> None:
-    """Train the fusion layers for `opts.steps` steps in all; with `state` (and `opts.resume`), continue."""
+def train_cfw(opts: CFWOptions, procs: Processes, state: TrainState | None = None) -> None:
+    """Train the fusion layers for `opts.steps` steps in all, in this process of the run; with `state` (and
+    `opts.resume`), continue that run."""
     check_options(opts)
     run = RunFolder(opts.out, resume=opts.resume)
-    device = pick_device(opts.device)
+    device = procs.device
     dtype = pick_dtype(opts.dtype, device)
     seeds = derive_seeds(opts.seed, ["data", "init", "discriminator"])
     if opts.resume and state is None:
         state = run.load_state()
 
-    # The model: the run's last checkpoint, or the base file
+    # The model: the run's last checkpoint, or the base file; the samples: each rank its own order
     if state:
         cfw, cfg = load_cfw(run.checkpoint_path), resolve_config(WeightFiles([run.checkpoint_path]), None)
     else:
         cfw, cfg = load_cfw_base(opts.cfw_base, seeds["init"])
-    samples = CFWSamples(opts.data, opts.batch_size, seeds["data"], cfw.downscale, cfg.cfw.embed_dim)
+    samples = CFWSamples(opts.data, opts.batch_size, rank_seed(seeds["data"], procs.rank), cfw.downscale,
+                         cfg.cfw.embed_dim)
     cfw.to(device)
     trainable = prepare_for_training(cfw)
     loss = new_loss(CFWLossConfig(disc_start=opts.disc_start), seeds["discriminator"])
@@ -258,72 +291,55 @@ def train_cfw(opts: CFWOptions, state: TrainState | None = None) -> None:
         discriminator_from(loss, opts.cfw_base)
     loss.to(device)
 
-    # Adam as the official (betas 0.5, 0.9, no weight decay); a loss scaler for float16
+    # Adam as the official (betas 0.5, 0.9, no weight decay); a loss scaler for float16; no noise stream
     optimizer = torch.optim.Adam([{"params": list(trainable.values())},
                                   {"params": list(loss.discriminator.parameters())}], lr=opts.lr, betas=(0.5, 0.9))
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     step, seconds = 0, 0.0
     if state:
-        step, seconds = restore(state, trainable, loss, optimizer, scaler, samples)
-        run.keep_log_until(step)
-    validation = samples.load(list(range(min(opts.batch_size, len(samples.samples))))) if opts.val_every else None
+        step, seconds = restore(state, run, procs, trained_tensors(trainable, loss), optimizer, scaler, None, samples)
+
+    # Each network that learns wrapped alone, so that its gradients are averaged over the processes
+    reconstruction = distribute(Reconstruction(cfw), procs)
+    discriminator = distribute(loss.discriminator, procs)
+
+    # A fixed batch for val_l1, the first samples (rank 0 measures it)
+    validation = None
+    if opts.val_every and procs.is_main:
+        validation = samples.load(list(range(min(opts.batch_size, len(samples.samples)))))
 
     n_trainable = sum(p.numel() for p in trainable.values())
     n_frozen = sum(p.numel() for p in cfw.parameters()) - n_trainable
-    print(f"train cfw: {len(samples.samples)} samples of {samples.gt_size[1]}x{samples.gt_size[0]}; "
-          f"{n_trainable / 1e6:.2f} M trainable parameters, {n_frozen / 1e6:.2f} M frozen; batch {opts.batch_size}; "
-          f"adversarial from step {opts.disc_start}; {device}, {opts.dtype}; steps {step} -> {opts.steps}",
-          file=sys.stderr)
+    if procs.is_main:
+        print(f"train cfw: {len(samples.samples)} samples of {samples.gt_size[1]}x{samples.gt_size[0]}; "
+              f"{n_trainable / 1e6:.2f} M trainable parameters, {n_frozen / 1e6:.2f} M frozen; global batch "
+              f"{opts.batch_size * procs.world_size} = {opts.batch_size} per process x {procs.world_size} "
+              f"process(es); adversarial from step {opts.disc_start}; {device}, {opts.dtype}; "
+              f"steps {step} -> {opts.steps}", file=sys.stderr)
 
-    def save() -> None:
-        # The checkpoint carries D as the official one does (`loss.` keys, which loading a CFW ignores)
-        discriminator = {DISCRIMINATOR_PREFIX + k: v for k, v in loss.discriminator.state_dict().items()}
-        weights = {k: p.detach() for k, p in trainable.items()} | discriminator
-        state = TrainState(step, {k: getattr(opts, k) for k in KEPT_OPTIONS}, weights, optimizer.state_dict(),
-                           {}, samples.state_dict(), {"seconds": seconds, "scaler": scaler.state_dict()})
-        run.save(cfw.state_dict() | discriminator, config_metadata(cfg.to_json()), state)
+    def save(step: int, seconds: float) -> None:
+        trained = trained_tensors(trainable, loss)
+        state = snapshot(step, seconds, {k: getattr(opts, k) for k in KEPT_OPTIONS}, trained, optimizer, scaler,
+                         None, samples, procs)
+        if procs.is_main:  # the checkpoint carries D as the official one does (`loss.` keys, which loading ignores)
+            run.save(cfw.state_dict() | trained, config_metadata(cfg.to_json()), state)
 
-    progress = TrainProgress("train cfw", opts.steps, step)
+    steps_taken = itertools.count(step)  # before the step under way: disc_start counts them
+
+    def backward() -> tuple[float, dict[str, float]]:
+        return step_gradients(reconstruction, discriminator, loss, optimizer, scaler, samples.next_batch(),
+                              next(steps_taken), device, dtype)
+
+    val_l1 = (lambda: validation_l1(cfw, validation, device)) if validation is not None else None
     hint = "lower --batch-size, or use --dtype bfloat16"
-    with StopRequest() as stop, out_of_memory_is_a_usage_error(device, hint):
-        while step < opts.steps and not stop.requested:
-            started = time.monotonic()
-            terms = train_step(cfw, loss, optimizer, scaler, samples.next_batch(), step, device, dtype)
-            step += 1
-            seconds += time.monotonic() - started
-
-            record = {"step": step, **terms, "lr": opts.lr, "seconds": round(seconds, 3)}
-            if validation is not None and step % opts.val_every == 0:
-                record["val_l1"] = validation_l1(cfw, validation, device, dtype)
-            run.log(record)
-            progress.update(step, record["loss"])
-            if save_due(step, opts.steps, opts.save_every, stop.requested):
-                save()
-    run.finish(step, opts.steps)
+    run_steps("train cfw", run, opts, step, seconds, optimizer, scaler, backward, val_l1, save, device, dtype, hint,
+              procs, val_name="val_l1")
 
 
 @torch.no_grad()
-def validation_l1(cfw: CFWAutoencoder, batch, device: torch.device, dtype: torch.dtype) -> float:
-    """mean |GT - x_hat| on a fixed batch (the first samples): the same inputs at every measurement."""
+def validation_l1(cfw: CFWAutoencoder, batch, device: torch.device) -> float:
+    """mean |GT - x_hat| on a fixed batch (the first samples): the same inputs at every measurement (run
+    under the run's autocast)."""
     lr, gt, latent, scale_factor = (t.to(device) for t in batch)
-    with autocast(device, dtype):
-        reconstruction = reconstruct(cfw, lr, latent, scale_factor).float()
+    reconstruction = reconstruct(cfw, lr, latent, scale_factor).float()
     return (gt * 2 - 1 - reconstruction).abs().mean().item()
-
-
-def restore(state: TrainState, trainable: dict[str, nn.Parameter], loss: CFWLoss, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler, samples: CFWSamples) -> tuple[int, float]:
-    """Put a saved state back in place; returns (step, seconds trained)."""
-    discriminator = {k[len(DISCRIMINATOR_PREFIX):]: v for k, v in state.weights.items()
-                     if k.startswith(DISCRIMINATOR_PREFIX)}
-    fusion = {k: v for k, v in state.weights.items() if not k.startswith(DISCRIMINATOR_PREFIX)}
-    if sorted(fusion) != sorted(trainable) or sorted(discriminator) != sorted(loss.discriminator.state_dict()):
-        raise UsageError("the run's state does not match its checkpoint's fusion layers; start a new run")
-    with torch.no_grad():
-        for name, p in trainable.items():
-            p.copy_(fusion[name])
-    loss.discriminator.load_state_dict(discriminator)
-    optimizer.load_state_dict(state.optimizer)
-    scaler.load_state_dict(state.extra["scaler"])
-    samples.load_state_dict(state.data)
-    return state.step, state.extra["seconds"]

@@ -360,14 +360,14 @@ class Processes:
 
 
 @contextlib.contextmanager
-def torchrun_processes(device_name: str | None, timeout_s: float) -> Iterator[Processes]:
+def torchrun_processes(device_name: str | None, timeout_s: float | None) -> Iterator[Processes]:
     """Join the run's other processes (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
     MASTER_PORT in each one's environment): NCCL between GPUs, gloo between CPUs, every collective
-    operation given up after `timeout_s`, so that a process that died makes the others exit rather than
-    hang. Errors are said once, by rank 0; the other ranks exit with the same code, silently."""
+    operation given up after `timeout_s` (None: DIST_TIMEOUT), so that a process that died makes the others
+    exit rather than hang. Errors are said once, by rank 0; the other ranks exit with the same code, silently."""
     rank = int(os.environ.get("RANK", 0))
     try:
-        procs = join_processes(device_name, timeout_s)
+        procs = join_processes(device_name, DIST_TIMEOUT if timeout_s is None else timeout_s)
         try:
             yield procs
         finally:
@@ -497,12 +497,13 @@ def check_world_size(state: TrainState, procs: Processes) -> None:
 def run_steps(name: str, run: RunFolder, opts: Any, step: int, seconds: float, optimizer: torch.optim.Optimizer,
               scaler: torch.amp.GradScaler, backward: Callable[[], tuple[float, dict[str, float]]],
               val_loss: Callable[[], float] | None, save: Callable[[int, float], None], device: torch.device,
-              dtype: torch.dtype, oom_hint: str, procs: Processes | None = None) -> None:
+              dtype: torch.dtype, oom_hint: str, procs: Processes | None = None, val_name: str = "val_loss") -> None:
     """The loop every training command shares, from `step` up to `opts.steps`: each iteration, `backward()`
     computes the gradients (returns this process's loss and any terms to log), the loss is averaged over
-    the processes and must be finite, then one optimizer step; rank 0 logs (val_loss every
-    `opts.val_every` steps) and shows progress; `save(step, seconds)` every `opts.save_every` steps, at the
-    end and on Ctrl-C. A run stopped early says how to continue and raises KeyboardInterrupt."""
+    the processes and must be finite, then one optimizer step; rank 0 logs (`val_loss()` every
+    `opts.val_every` steps, under `val_name`) and shows progress; `save(step, seconds)` every
+    `opts.save_every` steps, at the end and on Ctrl-C. A run stopped early says how to continue and raises
+    KeyboardInterrupt."""
     procs = procs or Processes(device)
     progress = TrainProgress(name, opts.steps, step) if procs.is_main else None
     saved_step = step if step > 0 else None  # a resumed run starts from its saved step
@@ -523,7 +524,7 @@ def run_steps(name: str, run: RunFolder, opts: Any, step: int, seconds: float, o
                 record = {"step": step, "loss": loss, **terms, "lr": opts.lr, "seconds": round(seconds, 3)}
                 if val_loss is not None and opts.val_every and step % opts.val_every == 0:
                     with autocast(device, dtype):
-                        record["val_loss"] = val_loss()
+                        record[val_name] = val_loss()
                 run.log(record)
                 progress.update(step, record["loss"])
             stopped = any_rank(procs, stop.requested)  # Ctrl-C reaches the processes at different moments

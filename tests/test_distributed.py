@@ -1,9 +1,10 @@
 """Training on several processes (torchrun + DistributedDataParallel, gloo on the CPU) and fault safety:
-the gradients of 2 processes x batch 1 are those of 1 process x batch 2, a torchrun run writes one run
-folder that upscales, a non-finite loss stops the run keeping the last good checkpoint, and a crash in the
-middle of a save leaves the previous checkpoint whole.
+the gradients of 2 processes x batch 1 are those of 1 process x batch 2, a torchrun run (train sr, train
+cfw) writes one run folder that loads, a non-finite loss stops the run keeping the last good checkpoint,
+and a crash in the middle of a save leaves the previous checkpoint whole.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -18,15 +19,19 @@ from PIL import Image
 from safetensors import safe_open
 
 from stablesr_min import train as train_module
+from stablesr_min import train_cfw as train_cfw_module
 from stablesr_min import weights
 from stablesr_min.cli import UsageError, main
 from stablesr_min.golden import relative_error
-from stablesr_min.model import load_stablesr
+from stablesr_min.cfw_data import CFWSamples
+from stablesr_min.cfw_loss import CFWLossConfig
+from stablesr_min.model import load_cfw, load_stablesr
 from stablesr_min.pipeline import text_context
 from stablesr_min.schedule import Schedule
 from stablesr_min.train import Denoiser, diffusion_loss, is_trainable, prepare_for_finetuning
-from stablesr_min.training import (Processes, TrainState, check_world_size, distribute, mean_over_ranks,
-                                    torchrun_processes)
+from stablesr_min.train_cfw import Reconstruction, load_cfw_base, new_loss, prepare_for_training, step_gradients
+from stablesr_min.training import (STATE_METADATA_KEY, Processes, TrainState, check_world_size, distribute,
+                                    mean_over_ranks, torchrun_processes)
 from stablesr_min.weights import save_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,6 +121,40 @@ def test_two_processes_of_batch_1_average_to_the_gradients_of_batch_2(base, tmp_
                 assert relative_error(grad, reference[name]) <= 1e-5, f"rank {rank}: d loss / d {name}"
 
 
+def cfw_gradients(cfw_base: Path, data: Path, rank: int | None, procs: Processes) -> dict[str, torch.Tensor]:
+    """The fusion layers' gradients of L_G (before disc_start: the L1 term) on sample `rank` of a fixed
+    batch of 2 (None: on both), the fusion module wrapped for `procs`."""
+    cfw, _ = load_cfw_base(str(cfw_base), seed=0)
+    trainable = prepare_for_training(cfw)
+    loss = new_loss(CFWLossConfig(), seed=0)
+    optimizer = torch.optim.Adam([{"params": list(trainable.values())},
+                                  {"params": list(loss.discriminator.parameters())}])
+    batch = CFWSamples([data], 2, seed=0, factor=8, latent_channels=4).next_batch()
+    batch = [x if rank is None else x[rank:rank + 1] for x in batch]
+    step_gradients(distribute(Reconstruction(cfw), procs), loss.discriminator, loss, optimizer,
+                   torch.amp.GradScaler("cuda", enabled=False), batch, 0, procs.device, torch.float32)
+    return {name: p.grad for name, p in trainable.items()}
+
+
+def cfw_gradient_worker(rank: int, port: int, cfw_base: Path, data: Path, out: Path) -> None:
+    torch.set_num_threads(1)
+    os.environ |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port)}
+    with torchrun_processes("cpu", 60) as procs:
+        save_safetensors(cfw_gradients(cfw_base, data, rank, procs), out / f"grads{rank}.safetensors")
+
+
+def test_train_cfw_on_2_processes_of_batch_1_averages_to_the_gradients_of_batch_2(golden_weights, cfw_data,
+                                                                                   tmp_path):
+    mp.spawn(cfw_gradient_worker, args=(free_port(), golden_weights[1], cfw_data, tmp_path), nprocs=2)
+    reference = cfw_gradients(golden_weights[1], cfw_data, None, Processes(torch.device("cpu")))
+    for rank in (0, 1):
+        grads = tensors(tmp_path / f"grads{rank}.safetensors")
+        assert sorted(grads) == sorted(reference)
+        for name, grad in grads.items():
+            assert relative_error(grad, reference[name]) <= 1e-5, f"rank {rank}: d loss / d {name}"
+
+
 def hanging_worker(rank: int, port: int, err: Path) -> None:
     """Rank 1 joins, then stops answering; rank 0 waits for it in an all-reduce, at most 2 s."""
     torch.set_num_threads(1)
@@ -160,9 +199,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(base):
 # torchrun
 
 
-def torchrun(*args) -> subprocess.CompletedProcess:
+def torchrun(what: str, *args) -> subprocess.CompletedProcess:
+    """`torchrun ... -m stablesr_min train <what> ...` on 2 CPU processes."""
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-               "-m", "stablesr_min", "train", "sr", "--device", "cpu", *map(str, args)]
+               "-m", "stablesr_min", "train", what, "--device", "cpu", *map(str, args)]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=os.environ | {"OMP_NUM_THREADS": "1"})
 
@@ -171,7 +211,7 @@ def test_torchrun_with_2_processes_writes_one_run_that_resumes_and_upscales(base
                                                                              tmp_path):
     out, stopped = tmp_path / "run", tmp_path / "stopped"
     options = ["--base", base, "--data", photos, "--batch-size", 1, "--gt-size", 128, "--val-every", 1]
-    done = torchrun("--out", out, "--steps", 2, *options)
+    done = torchrun("sr", "--out", out, "--steps", 2, *options)
     assert done.returncode == 0, done.stderr
     assert "global batch 2 = 1 per process x 2 process(es) x 1 accumulated" in done.stderr
     assert done.stderr.count("train sr: step 2/2") == 1  # rank 0 alone reports
@@ -179,8 +219,8 @@ def test_torchrun_with_2_processes_writes_one_run_that_resumes_and_upscales(base
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
 
     # a run of 1 step resumed to 2 on 2 processes: every rank continues its own streams
-    assert torchrun("--out", stopped, "--steps", 1, *options).returncode == 0
-    assert torchrun("--out", stopped, "--steps", 2, "--resume").returncode == 0
+    assert torchrun("sr", "--out", stopped, "--steps", 1, *options).returncode == 0
+    assert torchrun("sr", "--out", stopped, "--steps", 2, "--resume").returncode == 0
     for name in ("last.safetensors", "state.safetensors"):
         ours, theirs = tensors(stopped / name), tensors(out / name)
         assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours), name
@@ -200,6 +240,47 @@ def test_torchrun_with_2_processes_writes_one_run_that_resumes_and_upscales(base
     assert Image.open(tmp_path / "up" / "small.png").size == (96, 80)
 
 
+@pytest.fixture(scope="module")
+def cfw_data(base, photos, tmp_path_factory) -> Path:
+    """A tiny `train cfw-data` folder: 2 samples of 64 px, sampled in 2 steps."""
+    out = tmp_path_factory.mktemp("cfw") / "DATA"
+    assert main(["train", "cfw-data", "--weights", str(base), "--data", str(photos), "--out", str(out),
+                 "--count", "2", "--steps", "2", "--gt-size", "64"]) == 0
+    return out
+
+
+def test_train_cfw_under_torchrun_with_2_processes_writes_one_run_that_resumes_and_loads(golden_weights, cfw_data,
+                                                                                         tmp_path):
+    cfw_base, out, stopped = golden_weights[1], tmp_path / "run", tmp_path / "stopped"
+    options = ["--cfw-base", cfw_base, "--data", cfw_data, "--batch-size", 1, "--disc-start", 1, "--val-every", 1,
+               "--dist-timeout", 60]
+    done = torchrun("cfw", "--out", out, "--steps", 2, *options)
+    assert done.returncode == 0, done.stderr
+    assert "global batch 2 = 1 per process x 2 process(es)" in done.stderr
+    assert done.stderr.count("train cfw: step 2/2") == 1  # rank 0 alone reports
+    assert sorted(p.name for p in out.iterdir()) == ["last.safetensors", "log.jsonl", "state.safetensors"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and "d_loss" not in log[0] and "d_loss" in log[1]
+    assert all("val_l1" in r for r in log)
+
+    # only the fusion layers (and D) changed; the checkpoint loads as a CFW
+    trained, before = tensors(out / "last.safetensors"), tensors(cfw_base)
+    for k, v in before.items():
+        assert torch.equal(trained[k], v) != k.startswith(train_cfw_module.FUSION_PREFIX), k
+    assert load_cfw(out / "last.safetensors") is not None
+    state = tensors(out / "state.safetensors")
+    assert {"data.used", "data.rank1.used"} <= set(state) and not any(k.startswith("generator.") for k in state)
+    with safe_open(str(out / "state.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()[STATE_METADATA_KEY])["extra"]["world_size"] == 2
+
+    # a run of 1 step resumed to 2 on 2 processes (D trains from step 2): every rank continues its own order
+    assert torchrun("cfw", "--out", stopped, "--steps", 1, *options).returncode == 0
+    assert torchrun("cfw", "--out", stopped, "--steps", 2, "--resume").returncode == 0
+    for name in ("last.safetensors", "state.safetensors"):
+        ours, theirs = tensors(stopped / name), tensors(out / name)
+        assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+
 # ------------------------------------------------------------------------------------------------------
 # Fault safety
 
@@ -210,28 +291,46 @@ def train(*args) -> int:
     return main(["train", "sr", *map(str, args)])
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(base, photos, tmp_path, capsys,
-                                                                            monkeypatch):
-    real_loss, calls = train_module.sample_loss, []
+def nan_on_second_call(monkeypatch, module, name: str) -> None:
+    """`module.name` returns its result times NaN on its second call (in the second step)."""
+    real, calls = getattr(module, name), []
 
     def nan_at_step_2(*args):
         calls.append(1)
-        loss = real_loss(*args)
-        return loss * float("nan") if len(calls) == 2 else loss
+        value = real(*args)
+        return value * float("nan") if len(calls) == 2 else value
 
-    monkeypatch.setattr(train_module, "sample_loss", nan_at_step_2)
-    out = tmp_path / "run"
-    code = train("--base", base, "--data", photos, "--out", out, "--steps", 3, *RUN_ARGS)
-    err = capsys.readouterr().err
+    monkeypatch.setattr(module, name, nan_at_step_2)
+
+
+def assert_stopped_at_step_2(code: int, err: str, out: Path) -> None:
+    """One line naming step 2, exit code 2; the run folder keeps step 1 (saved every step)."""
     assert code == 2 and "Traceback" not in err
     assert err.splitlines()[-1] == (f"error: step 2: the loss is nan (not finite); stopped without saving this "
                                     f"step. {out}/last.safetensors keeps step 1; continue from it with --resume, "
                                     "with a lower --lr (or --dtype bfloat16 rather than float16)")
-    model = load_stablesr([out / "last.safetensors"])
-    assert all(p.isfinite().all() for p in model.parameters())
+    assert all(v.isfinite().all() for v in tensors(out / "last.safetensors").values() if v.is_floating_point())
     with safe_open(str(out / "last.safetensors"), framework="pt") as f:
         assert f.metadata()["stablesr_min.step"] == "1"
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(base, photos, tmp_path, capsys,
+                                                                            monkeypatch):
+    nan_on_second_call(monkeypatch, train_module, "sample_loss")
+    out = tmp_path / "run"
+    code = train("--base", base, "--data", photos, "--out", out, "--steps", 3, *RUN_ARGS)
+    assert_stopped_at_step_2(code, capsys.readouterr().err, out)
+    assert load_stablesr([out / "last.safetensors"]) is not None
+
+
+def test_a_non_finite_loss_stops_train_cfw_naming_the_step(golden_weights, cfw_data, tmp_path, capsys, monkeypatch):
+    nan_on_second_call(monkeypatch, train_cfw_module, "reconstruct")
+    out = tmp_path / "run"
+    code = main(["train", "cfw", "--cfw-base", str(golden_weights[1]), "--data", str(cfw_data), "--out", str(out),
+                 "--steps", "3", "--batch-size", "1", "--val-every", "0", "--save-every", "1"])
+    assert_stopped_at_step_2(code, capsys.readouterr().err, out)
+    assert load_cfw(out / "last.safetensors") is not None
 
 
 def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint_whole(base, photos, tmp_path,

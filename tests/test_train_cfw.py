@@ -19,8 +19,8 @@ from stablesr_min.cfw import ResidualDenseBlock
 from stablesr_min.cli import main
 from stablesr_min.config import StableSRConfig
 from stablesr_min.model import load_stablesr
-from stablesr_min.train_cfw import (FUSION_PREFIX, discriminator_from, load_cfw_base, new_loss,
-                                    prepare_for_training, train_step)
+from stablesr_min.train_cfw import (FUSION_PREFIX, Reconstruction, discriminator_from, load_cfw_base, new_loss,
+                                    prepare_for_training, step_gradients)
 from stablesr_min.weights import WeightFiles, WeightsError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,12 +149,20 @@ def test_the_discriminator_waits_for_disc_start(golden_weights, data):
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     batch = CFWSamples([data], 2, seed=0, factor=8, latent_channels=4).next_batch()
     start = {k: v.clone() for k, v in loss.discriminator.state_dict().items()}
+
+    def train_step(step: int) -> dict[str, float]:
+        optimizer.zero_grad(set_to_none=True)
+        g_loss, terms = step_gradients(Reconstruction(cfw), loss.discriminator, loss, optimizer, scaler, batch, step,
+                                       torch.device("cpu"), torch.float32)
+        optimizer.step()
+        return {"loss": g_loss, **terms}
+
     for step in range(2):
-        terms = train_step(cfw, loss, optimizer, scaler, batch, step, torch.device("cpu"), torch.float32)
+        terms = train_step(step)
         assert terms["g_adv"] == 0.0 and "d_loss" not in terms and terms["loss"] == terms["l1"]
         for k, v in loss.discriminator.state_dict().items():  # weights and BatchNorm buffers alike
             assert torch.equal(v, start[k]), k
-    terms = train_step(cfw, loss, optimizer, scaler, batch, 2, torch.device("cpu"), torch.float32)
+    terms = train_step(2)
     assert terms["g_adv"] != 0.0 and terms["d_loss"] > 0
     assert terms["loss"] == pytest.approx(terms["l1"] + 0.025 * terms["g_adv"], rel=1e-6)
     assert all(not torch.equal(p, start[k]) for k, p in loss.discriminator.named_parameters())

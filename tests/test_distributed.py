@@ -34,12 +34,9 @@ from stablesr_min.training import (STATE_METADATA_KEY, Processes, TrainState, ch
                                     mean_over_ranks, torchrun_processes)
 from stablesr_min.weights import save_safetensors
 
+from run_files import tensors
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def tensors(path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def free_port() -> int:

@@ -5,14 +5,12 @@ The objective itself is checked number by number against the official trainer in
 (`test_train_step`). Runs here are 64 px crops, batch 2, a few steps.
 """
 
-import json
 import signal
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
 
 from stablesr_min import training
 from stablesr_min.cli import main
@@ -24,22 +22,10 @@ from stablesr_min.train import base_config, is_trainable, load_base
 from stablesr_min.unet import SFT, ResBlock, timestep_embedding
 from stablesr_min.weights import config_metadata, save_safetensors
 
+from run_files import log, metadata, tensors
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ARGS = ["--batch-size", "2", "--gt-size", "64", "--seed", "0"]
-
-
-def tensors(path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def metadata(path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata()
-
-
-def log(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 def train(*args) -> int:

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
 
 from stablesr_min import training
 from stablesr_min.cli import main
@@ -23,22 +22,10 @@ from stablesr_min.train_prior import TINY_SIZES, init_text_encoder, prior_config
 from stablesr_min.training import derive_seeds
 from stablesr_min.vae import AutoencoderKL
 
+from run_files import log, metadata, tensors
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ARGS = ["--batch-size", "2", "--crop", "32", "--seed", "0"]
-
-
-def tensors(path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def metadata(path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata()
-
-
-def log(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 def train(what: str, *args) -> int:

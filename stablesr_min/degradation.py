@@ -420,10 +420,12 @@ def jpeg(img: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     The official code simulates JPEG on the GPU with DiffJPEG (differentiable, float quality, float
     input); here a real codec runs on the CPU, image by image, on the image rounded to 8 bits, at the
     quality rounded to an integer, with the same 4:2:0 chroma subsampling and the standard (IJG)
-    quantisation tables scaled by quality.
+    quantisation tables scaled by quality. Values are clamped to [0, 1] first, as the official does
+    (JPEG of out-of-range values makes unpleasant artifacts).
     """
     out = []
-    for x, q in zip(img.clamp(0, 1), quality.tolist()):
+    for x, q in zip(img, quality.tolist()):
+        # to_pil clamps to [0, 1] and rounds to 8 bits
         buffer = io.BytesIO()
         to_pil(x[None]).save(buffer, format="JPEG", quality=int(round(q)), subsampling=2)
         buffer.seek(0)
@@ -433,9 +435,7 @@ def jpeg(img: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
 
 
 def random_jpeg(img: torch.Tensor, gen: torch.Generator, quality_range: tuple[float, float]) -> torch.Tensor:
-    quality = uniform_per_image(gen, *quality_range, img.shape[0])
-    # clamped first: the official notes JPEG of out-of-range values makes unpleasant artifacts
-    return jpeg(img.clamp(0, 1), quality)
+    return jpeg(img, uniform_per_image(gen, *quality_range, img.shape[0]))
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
 """Reading what a training run wrote (checkpoint tensors, their metadata, the log): shared by the training tests."""
 
+import contextlib
 import json
+import signal
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from stablesr_min import training
 
 
 def tensors(path) -> dict[str, torch.Tensor]:
@@ -19,3 +23,29 @@ def metadata(path) -> dict[str, str]:
 
 def log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+@contextlib.contextmanager
+def ctrl_c_after_step_1(monkeypatch):
+    """A context in which a training run gets Ctrl-C right after its first step (as a user pressing it)."""
+    update = training.TrainProgress.update
+
+    def update_then_interrupt(self, step, loss):
+        update(self, step, loss)
+        if step == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    with monkeypatch.context() as m:
+        m.setattr(training.TrainProgress, "update", update_then_interrupt)
+        yield
+
+
+def assert_same_run(ours: Path, theirs: Path) -> None:
+    """Two run folders hold bit-identical checkpoints and states and the same log (but for the seconds)."""
+    for name in ("last.safetensors", "state.safetensors"):
+        a, b = tensors(ours / name), tensors(theirs / name)
+        assert sorted(a) == sorted(b)
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}: {key} differs after the resume"
+    without_time = [[{k: v for k, v in r.items() if k != "seconds"} for r in log(run)] for run in (ours, theirs)]
+    assert without_time[0] == without_time[1]

@@ -5,7 +5,6 @@ The objective itself is checked number by number against the official trainer in
 (`test_train_step`). Runs here are 64 px crops, batch 2, a few steps.
 """
 
-import signal
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from stablesr_min.train import base_config, is_trainable, load_base
 from stablesr_min.unet import SFT, ResBlock, timestep_embedding
 from stablesr_min.weights import config_metadata, save_safetensors
 
-from run_files import log, metadata, tensors
+from run_files import assert_same_run, ctrl_c_after_step_1, log, metadata, tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ARGS = ["--batch-size", "2", "--gt-size", "64", "--seed", "0"]
@@ -100,28 +99,14 @@ def test_a_run_writes_its_checkpoint_log_and_state(run_a):
 
 def test_a_run_stopped_by_ctrl_c_and_resumed_equals_an_uninterrupted_one(run_a, base, photos, tmp_path,
                                                                          monkeypatch):
-    update = training.TrainProgress.update
-
-    def ctrl_c_after_step_1(self, step, loss):
-        update(self, step, loss)
-        if step == 1:
-            signal.raise_signal(signal.SIGINT)
-
     out = tmp_path / "b"
-    with monkeypatch.context() as m:
-        m.setattr(training.TrainProgress, "update", ctrl_c_after_step_1)
+    with ctrl_c_after_step_1(monkeypatch):
         code = train("--base", base, "--data", photos, "--out", out, "--steps", 3, *RUN_ARGS, "--val-every", 2)
     assert code == 130  # stopped, after saving step 1
     assert metadata(out / "last.safetensors")["stablesr_min.step"] == "1" and len(log(out)) == 1
     assert train("--base", base, "--data", photos, "--out", out, "--steps", 3, "--resume") == 0
 
-    for name in ("last.safetensors", "state.safetensors"):
-        ours, theirs = tensors(out / name), tensors(run_a / name)
-        assert sorted(ours) == sorted(theirs)
-        for key in ours:
-            assert torch.equal(ours[key], theirs[key]), f"{name}: {key} differs after the resume"
-    without_time = [[{k: v for k, v in r.items() if k != "seconds"} for r in log(run)] for run in (out, run_a)]
-    assert without_time[0] == without_time[1]
+    assert_same_run(out, run_a)
 
 
 def test_a_trained_checkpoint_upscales(run_a, golden_weights, tmp_path):

@@ -4,7 +4,6 @@ Runs here are 32 px crops, batch 2, a few steps, at the default tiny sizes.
 """
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from stablesr_min.train_prior import TINY_SIZES, init_text_encoder, prior_config
 from stablesr_min.training import derive_seeds
 from stablesr_min.vae import AutoencoderKL
 
-from run_files import log, metadata, tensors
+from run_files import assert_same_run, ctrl_c_after_step_1, log, metadata, tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ARGS = ["--batch-size", "2", "--crop", "32", "--seed", "0"]
@@ -88,27 +87,13 @@ def test_train_vae_writes_a_loadable_vae_and_every_parameter_trains(vae_run):
 
 def test_a_vae_run_stopped_by_ctrl_c_and_resumed_equals_an_uninterrupted_one(vae_run, photos, tmp_path,
                                                                              monkeypatch):
-    update = training.TrainProgress.update
-
-    def ctrl_c_after_step_1(self, step, loss):
-        update(self, step, loss)
-        if step == 1:
-            signal.raise_signal(signal.SIGINT)
-
     out = tmp_path / "b"
-    with monkeypatch.context() as m:
-        m.setattr(training.TrainProgress, "update", ctrl_c_after_step_1)
+    with ctrl_c_after_step_1(monkeypatch):
         code = train("vae", "--data", photos, "--out", out, "--steps", 3, *RUN_ARGS, "--val-every", 2)
     assert code == 130 and metadata(out / "last.safetensors")["stablesr_min.step"] == "1"
     assert train("vae", "--out", out, "--steps", 3, "--resume") == 0
 
-    for name in ("last.safetensors", "state.safetensors"):
-        ours, theirs = tensors(out / name), tensors(vae_run / name)
-        assert sorted(ours) == sorted(theirs)
-        for key in ours:
-            assert torch.equal(ours[key], theirs[key]), f"{name}: {key} differs after the resume"
-    without_time = [[{k: v for k, v in r.items() if k != "seconds"} for r in log(run)] for run in (out, vae_run)]
-    assert without_time[0] == without_time[1]
+    assert_same_run(out, vae_run)
 
 
 def test_train_unet_writes_the_sd2_tree_with_the_vae_and_text_encoder_untouched(unet_run, vae_run):

@@ -3,12 +3,13 @@
 The notebooks only call these functions and the pipeline's stages (`pipeline.py`) and plot the results,
 so the tests of this module (`tests/test_analysis.py`) cover every number they show.
 
-    setup                    load_demo (weights, device, sizes), load_photo, to_numpy_image
+    setup                    load_demo (weights, device, sizes), load_photo, heldout_crops, to_numpy_image
     the pipeline in pieces   predicted_x0, sample_with_previews (and StableSRPipeline.sample_latent/finish)
     Sec. 3.1 time awareness  snr, timestep_at_snr, log_snr_timesteps, sft_feature_similarity
     Sec. 3.2 CFW trade-off   degrade, psnr, ssim, laplacian_variance
     Sec. 3.3 aggregation     flat_weights, tile_borders, jump_profile, seam_strength
     Sec. 3.4 colour          color_shift
+    training, ablation       degradation_stages, loss_by_timestep, heldout_scores (and tiny.training_logs)
 
 Images are (B, 3, H, W) tensors. Photos, degradations and metrics use [0, 1], the range of the pipeline's
 output; the pipeline's input and its intermediate images use [-1, 1] (`2 * x - 1` converts).
@@ -28,12 +29,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .golden import GoldenSet
+from . import degradation
+from .evaluate import EvalDegradation, evaluation_lr, score
 from .image_io import load_image
-from .model import StableSR, find_weights, load_cfw, load_stablesr
-from .pipeline import StableSRPipeline, UpscaleOptions, make_denoiser, tile_weight_map
+from .model import StableSR, find_weights, load_cfw, load_stablesr, sampling_defaults
+from .pipeline import StableSRPipeline, UpscaleOptions, make_denoiser, text_context, tile_weight_map, upsample
 from .sampler import aggregate, tile_grid, tile_starts
 from .schedule import Schedule
+from .train import Denoiser, diffusion_loss, latents
 from .unet import SFT
 
 # ------------------------------------------------------------------------------------------------------
@@ -47,20 +50,18 @@ def demo_device() -> torch.device:
 
 @dataclass
 class Demo:
-    """A loaded pipeline and the sizes a notebook runs it at."""
+    """A loaded pipeline, which weights it runs, and the sampling settings a notebook uses with them."""
 
     pipe: StableSRPipeline
-    random: bool  # True: the tiny random weights (the curves show the computation, not the paper's result)
+    weights: str  # one line naming the weights (for the notebooks' first cell)
+    defaults: dict  # the weights' stored sampling settings (the shipped tiny model's); {} for the official
     device: torch.device
 
     def options(self, **changes) -> UpscaleOptions:
-        """The paper's setting (the `UpscaleOptions` defaults: 64-latent = 512 px tiles, 200 steps) with
-        the official weights. With the tiny random weights: the tile, overlap and step count of the
-        golden set's pipeline case, the sizes those weights were made for."""
-        if self.random:
-            case = GoldenSet().params("pipeline")
-            changes = {"tile": case["tile"], "overlap": case["overlap"], "steps": case["steps"], **changes}
-        return UpscaleOptions(**changes)
+        """`UpscaleOptions` with the weights' own sampling settings (the tiny model's 32-latent tiles and
+        20 DDIM steps), or its defaults (the paper's: 64-latent = 512 px tiles, 200 DDPM steps) for the
+        official weights; `changes` override both."""
+        return UpscaleOptions(**{**self.defaults, **changes})
 
     @property
     def tile_px(self) -> int:
@@ -72,35 +73,59 @@ class Demo:
         return round(tiles_high * self.tile_px / scale), round(tiles_wide * self.tile_px / scale)
 
 
-def load_demo(device: str | torch.device | None = None) -> Demo:
-    """The pipeline on `find_weights()`: the official files in $STABLESR_WEIGHTS, else the tiny random
-    ones (made and cached on first use), on `device` (default `demo_device()`)."""
+def load_demo(device: str | torch.device | None = None, variant: str = "time_aware", shipped: bool = False) -> Demo:
+    """The pipeline on `find_weights()`: the official files in $STABLESR_WEIGHTS, else (or with `shipped`,
+    always) the shipped tiny model, its time-aware or time-blind `variant`; on `device` (default
+    `demo_device()`)."""
     device = torch.device(device) if device is not None else demo_device()
-    choice = find_weights()
+    choice = find_weights(variant=variant, shipped=shipped)
     model = load_stablesr(choice.stablesr, device=device)
     cfw = load_cfw(choice.cfw, device=device)
-    return Demo(StableSRPipeline(model, cfw), choice.random, device)
+    if choice.notice:
+        name = f"the tiny StableSR shipped with stablesr-min ({variant.replace('_', '-')}; stablesr_min/tiny/MODEL_CARD.md)"
+    else:
+        name = f"the official weights in {Path(choice.stablesr[0]).parent}"
+    return Demo(StableSRPipeline(model, cfw), name, sampling_defaults(choice.stablesr), device)
 
 
-def images_dir() -> Path:
-    """The project's photos: `../shared/images` next to the repository holding this package."""
-    folder = Path(__file__).resolve().parent.parent.parent / "shared" / "images"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: the shared photos are missing; the notebooks expect the repository "
-                                "checked out next to a `shared/images` folder (coffee.png, chelsea.png, ...)")
-    return folder
+DATA = Path(__file__).resolve().parent.parent / "data"  # the project's CC0/public-domain photos (LICENCES.md)
+HELDOUT = DATA / "heldout"  # chelsea.png, coffee.png: never trained on
+TRAINING = DATA / "photos"  # what the shipped tiny model was trained on
+
+
+def photo_path(name: str) -> Path:
+    """A photo of the project: held out (data/heldout) or a training one (data/photos)."""
+    for folder in (HELDOUT, TRAINING):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{name}: not in {HELDOUT} or {TRAINING}")
 
 
 def load_photo(name: str, size: tuple[int, int]) -> torch.Tensor:
-    """A photo of `images_dir()` as (1, 3, h, w) in [0, 1]: scaled (bicubic, antialiased) to cover
-    `size` = (h, w), then centre-cropped to it."""
-    image = (load_image(images_dir() / name).rgb + 1) / 2
+    """A photo of the project (`photo_path`) as (1, 3, h, w) in [0, 1]: scaled (bicubic, antialiased) to
+    cover `size` = (h, w), then centre-cropped to it."""
+    image = (load_image(photo_path(name)).rgb + 1) / 2
     (h, w), (src_h, src_w) = size, image.shape[-2:]
     factor = max(h / src_h, w / src_w)
     cover = (max(h, round(src_h * factor)), max(w, round(src_w * factor)))
     image = F.interpolate(image, size=cover, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
     top, left = (cover[0] - h) // 2, (cover[1] - w) // 2
     return image[..., top:top + h, left:left + w]
+
+
+def heldout_crops(size: int, per_image: int = 3) -> dict[str, torch.Tensor]:
+    """`per_image` size x size crops of each held-out photo at full resolution, spread evenly along its longer
+    side and centred on the shorter: {"chelsea.png@x,y": (1, 3, size, size) in [0, 1]}."""
+    crops = {}
+    for path in sorted(HELDOUT.glob("*.png")):
+        image = (load_image(path).rgb + 1) / 2
+        h, w = image.shape[-2:]
+        for i in range(per_image):
+            along = round(i * (max(h, w) - size) / max(per_image - 1, 1))
+            across = (min(h, w) - size) // 2
+            top, left = (across, along) if w >= h else (along, across)
+            crops[f"{path.name}@{left},{top}"] = image[..., top:top + size, left:left + size]
+    return crops
 
 
 def to_numpy_image(image: torch.Tensor, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
@@ -354,3 +379,59 @@ def color_shift(output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Per-image, per-channel mean of `output` minus that of `reference`, (B, C) float64. Sizes may
     differ (an SR output against its LR input): only the means are compared."""
     return output.double().mean(dim=(-2, -1)) - reference.double().mean(dim=(-2, -1))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Training and the time-awareness ablation (notebook 06)
+
+
+def degradation_stages(hr: torch.Tensor, seed: int) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+    """One draw of the training degradation (`degradation.degrade`, Real-ESRGAN's two stages) of `hr`
+    (1, 3, H, W) in [0, 1]: its three kernels (3, K, K) (first blur, second blur, final sinc) and the image
+    after every operation, as `train sr` draws them (`data.TrainingPairs` per image, seeded here)."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = degradation.DegradationConfig()
+    kernels = degradation.draw_image_kernels(gen, cfg).unsqueeze(0)
+    trace: list[tuple[str, torch.Tensor]] = [("HR", hr)]
+    degradation.degrade(hr, kernels, cfg, gen, trace=trace)
+    return kernels[0], trace
+
+
+@torch.no_grad()
+def loss_by_timestep(model: StableSR, lr: torch.Tensor, hr: torch.Tensor, bands: list[tuple[int, int]],
+                     per_band: int = 4, seed: int = 0) -> torch.Tensor:
+    """The `train sr` objective || eps - eps_theta(z_t, t, c, s(z_lr, t)) ||^2 (`train.diffusion_loss`) on LR/HR
+    pairs (B, 3, h, w) / (B, 3, 4h, 4w) in [0, 1], averaged over `per_band` evenly spaced timesteps in each
+    [first, last] band: (len(bands),). Latent samples and noise come from `seed` alone, so two models
+    with the same VAE (the time-aware and time-blind fine-tunes) are scored on identical inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    z_lr, z = latents(model, lr.to(device), hr.to(device), gen)
+    noise = torch.randn(z.shape, generator=gen).to(z)
+    context = text_context(model, "", z.shape[0])
+    schedule = Schedule.from_config(model.cfg.diffusion)
+    denoiser = Denoiser(model)
+    losses = []
+    for first, last in bands:
+        ts = torch.linspace(first, last, per_band).round().long().tolist()
+        batch_t = [torch.full((z.shape[0],), t, device=device) for t in ts]
+        losses.append(torch.stack([diffusion_loss(denoiser, schedule, z_lr, z, t, noise, context)
+                                   for t in batch_t]).mean())
+    return torch.stack(losses).cpu()
+
+
+def heldout_scores(pipe: StableSRPipeline, crops: dict[str, torch.Tensor], opts: UpscaleOptions,
+                   seed: int = 42) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, torch.Tensor]]]:
+    """Each held-out crop degraded by the evaluation degradation (`evaluate.evaluation_lr`), upscaled by
+    bicubic and by `pipe` at `opts` (seeded as `evaluate` does), and scored by `evaluate.score` (PSNR and
+    SSIM on 8-bit RGB): ({method: {"psnr", "ssim"} means}, {crop name: {"lr", "bicubic", "sr": image}})."""
+    device = next(pipe.model.parameters()).device
+    images, rows = {}, []
+    for name, hr in crops.items():
+        lr = evaluation_lr(hr)
+        bicubic = (upsample(lr * 2 - 1, EvalDegradation().scale) + 1) / 2
+        sr = pipe(lr.to(device) * 2 - 1, opts, generator=torch.Generator().manual_seed(seed)).float().cpu()
+        images[name] = {"lr": lr, "bicubic": bicubic, "sr": sr}
+        rows.append({"bicubic": score(bicubic, hr, 0), "sr": score(sr, hr, 0)})
+    means = {m: {k: sum(r[m][k] for r in rows) / len(rows) for k in ("psnr", "ssim")} for m in ("bicubic", "sr")}
+    return means, images

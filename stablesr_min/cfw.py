@@ -57,11 +57,11 @@ class RRDB(nn.Module):
 class FusionLayer(nn.Module):
     """C(F_e, F_d; theta) of Eq. 2: [F_e, F_d] -> ResBlock -> RRDBs -> ResBlock."""
 
-    def __init__(self, channels: int, num_blocks: int, growth: int):
+    def __init__(self, channels: int, num_blocks: int, growth: int, groups: int):
         super().__init__()
-        self.encode_enc_1 = ResnetBlock(2 * channels, channels, shortcut_name="conv_out")
+        self.encode_enc_1 = ResnetBlock(2 * channels, channels, shortcut_name="conv_out", groups=groups)
         self.encode_enc_2 = nn.Sequential(*(RRDB(channels, growth) for _ in range(num_blocks)))
-        self.encode_enc_3 = ResnetBlock(channels, channels, shortcut_name="conv_out")
+        self.encode_enc_3 = ResnetBlock(channels, channels, shortcut_name="conv_out", groups=groups)
 
     def forward(self, enc_feat: torch.Tensor, dec_feat: torch.Tensor) -> torch.Tensor:
         h = self.encode_enc_1(torch.cat([enc_feat, dec_feat], dim=1))
@@ -76,7 +76,7 @@ class CFWDecoder(Decoder):
         self.fusion_levels = range(1, len(cfg.ch_mult) - 1)
         for level in self.fusion_levels:
             width = cfg.ch * cfg.ch_mult[level]
-            self.add_module(f"fusion_layer_{level}", FusionLayer(width, cfg.num_fuse_block, cfg.num_grow_ch))
+            self.add_module(f"fusion_layer_{level}", FusionLayer(width, cfg.num_fuse_block, cfg.num_grow_ch, cfg.norm_groups))
 
     def forward(self, z: torch.Tensor, enc_features: list[torch.Tensor] | None = None, w: float = 0.0):
         if w == 0:

@@ -16,6 +16,7 @@ in a second, not after its last step. Ctrl-C ends with "interrupted" (exit code 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import signal
@@ -243,17 +244,31 @@ def warn_unused_guidance(opts) -> None:
         print("WARNING: --guidance-scale has no effect without --negative-prompt", file=sys.stderr)
 
 
-def choose_weights(args) -> tuple[list, Path, bool]:
-    """(StableSR files, CFW file, random?): --weights and --cfw, else $STABLESR_WEIGHTS, else the tiny
-    random weights. Shared by `upscale` and `evaluate`."""
+def choose_weights(args) -> tuple[list, Path, str | None]:
+    """(StableSR files, CFW file, notice): --weights and --cfw, else $STABLESR_WEIGHTS, else the shipped tiny
+    model (with a one-line notice to show). Shared by `upscale` and `evaluate`."""
     from .model import find_weights
 
     if args.weights:
         if not args.cfw:
             raise UsageError("--weights needs --cfw too (the CFW decoder, vqgan_cfw_00011.safetensors)")
-        return args.weights, args.cfw, False
+        return args.weights, args.cfw, None
     choice = find_weights()
-    return choice.stablesr, args.cfw or choice.cfw, choice.random
+    return choice.stablesr, args.cfw or choice.cfw, choice.notice
+
+
+SAMPLING_OPTIONS = ("sampler", "steps", "tile", "overlap", "dec_w", "colorfix")
+
+
+def sampling_settings(args, stablesr_paths) -> dict:
+    """The sampling options not given on the command line: the ones stored with the weights (the shipped tiny
+    model's), else `UpscaleOptions`' defaults (the official settings)."""
+    from .model import sampling_defaults
+    from .pipeline import UpscaleOptions
+
+    stored = sampling_defaults(stablesr_paths)
+    return {name: stored.get(name, getattr(UpscaleOptions, name)) if getattr(args, name) is None
+            else getattr(args, name) for name in SAMPLING_OPTIONS}
 
 
 def config_for_steps(stablesr_paths, config, steps: int):
@@ -269,21 +284,21 @@ def config_for_steps(stablesr_paths, config, steps: int):
 
 def cmd_upscale(args) -> None:
     # Imported here so that `convert` and `--help` stay fast.
-    from .model import RANDOM_WEIGHTS_WARNING, load_cfw, load_stablesr
+    from .model import load_cfw, load_stablesr
     from .pipeline import StableSRPipeline, UpscaleOptions, official_size
 
     inputs = unique_inputs(args.inputs)
     sizes = {path: image_size(path) for path in inputs}  # headers only: fails fast, decodes nothing
     try:
-        opts = UpscaleOptions(scale=args.scale, steps=args.steps, tile=args.tile, overlap=args.overlap,
-                              tile_batch=args.tile_batch, tile_weights=args.tile_weights, dec_w=args.dec_w,
-                              colorfix=args.colorfix, prompt=args.prompt, vae_tile=args.vae_tile,
-                              official_resize=args.official_resize,
-                              sampler=args.sampler, eta=args.eta, guidance_scale=args.guidance_scale,
-                              negative_prompt=args.negative_prompt)
+        opts = UpscaleOptions(scale=args.scale, tile_batch=args.tile_batch, tile_weights=args.tile_weights,
+                              prompt=args.prompt, vae_tile=args.vae_tile, official_resize=args.official_resize,
+                              eta=args.eta, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt)
+        warn_unused_guidance(opts)
+        stablesr_paths, cfw_path, notice = choose_weights(args)
+        # the sampling options not given: the weights' own (the shipped tiny model's), else the official
+        opts = dataclasses.replace(opts, **sampling_settings(args, stablesr_paths))
     except ValueError as e:
         raise UsageError(str(e)) from None
-    warn_unused_guidance(opts)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     out_dir = Path(args.out)
@@ -310,7 +325,6 @@ def cmd_upscale(args) -> None:
     if not jobs:
         return
 
-    stablesr_paths, cfw_path, random = choose_weights(args)
     cfg = config_for_steps(stablesr_paths, args.config, opts.steps)
     images = {}
     for path, _ in jobs:
@@ -318,8 +332,8 @@ def cmd_upscale(args) -> None:
         for note in images[path].warnings:
             print(f"WARNING: {path}: {note}", file=sys.stderr)
 
-    if random:
-        print("WARNING: " + RANDOM_WEIGHTS_WARNING.replace("**", ""), file=sys.stderr)
+    if notice:
+        print(notice, file=sys.stderr)
     model = load_stablesr(stablesr_paths, cfg, dtype=dtype, device=device)
     cfw = load_cfw(cfw_path, args.config, dtype=dtype, device=device)
     pipeline = StableSRPipeline(model, cfw).speed_up(args.channels_last, args.compile)
@@ -350,26 +364,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("upscale", help="super-resolve images (default 4x)",
-                        description="Super-resolve images with StableSR. Without --weights it uses "
-                                    "$STABLESR_WEIGHTS, or tiny RANDOM weights (a demo of the computation).")
+                        description="Super-resolve images with StableSR. Without --weights it uses the official "
+                                    "files in $STABLESR_WEIGHTS, else the tiny model shipped with stablesr-min.")
     up.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (PNG, JPEG, ...)")
     up.add_argument("--out", required=True, metavar="DIR", help="folder for DIR/<name>.png")
     up.add_argument("--overwrite", action="store_true", help="redo inputs whose output exists (default: skip them)")
     up.add_argument("--weights", nargs="+", metavar="FILE", help="StableSR .safetensors (stablesr_000117)")
     up.add_argument("--cfw", metavar="FILE", help="CFW .safetensors (vqgan_cfw_00011)")
     up.add_argument("--config", metavar="JSON", help="model config (files written by this project carry it)")
-    up.add_argument("--steps", type=int, default=200, help="sampling steps (default 200; turbo weights: 4)")
-    up.add_argument("--sampler", default="ddpm", metavar="{ddpm,ddim}",
-                    help="ddpm (the paper's, default) or ddim (the official DDIM script's, 20-50 steps)")
+    up.add_argument("--steps", type=int, help="sampling steps (default: the tiny model's 20, else 200; turbo: 4)")
+    up.add_argument("--sampler", metavar="{ddpm,ddim}",
+                    help="ddpm (the paper's; default but for the tiny model) or ddim (the official DDIM script's, "
+                         "20-50 steps; the tiny model's default)")
     up.add_argument("--eta", type=finite_float, default=1.0, help="DDIM noise in [0, 1]: 0 deterministic, 1 (default)")
     up.add_argument("--guidance-scale", type=finite_float, default=1.0,
                     help="classifier-free guidance against --negative-prompt (default 1: none; official 7)")
     up.add_argument("--negative-prompt", default="", help="what guidance steers away from (default none)")
     up.add_argument("--scale", type=finite_float, default=4.0, help="upscaling factor (default 4)")
-    up.add_argument("--dec-w", type=finite_float, default=0.5, help="CFW weight w in [0, 1]: 0 realistic, 1 faithful (0.5)")
-    up.add_argument("--colorfix", choices=["adain", "wavelet", "none"], default="adain", help="colour correction")
-    up.add_argument("--tile", type=int, default=64, help="latent tile of aggregation sampling (64 = 512 px)")
-    up.add_argument("--overlap", type=int, default=32, help="latent overlap of tiles (default 32)")
+    up.add_argument("--dec-w", type=finite_float,
+                    help="CFW weight w in [0, 1]: 0 realistic, 1 faithful (default 0.5; the tiny model's: 1)")
+    up.add_argument("--colorfix", choices=["adain", "wavelet", "none"], help="colour correction (default adain)")
+    up.add_argument("--tile", type=int, help="latent tile of aggregation sampling (default 64 = 512 px; the tiny "
+                    "model's 32 = 128 px)")
+    up.add_argument("--overlap", type=int, help="latent overlap of tiles (default 32; the tiny model's 16)")
     up.add_argument("--tile-batch", type=int, default=4, help="tiles per network call (default 4)")
     up.add_argument("--tile-weights", choices=["paper", "official"], default="paper",
                     help="Gaussian tile weights (std 0.1 tile, the official code's): centred on the tile, "

@@ -28,6 +28,8 @@ class VAEConfig:
     resolution: int = 512  # nominal image size; only used to place `attn_resolutions`
     z_channels: int = 4  # channels of the encoder output / decoder input
     embed_dim: int = 4  # latent channels after quant_conv
+    norm_groups: int = 32  # GroupNorm groups (SD: 32, so 4 channels per group at width 128; at width 32, 32
+    #                        groups would normalise each channel alone and erase its mean: a crop's colour)
 
 
 @dataclass

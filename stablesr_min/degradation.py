@@ -443,45 +443,52 @@ def random_jpeg(img: torch.Tensor, gen: torch.Generator, quality_range: tuple[fl
 
 
 def degrade(gt: torch.Tensor, kernels: torch.Tensor, cfg: DegradationConfig, gen: torch.Generator,
-            scale: int = 4) -> torch.Tensor:
+            scale: int = 4, trace: list | None = None) -> torch.Tensor:
     """Eq. 4 with n = 2: the LR image (B, 3, H/scale, W/scale) of the HR batch `gt` (B, 3, H, W).
 
     `kernels` (B, 3, K, K) holds each image's first blur, second blur and final sinc
     (`draw_image_kernels`). Resize, noise kind, the second blur's coin and the final order are drawn once
     for the batch, per-image sigmas, grey flags and JPEG qualities per image, as the official does.
+    `trace`, if a list, receives (stage name, image) after every operation (notebook 06 shows them).
     """
+    def done(name: str, image: torch.Tensor) -> torch.Tensor:
+        if trace is not None:
+            trace.append((name, image.clamp(0, 1)))
+        return image
+
     h, w = gt.shape[-2:]
     batch = gt.shape[0]
     # ---- D_1: Eq. 1 with a random resize for ↓r
     st = stage(cfg, 1)
     # y ⊛ k
-    out = filter2d(gt, kernels[:, 0])
+    out = done("1: blur", filter2d(gt, kernels[:, 0]))
     # ↓r: up, down or keep, relative to the current size
     factor, mode = draw_resize(gen, st)
-    out = resize(out, mode, scale_factor=factor)
+    out = done(f"1: resize x{factor:.2f} ({mode})", resize(out, mode, scale_factor=factor))
     # + n
-    out = add_noise(out, draw_noise(gen, st, batch), gen)
+    out = done("1: noise", add_noise(out, draw_noise(gen, st, batch), gen))
     # [·]_JPEG
-    out = random_jpeg(out, gen, st.jpeg_range)
+    out = done("1: JPEG", random_jpeg(out, gen, st.jpeg_range))
 
     # ---- D_2
     st = stage(cfg, 2)
     # ⊛ k, only with probability second_blur_prob
     if chance(gen, cfg.second_blur_prob):
-        out = filter2d(out, kernels[:, 1])
+        out = done("2: blur", filter2d(out, kernels[:, 1]))
     # ↓r: here relative to the target LR size (int(H / scale · factor) as the official truncates)
     factor, mode = draw_resize(gen, st)
-    out = resize(out, mode, size=(int(h / scale * factor), int(w / scale * factor)))
+    out = done(f"2: resize to x{factor:.2f} of LR ({mode})",
+               resize(out, mode, size=(int(h / scale * factor), int(w / scale * factor))))
     # + n
-    out = add_noise(out, draw_noise(gen, st, batch), gen)
+    out = done("2: noise", add_noise(out, draw_noise(gen, st, batch), gen))
     # [·]_JPEG and [resize to H/scale + final sinc], in either order with equal chance (the official:
     # other orders make twisted lines)
     if chance(gen, 0.5):
-        out = resize_back_and_sinc(out, kernels[:, 2], (h // scale, w // scale), gen)
-        out = random_jpeg(out, gen, st.jpeg_range)
+        out = done("2: resize to LR + sinc", resize_back_and_sinc(out, kernels[:, 2], (h // scale, w // scale), gen))
+        out = done("2: JPEG", random_jpeg(out, gen, st.jpeg_range))
     else:
-        out = random_jpeg(out, gen, st.jpeg_range)
-        out = resize_back_and_sinc(out, kernels[:, 2], (h // scale, w // scale), gen)
+        out = done("2: JPEG", random_jpeg(out, gen, st.jpeg_range))
+        out = done("2: resize to LR + sinc", resize_back_and_sinc(out, kernels[:, 2], (h // scale, w // scale), gen))
     # StableSR only clamps here; Real-ESRGAN also rounds the LR to 8 bits, StableSR's code does not.
     return out.clamp(0, 1)
 

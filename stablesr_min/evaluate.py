@@ -21,8 +21,8 @@ import torch
 
 from . import metrics
 from .atomic import atomic_write
-from .cli import (DTYPES, ProgressLine, UsageError, check_output_folder, choose_weights, config_for_steps,
-                  pick_device, pick_dtype)
+from .cli import (DTYPES, SAMPLING_OPTIONS, ProgressLine, UsageError, check_output_folder, choose_weights,
+                  config_for_steps, pick_device, pick_dtype, sampling_settings)
 from .data import find_images
 from .degradation import NoiseDraw, add_noise, filter2d, gaussian_kernel, jpeg, resize
 from .image_io import load_image, save_png_atomically, to_pil
@@ -151,19 +151,19 @@ def write_text(path: Path, text: str) -> None:
 # The command
 
 
-def load_pipeline(args, device: torch.device, dtype: torch.dtype, steps: int):
+def load_pipeline(stablesr_paths, cfw_path, notice: str | None, args, device: torch.device, dtype: torch.dtype,
+                  steps: int):
     """The pipeline of the chosen weights (refusing more steps than their schedule has), and the files'
     names for the report."""
-    from .model import RANDOM_WEIGHTS_WARNING, load_cfw, load_stablesr
+    from .model import load_cfw, load_stablesr
     from .pipeline import StableSRPipeline
 
-    stablesr_paths, cfw_path, random = choose_weights(args)
     cfg = config_for_steps(stablesr_paths, args.config, steps)
-    if random:
-        print("WARNING: " + RANDOM_WEIGHTS_WARNING.replace("**", ""), file=sys.stderr)
+    if notice:
+        print(notice, file=sys.stderr)
     model = load_stablesr(stablesr_paths, cfg, dtype=dtype, device=device)
     cfw = load_cfw(cfw_path, args.config, dtype=dtype, device=device)
-    files = {"weights": [str(p) for p in stablesr_paths], "cfw": str(cfw_path), "random_weights": random}
+    files = {"weights": [str(p) for p in stablesr_paths], "cfw": str(cfw_path)}
     return StableSRPipeline(model, cfw), files
 
 
@@ -178,23 +178,32 @@ def run_evaluate(args) -> None:
     crops = read_hr_crops(args.hr, args.crop)
     out_dir = Path(args.out)
     check_output_folder(out_dir)
-    dec_ws = list(dict.fromkeys(args.dec_w))  # each w once, in the order given
+    given = {name: getattr(args, name) for name in SAMPLING_OPTIONS
+             if name != "dec_w" and getattr(args, name) is not None}
+    try:  # the options given, checked before any weights file is opened
+        for w in args.dec_w or []:
+            UpscaleOptions(**given, dec_w=w)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    stablesr_paths, cfw_path, notice = choose_weights(args)
+    sampling = sampling_settings(args, stablesr_paths)
+    dec_ws = list(dict.fromkeys(args.dec_w or [sampling["dec_w"]]))  # each w once, in the order given
     methods = method_names(dec_ws)
     saved = image_outputs(crops, out_dir, ["hr", "lr", "bicubic"] + [f"sr_w{w:g}" for w in dec_ws])
     try:
-        opts = [UpscaleOptions(scale=degradation.scale, steps=args.steps, sampler=args.sampler, tile=args.tile,
-                               overlap=args.overlap, dec_w=w, colorfix=args.colorfix) for w in dec_ws]
+        opts = [UpscaleOptions(scale=degradation.scale, **{**sampling, "dec_w": w}) for w in dec_ws]
     except ValueError as e:
         raise UsageError(str(e)) from None
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    pipeline, weights = load_pipeline(args, device, dtype, args.steps)
+    steps = sampling["steps"]
+    pipeline, weights = load_pipeline(stablesr_paths, cfw_path, notice, args, device, dtype, steps)
 
     rows = []
     for i, (path, hr) in enumerate(crops.items(), 1):
         name = f"[{i}/{len(crops)}] {path.name}"
         lr, results = upscale_both_ways(pipeline, hr, opts, methods, degradation, args.seed,
-                                        ProgressLine(name, args.steps))
+                                        ProgressLine(name, steps))
         scores = {m: score(image, hr, args.border) for m, image in results.items()}
         rows.append({"name": path.name, "path": str(path), "scores": scores})
         summary = ", ".join(f"{m} {s['psnr']:.2f} dB {s['ssim']:.4f}" for m, s in scores.items())
@@ -204,9 +213,8 @@ def run_evaluate(args) -> None:
             for file, image in zip(saved[path].values(), [hr, lr, *results.values()]):
                 save_png_atomically(to_pil(image), file)
 
-    settings = {"crop": args.crop, "border": args.border, "steps": args.steps, "sampler": args.sampler,
-                "tile": args.tile, "overlap": args.overlap, "colorfix": args.colorfix, "seed": args.seed,
-                "dec_w": dec_ws, "device": str(device), "dtype": args.dtype, **weights}
+    settings = {"crop": args.crop, "border": args.border, **sampling, "seed": args.seed, "dec_w": dec_ws,
+                "device": str(device), "dtype": args.dtype, **weights}
     write_report(out_dir, rows, methods, settings, degradation)
 
 
@@ -256,13 +264,13 @@ def add_evaluate_parser(sub) -> None:
     ev.add_argument("--weights", nargs="+", metavar="FILE", help="StableSR .safetensors (default: as upscale)")
     ev.add_argument("--cfw", metavar="FILE", help="CFW .safetensors")
     ev.add_argument("--config", metavar="JSON", help="model config (files written by this project carry it)")
-    ev.add_argument("--steps", type=int, default=200, help="sampling steps (default 200)")
-    ev.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ddpm (default) or ddim")
-    ev.add_argument("--dec-w", type=float, nargs="+", default=[0.5], metavar="W",
-                    help="CFW weights w in [0, 1], each a column, all from one sampled latent (default 0.5)")
-    ev.add_argument("--colorfix", choices=["adain", "wavelet", "none"], default="adain", help="colour correction")
-    ev.add_argument("--tile", type=int, default=64, help="latent tile of aggregation sampling (default 64)")
-    ev.add_argument("--overlap", type=int, default=32, help="latent overlap of tiles (default 32)")
+    ev.add_argument("--steps", type=int, help="sampling steps (default: as upscale, the weights' own or 200)")
+    ev.add_argument("--sampler", choices=["ddpm", "ddim"], help="ddpm or ddim (default: as upscale)")
+    ev.add_argument("--dec-w", type=float, nargs="+", metavar="W",
+                    help="CFW weights w in [0, 1], each a column, all from one sampled latent (default: as upscale)")
+    ev.add_argument("--colorfix", choices=["adain", "wavelet", "none"], help="colour correction (default: as upscale)")
+    ev.add_argument("--tile", type=int, help="latent tile of aggregation sampling (default: as upscale)")
+    ev.add_argument("--overlap", type=int, help="latent overlap of tiles (default: as upscale)")
     ev.add_argument("--seed", type=int, default=42, help="sampling seed, the same for every image (default 42)")
     ev.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     ev.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype (GPU: float16/bfloat16)")

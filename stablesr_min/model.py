@@ -14,7 +14,7 @@ so the diffusion prior alone can be run for comparison.
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +25,8 @@ from torch import nn
 
 from .cfw import CFWAutoencoder
 from .config import StableSRConfig
-from .golden import GoldenSet
 from .text import TextEncoder
+from .tiny import SAMPLING_METADATA_KEY, tiny_cfw_file, tiny_stablesr_files
 from .time_encoder import TimeAwareEncoder
 from .unet import UNet
 from .vae import AutoencoderKL
@@ -128,44 +128,45 @@ def load_vae(
 
 
 # ------------------------------------------------------------------------------------------------------
-# Where the weights are: the converted official files, or (for demos without them) tiny random ones
+# Where the weights are: the converted official files, or the tiny model this project trained and ships
 
 OFFICIAL_STABLESR = "stablesr_000117.safetensors"  # from stablesr_000117.ckpt (or the turbo checkpoint)
 OFFICIAL_CFW = "vqgan_cfw_00011.safetensors"  # from vqgan_cfw_00011.ckpt
-RANDOM_WEIGHTS_WARNING = ("**These weights are RANDOM** (tiny models filled by a hash rule, from "
-                          "scripts/make_tiny_weights.py): outputs show the computation, not super-resolution. "
-                          "Convert the official checkpoints and point STABLESR_WEIGHTS (or --weights/--cfw) "
-                          "at them for real results.")
+TINY_MODEL_NOTICE = ("using the tiny StableSR shipped with stablesr-min (a teaching model trained on 9 CC0 photos "
+                     "on a CPU: stablesr_min/tiny/MODEL_CARD.md); for the official model pass --weights and "
+                     "--cfw, or set STABLESR_WEIGHTS")
 
 
 @dataclass
 class WeightsChoice:
     stablesr: list[Path]
     cfw: Path
-    random: bool  # True: the tiny random demo weights
+    notice: str | None  # a line to show the user (the shipped tiny model), or None (the files they named)
 
 
-def tiny_weights_dir() -> Path:
-    """Tiny random weights written (once) from the project's golden set into a cache folder."""
-    golden = GoldenSet()
-    tag = hashlib.sha1((golden.path / "manifest.json").read_bytes()).hexdigest()[:12]
-    root = Path(os.environ.get("STABLESR_CACHE", Path.home() / ".cache" / "stablesr-min"))
-    folder = root / f"tiny-{tag}"
-    if not all((folder / name).is_file() for name in ("stablesr.safetensors", "cfw.safetensors")):
-        golden.write_weights(folder)
-    return folder
-
-
-def find_weights(folder: str | os.PathLike | None = None) -> WeightsChoice:
-    """The official files in `folder` (default: $STABLESR_WEIGHTS); the tiny random ones if no folder is
-    named at all. A folder that is named but lacks the files is an error, not a silent fallback."""
-    folder = folder or os.environ.get("STABLESR_WEIGHTS")
+def find_weights(folder: str | os.PathLike | None = None, variant: str = "time_aware",
+                 shipped: bool = False) -> WeightsChoice:
+    """The official files in `folder` (default: $STABLESR_WEIGHTS); the shipped tiny model (its time-aware
+    or time-blind `variant`) if no folder is named at all, or if `shipped`. A folder that is named but lacks
+    the files is an error, not a silent fallback."""
+    folder = None if shipped else folder or os.environ.get("STABLESR_WEIGHTS")
     if not folder:
-        tiny = tiny_weights_dir()
-        return WeightsChoice([tiny / "stablesr.safetensors"], tiny / "cfw.safetensors", random=True)
+        files = [*tiny_stablesr_files(variant), tiny_cfw_file()]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise WeightsError(f"the shipped tiny model is incomplete ({', '.join(missing)} missing); reinstall "
+                               "stablesr-min, or rebuild it with scripts/train_tiny.py")
+        return WeightsChoice(files[:-1], files[-1], TINY_MODEL_NOTICE)
     folder = Path(folder)
     missing = [name for name in (OFFICIAL_STABLESR, OFFICIAL_CFW) if not (folder / name).is_file()]
     if missing:
         raise WeightsError(f"{folder}: lacks {', '.join(missing)}; convert the official .ckpt files into it "
                            "(see the README, 'Official weights')")
-    return WeightsChoice([folder / OFFICIAL_STABLESR], folder / OFFICIAL_CFW, random=False)
+    return WeightsChoice([folder / OFFICIAL_STABLESR], folder / OFFICIAL_CFW, None)
+
+
+def sampling_defaults(paths: Iterable[str | os.PathLike]) -> dict:
+    """The sampling settings stored with the weights (the shipped tiny model's: sampler, steps, tile, overlap,
+    dec_w, colorfix), {} for files that store none (the official ones)."""
+    stored = WeightFiles(paths).metadata.get(SAMPLING_METADATA_KEY)
+    return json.loads(stored) if stored else {}

@@ -78,11 +78,16 @@ TINY_SIZES = {
     # A tiny decoder trained for minutes cannot invent the detail that 8x would throw away (LDM's
     # autoencoder zoo, Table 8: reconstructions worsen as the factor grows); widths 32, 64, 64, one residual
     # block per level.
-    "vae": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1},
+    # 8 GroupNorm groups: 4 channels per group as SD's VAE has at width 128 (32 groups at width 32 would
+    # normalise each channel on its own, erasing its mean: the decoder then loses a crop's colour).
+    "vae": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "norm_groups": 8},
     # UNet: widths 32, 64, 64, one residual block per level, attention below the top level (SD: 320 ... 1280,
     # two blocks, attention at every level); heads of 32 channels.
     "unet": {"model_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": 1, "attention_resolutions": [2, 4],
              "num_head_channels": 32, "context_dim": 32, "semb_channels": 32, "use_sft": False},
+    # CFW fusion layers (added by `train cfw`): one RRDB of growth 16 (official: two of growth 32), a fifth of
+    # the compute, so that the CFW stage trains in minutes on a CPU.
+    "cfw": {"num_fuse_block": 1, "num_grow_ch": 16},
     # Text encoder: width 32, 2 blocks (the penultimate one's output is used, as SD 2.x), the BPE vocabulary
     # and 77 tokens as CLIP's.
     "text": {"width": 32, "heads": 2, "layers": 2, "embed_dim": 32},

@@ -17,9 +17,9 @@ from .config import VAEConfig
 from .layers import Upsample, conv3x3
 
 
-def Normalize(channels: int) -> nn.GroupNorm:
-    """The VAE's GroupNorm: 32 groups, eps 1e-6 (the UNet's uses eps 1e-5)."""
-    return nn.GroupNorm(32, channels, eps=1e-6)
+def Normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """The VAE's GroupNorm: 32 groups (`VAEConfig.norm_groups`), eps 1e-6 (the UNet's uses eps 1e-5)."""
+    return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
@@ -28,11 +28,11 @@ class ResnetBlock(nn.Module):
     The shortcut's checkpoint key is `nin_shortcut` in the VAE and `conv_out` in the CFW fusion layers.
     """
 
-    def __init__(self, cin: int, cout: int, shortcut_name: str = "nin_shortcut"):
+    def __init__(self, cin: int, cout: int, shortcut_name: str = "nin_shortcut", groups: int = 32):
         super().__init__()
-        self.norm1 = Normalize(cin)
+        self.norm1 = Normalize(cin, groups)
         self.conv1 = conv3x3(cin, cout)
-        self.norm2 = Normalize(cout)
+        self.norm2 = Normalize(cout, groups)
         self.conv2 = conv3x3(cout, cout)
         self.shortcut_name = shortcut_name
         self.add_module(shortcut_name, nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity())
@@ -46,9 +46,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels, with 1x1-conv projections."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.norm = Normalize(channels)
+        self.norm = Normalize(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -77,11 +77,11 @@ class Downsample(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels)
+        self.block_1 = ResnetBlock(channels, channels, groups=groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups=groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -90,10 +90,10 @@ class MidBlock(nn.Module):
 class Level(nn.Module):
     """One resolution level: residual blocks (each optionally followed by attention), then a resampler."""
 
-    def __init__(self, cin: int, cout: int, n_blocks: int, with_attn: bool):
+    def __init__(self, cin: int, cout: int, n_blocks: int, with_attn: bool, groups: int):
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(cin if i == 0 else cout, cout) for i in range(n_blocks))
-        self.attn = nn.ModuleList(AttnBlock(cout) for _ in range(n_blocks if with_attn else 0))
+        self.block = nn.ModuleList(ResnetBlock(cin if i == 0 else cout, cout, groups=groups) for i in range(n_blocks))
+        self.attn = nn.ModuleList(AttnBlock(cout, groups) for _ in range(n_blocks if with_attn else 0))
 
     def blocks(self, h: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.block):
@@ -115,14 +115,14 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         cin, res = cfg.ch, cfg.resolution
         for i, cout in enumerate(widths):
-            level = Level(cin, cout, cfg.num_res_blocks, res in cfg.attn_resolutions)
+            level = Level(cin, cout, cfg.num_res_blocks, res in cfg.attn_resolutions, cfg.norm_groups)
             if i != len(widths) - 1:
                 level.downsample = Downsample(cout)
                 res //= 2
             self.down.append(level)
             cin = cout
-        self.mid = MidBlock(cin)
-        self.norm_out = Normalize(cin)
+        self.mid = MidBlock(cin, cfg.norm_groups)
+        self.norm_out = Normalize(cin, cfg.norm_groups)
         self.conv_out = conv3x3(cin, 2 * cfg.z_channels)
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
@@ -146,18 +146,18 @@ class Decoder(nn.Module):
         n = len(widths)
         cin, res = widths[-1], cfg.resolution // 2 ** (n - 1)
         self.conv_in = conv3x3(cfg.z_channels, cin)
-        self.mid = MidBlock(cin)
+        self.mid = MidBlock(cin, cfg.norm_groups)
         # Built from the lowest resolution up, stored so that up[i] is level i (as in the checkpoint).
         up = []
         for i in reversed(range(n)):
-            level = Level(cin, widths[i], cfg.num_res_blocks + 1, res in cfg.attn_resolutions)
+            level = Level(cin, widths[i], cfg.num_res_blocks + 1, res in cfg.attn_resolutions, cfg.norm_groups)
             if i != 0:
                 level.upsample = Upsample(widths[i])
                 res *= 2
             up.insert(0, level)
             cin = widths[i]
         self.up = nn.ModuleList(up)
-        self.norm_out = Normalize(cin)
+        self.norm_out = Normalize(cin, cfg.norm_groups)
         self.conv_out = conv3x3(cin, cfg.out_ch)
 
     def forward(self, z: torch.Tensor, fuse: Callable[[int, torch.Tensor], torch.Tensor] | None = None):

@@ -5,14 +5,22 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from stablesr_min.analysis import (Demo, color_shift, degrade, jump_profile, laplacian_variance, load_photo,
-                                   log_snr_timesteps, psnr, sample_with_previews, seam_strength,
+from stablesr_min import degradation as realesrgan
+from stablesr_min import train
+from stablesr_min.analysis import (HELDOUT, Demo, color_shift, degradation_stages, degrade, heldout_crops,
+                                   heldout_scores, jump_profile, laplacian_variance, load_demo, load_photo,
+                                   log_snr_timesteps, loss_by_timestep, psnr, sample_with_previews, seam_strength,
                                    sft_feature_similarity, snr, ssim, tile_borders, timestep_at_snr, to_numpy_image)
 from stablesr_min.config import DiffusionConfig
+from stablesr_min.evaluate import score
+from stablesr_min.image_io import load_image
+from stablesr_min.model import load_stablesr, sampling_defaults
 from stablesr_min.pipeline import (StableSRPipeline, UpscaleOptions, draw, pad_canvas, start_latent, text_context,
                                    upsample)
 from stablesr_min.schedule import Schedule
+from stablesr_min.tiny import tiny_stablesr_files
 from stablesr_min.unet import SFT
 
 
@@ -269,11 +277,68 @@ def test_previews_leave_sampling_alone_and_end_at_the_result(pipe):
         sample_with_previews(pipe, x_T, z0, context, opts, g, at=[3])
 
 
-def test_demo_sizes(pipe):
-    tiny = Demo(pipe, random=True, device=torch.device("cpu"))
+def test_demo_options_are_the_weights_own_then_the_official(pipe):
+    stored = {"sampler": "ddim", "steps": 20, "tile": 16, "overlap": 6, "dec_w": 1.0, "colorfix": "adain"}
+    tiny = Demo(pipe, "test weights", stored, device=torch.device("cpu"))
     opts = tiny.options(dec_w=0.25)
-    assert (opts.tile, opts.overlap, opts.steps, opts.dec_w) == (16, 6, 4, 0.25)  # the golden pipeline case
-    assert tiny.tile_px == 128
-    assert tiny.lr_size(1, 1.5) == (32, 48)
-    official = Demo(pipe, random=False, device=torch.device("cpu")).options()
-    assert (official.tile, official.overlap, official.steps) == (64, 32, 200)
+    assert (opts.sampler, opts.tile, opts.overlap, opts.steps, opts.dec_w) == ("ddim", 16, 6, 20, 0.25)
+    assert tiny.tile_px == 16 * pipe.model.vae.downscale
+    assert tiny.lr_size(1, 1.5) == (tiny.tile_px // 4, round(1.5 * tiny.tile_px / 4))
+    official = Demo(pipe, "official", {}, device=torch.device("cpu")).options()
+    assert (official.sampler, official.tile, official.overlap, official.steps) == ("ddpm", 64, 32, 200)
+
+
+def test_demo_loads_the_shipped_model_by_default(monkeypatch):
+    monkeypatch.delenv("STABLESR_WEIGHTS", raising=False)
+    demo = load_demo("cpu")
+    assert "tiny StableSR shipped with stablesr-min (time-aware" in demo.weights
+    assert demo.defaults == sampling_defaults(tiny_stablesr_files())
+    blind = load_demo("cpu", variant="time_blind")
+    assert not blind.pipe.model.cfg.time_encoder.time_aware and demo.pipe.model.cfg.time_encoder.time_aware
+
+
+def test_heldout_crops_are_full_resolution_pieces_of_the_heldout_photos():
+    crops = heldout_crops(96, per_image=3)
+    assert len(crops) == 6 and all(c.shape == (1, 3, 96, 96) for c in crops.values())
+    names = sorted({name.split("@")[0] for name in crops})
+    assert names == ["chelsea.png", "coffee.png"]
+    chelsea = (load_image(HELDOUT / "chelsea.png").rgb + 1) / 2  # 451 x 300: crops along x, centred in y
+    first, last = crops["chelsea.png@0,102"], crops["chelsea.png@355,102"]
+    assert torch.equal(first, chelsea[..., 102:198, 0:96]) and torch.equal(last, chelsea[..., 102:198, 355:451])
+
+
+def test_degradation_stages_end_in_the_lr_that_degrade_makes():
+    hr = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    kernels, stages = degradation_stages(hr, seed=3)
+    assert kernels.shape[0] == 3 and stages[0] == ("HR", hr)
+    assert [name for name, _ in stages[1:3]] == ["1: blur", stages[2][0]] and stages[2][0].startswith("1: resize")
+    gen = torch.Generator().manual_seed(3)
+    cfg = realesrgan.DegradationConfig()
+    lr = realesrgan.degrade(hr, realesrgan.draw_image_kernels(gen, cfg).unsqueeze(0), cfg, gen)
+    assert torch.equal(stages[-1][1], lr) and lr.shape == (1, 3, 16, 16)
+    assert torch.equal(kernels, realesrgan.draw_image_kernels(torch.Generator().manual_seed(3), cfg))
+
+
+def test_loss_by_timestep_is_the_training_objective(golden_weights):
+    model = load_stablesr([golden_weights[0]])
+    hr = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    lr = F.avg_pool2d(hr, 4)
+    bands = [(0, 0), (100, 300)]
+    losses = loss_by_timestep(model, lr, hr, bands, per_band=3, seed=5)
+    assert losses.shape == (2,) and torch.equal(losses, loss_by_timestep(model, lr, hr, bands, per_band=3, seed=5))
+    # by hand: the same latents and noise, the objective at t = 0
+    gen = torch.Generator().manual_seed(5)
+    z_lr, z = train.latents(model, lr, hr, gen)
+    noise = torch.randn(z.shape, generator=gen)
+    expected = train.diffusion_loss(train.Denoiser(model), Schedule.from_config(model.cfg.diffusion), z_lr, z,
+                              torch.zeros(2, dtype=torch.long), noise, text_context(model, "", 2))
+    assert torch.allclose(losses[0], expected)
+
+
+def test_heldout_scores_are_evaluate_scores(pipe):
+    crops = dict(list(heldout_crops(64, per_image=1).items())[:1])
+    opts = UpscaleOptions(steps=2, tile=16, overlap=6)
+    means, images = heldout_scores(pipe, crops, opts, seed=1)
+    (name, hr), = crops.items()
+    assert images[name]["sr"].shape == hr.shape and images[name]["lr"].shape == (1, 3, 16, 16)
+    assert means["sr"] == score(images[name]["sr"], hr, 0) and means["bicubic"] == score(images[name]["bicubic"], hr, 0)

@@ -1,0 +1,62 @@
+"""`scripts/train_tiny.py --quick`: every stage of the shipped model's recipe runs (a few steps each) and the
+files it writes load strictly, as the shipped ones do."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stablesr_min.model import load_cfw, load_stablesr
+from stablesr_min.tiny import SAMPLING_METADATA_KEY, TINY_FILES
+from stablesr_min.train import is_trainable
+from stablesr_min.weights import WeightFiles
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quick_recipe(tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("tiny_runs")
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny.py"), "--quick", "--runs", str(runs),
+                           "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return runs
+
+
+def test_quick_recipe_writes_loadable_files(quick_recipe):
+    ship = quick_recipe / "ship"
+    for name in TINY_FILES.values():
+        assert (ship / name).is_file(), name
+    aware = load_stablesr([ship / TINY_FILES["prior"], ship / TINY_FILES["sr"]])
+    blind = load_stablesr([ship / TINY_FILES["prior"], ship / TINY_FILES["sr_time_blind"]])
+    assert aware.cfg.time_encoder.time_aware and not blind.cfg.time_encoder.time_aware
+    cfw = load_cfw(ship / TINY_FILES["cfw"])
+    assert any(name.startswith("decoder.fusion_layer_") for name, _ in cfw.named_parameters())
+    # the SR files hold exactly the trained tensors (encoder + SFT), the prior file everything else
+    sr_keys = set(WeightFiles([ship / TINY_FILES["sr"]]).keys())
+    assert sr_keys == set(WeightFiles([ship / TINY_FILES["sr_time_blind"]]).keys())
+    assert sr_keys and all(is_trainable(k) for k in sr_keys)
+    assert not any(is_trainable(k) for k in WeightFiles([ship / TINY_FILES["prior"]]).keys())
+    # fp16 on disk, float32 once loaded
+    assert WeightFiles([ship / TINY_FILES["sr"]]).tensor(sorted(sr_keys)[0]).dtype == torch.float16
+    assert next(aware.parameters()).dtype == torch.float32
+    sampling = json.loads(WeightFiles([ship / TINY_FILES["sr"]]).metadata[SAMPLING_METADATA_KEY])
+    assert set(sampling) == {"sampler", "steps", "tile", "overlap", "dec_w", "colorfix"}
+
+
+def test_quick_recipe_records_every_stage(quick_recipe):
+    record = json.loads((quick_recipe / "ship" / "recipe.json").read_text())
+    assert set(record["stages"]) == {"vae", "unet", "sr", "sr_blind", "cfw_data", "cfw"}
+    assert record["recipe"]["vae_steps"] == 2
+    logs = {p.stem for p in (quick_recipe / "ship" / "logs").glob("*.jsonl")}
+    assert logs == {"vae", "unet", "sr", "sr_blind", "cfw"}
+
+
+def test_quick_recipe_run_again_skips_finished_stages(quick_recipe):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny.py"), "--quick", "--runs",
+                           str(quick_recipe), "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "== vae: done already" in done.stdout and "== cfw: done already" in done.stdout

@@ -59,7 +59,7 @@ class Demo:
 
     def options(self, **changes) -> UpscaleOptions:
         """`UpscaleOptions` with the weights' own sampling settings (the tiny model's 32-latent tiles and
-        20 DDIM steps), or its defaults (the paper's: 64-latent = 512 px tiles, 200 DDPM steps) for the
+        20 DDPM steps), or its defaults (the paper's: 64-latent = 512 px tiles, 200 DDPM steps) for the
         official weights; `changes` override both."""
         return UpscaleOptions(**{**self.defaults, **changes})
 

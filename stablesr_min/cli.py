@@ -372,10 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--weights", nargs="+", metavar="FILE", help="StableSR .safetensors (stablesr_000117)")
     up.add_argument("--cfw", metavar="FILE", help="CFW .safetensors (vqgan_cfw_00011)")
     up.add_argument("--config", metavar="JSON", help="model config (files written by this project carry it)")
-    up.add_argument("--steps", type=int, help="sampling steps (default: the tiny model's 20, else 200; turbo: 4)")
+    up.add_argument("--steps", type=int, help="sampling steps (default 200; the tiny model's: 20; turbo weights: 4)")
     up.add_argument("--sampler", metavar="{ddpm,ddim}",
-                    help="ddpm (the paper's; default but for the tiny model) or ddim (the official DDIM script's, "
-                         "20-50 steps; the tiny model's default)")
+                    help="ddpm (the paper's, default) or ddim (the official DDIM script's, 20-50 steps)")
     up.add_argument("--eta", type=finite_float, default=1.0, help="DDIM noise in [0, 1]: 0 deterministic, 1 (default)")
     up.add_argument("--guidance-scale", type=finite_float, default=1.0,
                     help="classifier-free guidance against --negative-prompt (default 1: none; official 7)")
@@ -383,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--scale", type=finite_float, default=4.0, help="upscaling factor (default 4)")
     up.add_argument("--dec-w", type=finite_float,
                     help="CFW weight w in [0, 1]: 0 realistic, 1 faithful (default 0.5; the tiny model's: 1)")
-    up.add_argument("--colorfix", choices=["adain", "wavelet", "none"], help="colour correction (default adain)")
+    up.add_argument("--colorfix", choices=["adain", "wavelet", "none"],
+                    help="colour correction (default adain; the tiny model's: wavelet)")
     up.add_argument("--tile", type=int, help="latent tile of aggregation sampling (default 64 = 512 px; the tiny "
                     "model's 32 = 128 px)")
     up.add_argument("--overlap", type=int, help="latent overlap of tiles (default 32; the tiny model's 16)")

@@ -369,6 +369,9 @@ def test_bad_options_in_process(capsys, argv, problem):
 SIGINT_DURING_IMPORT = """
 import os, runpy, signal, sys
 
+# As in a terminal: a test runner started in the background (`cmd &` in a script) inherits SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 class CtrlCWhenTorchIsImported:
     def find_spec(self, name, path=None, target=None):
         if name == "torch":  # first asked for by `from .cli import main`, in __main__.py

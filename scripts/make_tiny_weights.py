@@ -1,10 +1,11 @@
-"""Write small, deterministic (random-looking) StableSR and CFW weights for CPU demos and tests.
+"""Write the golden set's small, deterministic (random-looking) StableSR and CFW weights, for tests.
 
-    python scripts/make_tiny_weights.py --golden tests/golden --out tiny
+    python scripts/make_tiny_weights.py --golden tests/golden --out golden_weights
 
-writes `tiny/stablesr.safetensors` and `tiny/cfw.safetensors`: the golden set's small models filled by
-the FORMAT.md rule, with their config in the safetensors metadata (so `--config` is not needed). The
-weights are NOT trained: outputs made with them show the computation, not super-resolution.
+writes `golden_weights/stablesr.safetensors` and `golden_weights/cfw.safetensors`: the golden set's small
+models filled by the FORMAT.md rule, with their config in the safetensors metadata (so `--config` is not
+needed). The weights are NOT trained: outputs made with them show the computation, not super-resolution.
+The trained tiny model the commands use by default is `stablesr_min/tiny/` (scripts/train_tiny.py).
 """
 
 import argparse

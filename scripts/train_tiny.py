@@ -111,9 +111,8 @@ def stage_commands(r: Recipe, runs: Path) -> list[tuple[str, ...]]:
 
 def last_log_line(run: Path) -> dict | None:
     log = run / "log.jsonl"
-    if not log.is_file() or not log.read_text().strip():
-        return None
-    return json.loads(log.read_text().strip().splitlines()[-1])
+    lines = log.read_text().strip().splitlines() if log.is_file() else []
+    return json.loads(lines[-1]) if lines else None
 
 
 def command_for(cmd: list[str]) -> list[str] | None:

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import degradation
-from .evaluate import EvalDegradation, evaluation_lr, score
+from .evaluate import EvalDegradation, mean_row, score, upscale_both_ways
 from .image_io import load_image
 from .model import StableSR, find_weights, load_cfw, load_stablesr, sampling_defaults
-from .pipeline import StableSRPipeline, UpscaleOptions, make_denoiser, text_context, tile_weight_map, upsample
+from .pipeline import StableSRPipeline, UpscaleOptions, make_denoiser, text_context, tile_weight_map
 from .sampler import aggregate, tile_grid, tile_starts
 from .schedule import Schedule
 from .train import Denoiser, diffusion_loss, latents
@@ -425,13 +425,11 @@ def heldout_scores(pipe: StableSRPipeline, crops: dict[str, torch.Tensor], opts:
     """Each held-out crop degraded by the evaluation degradation (`evaluate.evaluation_lr`), upscaled by
     bicubic and by `pipe` at `opts` (seeded as `evaluate` does), and scored by `evaluate.score` (PSNR and
     SSIM on 8-bit RGB): ({method: {"psnr", "ssim"} means}, {crop name: {"lr", "bicubic", "sr": image}})."""
-    device = next(pipe.model.parameters()).device
+    methods = ["bicubic", "sr"]
     images, rows = {}, []
     for name, hr in crops.items():
-        lr = evaluation_lr(hr)
-        bicubic = (upsample(lr * 2 - 1, EvalDegradation().scale) + 1) / 2
-        sr = pipe(lr.to(device) * 2 - 1, opts, generator=torch.Generator().manual_seed(seed)).float().cpu()
-        images[name] = {"lr": lr, "bicubic": bicubic, "sr": sr}
-        rows.append({"bicubic": score(bicubic, hr, 0), "sr": score(sr, hr, 0)})
-    means = {m: {k: sum(r[m][k] for r in rows) / len(rows) for k in ("psnr", "ssim")} for m in ("bicubic", "sr")}
+        lr, results = upscale_both_ways(pipe, hr, [opts], methods, EvalDegradation(), seed)
+        images[name] = {"lr": lr, **results}
+        rows.append({"scores": {m: score(image, hr, 0) for m, image in results.items()}})
+    means = mean_row(rows, methods)
     return means, images

@@ -219,15 +219,16 @@ def run_evaluate(args) -> None:
 
 
 def upscale_both_ways(pipeline, hr: torch.Tensor, opts: list, methods: list[str], degradation: EvalDegradation,
-                      seed: int, progress: ProgressLine) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      seed: int, progress: ProgressLine | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The HR crop's LR, and from it bicubic and StableSR at every w (one sampled latent): each method's
-    image, all in [0, 1]."""
+    image, all in [0, 1]. `methods` names bicubic, then one method per entry of `opts`."""
     from .pipeline import upsample
 
     lr = evaluation_lr(hr, degradation)
-    results = {"bicubic": (upsample(lr * 2 - 1, degradation.scale) + 1) / 2}
+    results = {methods[0]: (upsample(lr * 2 - 1, degradation.scale) + 1) / 2}
     sampled = pipeline.sample_latent(lr * 2 - 1, opts[0], generator=torch.Generator().manual_seed(seed),
-                                     progress=progress.tiles, on_step=progress.step_done)
+                                     progress=progress and progress.tiles, on_step=progress and progress.step_done)
     for method, o in zip(methods[1:], opts):
         results[method] = pipeline.finish(sampled, o).float().cpu()
     return lr, results

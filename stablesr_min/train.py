@@ -46,7 +46,7 @@ from .model import StableSR, load_stablesr, resolve_config
 from .pipeline import draw, text_context, upsample
 from .schedule import Schedule
 from .time_encoder import AttentionBlock, TimeAwareEncoder
-from .training import (Processes, RunFolder, TrainState, autocast, check_option_ranges,
+from .training import (Processes, RunFolder, RunOptions, TrainState, autocast, check_option_ranges,
                        check_world_size, command_options, derive_seeds, distribute, gather_ranks, gradient_sync,
                        of_rank, rank_seed, run_steps, torchrun_processes)
 from .unet import SFT, ResBlock, SpatialTransformer
@@ -257,9 +257,7 @@ def sr_validation(model: StableSR, pairs, seed: int, timesteps: int, device: tor
 
 
 @dataclass
-class SROptions:
-    out: str  # the run folder
-    steps: int  # optimizer steps in total (a resumed run continues up to it)
+class SROptions(RunOptions):
     base: list[str] | None = None  # StableSR or SD 2.x safetensors
     data: list[str] | None = None  # folders of HR photos
     config: str | None = None  # model config JSON (default: the one stored in --base)
@@ -268,12 +266,6 @@ class SROptions:
     lr: float = 5e-5  # AdamW learning rate (official: 5e-5, constant)
     grad_accum: int = 1  # micro-batches per optimizer step (official: 4)
     time_blind: bool = False  # the ablation: the encoder always sees t = 0
-    seed: int = 0  # every random stream's seed is drawn from it (training.derive_seeds)
-    device: str | None = None  # cpu, cuda, cuda:N (default: cuda if available)
-    dtype: str = "float32"  # autocast dtype on a GPU; the weights stay float32
-    resume: bool = False  # continue the run in `out`
-    save_every: int = 500  # steps between saves (and at the end, and on Ctrl-C)
-    val_every: int = 100  # steps between validation losses (0: never)
     checkpointing: bool = False  # recompute the UNet's blocks in the backward pass: less memory, ~1/3 slower
 
 

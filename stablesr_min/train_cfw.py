@@ -47,8 +47,8 @@ from .config import StableSRConfig
 from .model import load_cfw, resolve_config
 from .pipeline import upsample
 from .train import restore, snapshot
-from .training import (Processes, RunFolder, TrainState, autocast, check_option_ranges, command_options,
-                       derive_seeds, distribute, rank_seed, run_steps, torchrun_processes)
+from .training import (Processes, RunFolder, RunOptions, TrainState, autocast, check_option_ranges,
+                       command_options, derive_seeds, distribute, rank_seed, run_steps, torchrun_processes)
 from .vae import AutoencoderKL
 from .weights import (WeightFiles, WeightsError, check_keys, config_metadata, guess_kind, load_module,
                       mismatch_message)
@@ -232,20 +232,12 @@ def step_gradients(reconstruction: nn.Module, discriminator: nn.Module, loss: CF
 
 
 @dataclass
-class CFWOptions:
-    out: str  # the run folder
-    steps: int  # optimizer steps in total (a resumed run continues up to it)
+class CFWOptions(RunOptions):  # val_every: validation L1 losses (w = 1)
     cfw_base: str | None = None  # a CFW, VAE or SD 2.x safetensors file
     data: list[str] | None = None  # folders written by `train cfw-data`
     batch_size: int = 8  # samples per step (official: 1 with 8 accumulated)
     lr: float = 5e-5  # Adam learning rate of the fusion layers and the discriminator (official 5e-5)
     disc_start: int = 501  # steps before the adversarial terms switch on (official 501)
-    seed: int = 0
-    device: str | None = None
-    dtype: str = "float32"  # autocast dtype on a GPU; the weights stay float32
-    resume: bool = False
-    save_every: int = 500  # steps between saves (and at the end, and on Ctrl-C)
-    val_every: int = 100  # steps between validation L1 losses (0: never)
 
 
 # Options a resumed run keeps from its start (the others may change: steps, device, dtype, save/val).

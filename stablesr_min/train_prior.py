@@ -62,8 +62,8 @@ from .schedule import Schedule
 from .text import TextEncoder
 from .train import (Denoiser, Validation, default_init, encode, gt_size_multiple, random_timestep_loss, snapshot,
                     start_optimizer, zero_init_like_official)
-from .training import (Processes, RunFolder, TrainState, autocast, check_option_ranges, command_options,
-                       derive_seeds, run_steps)
+from .training import (Processes, RunFolder, RunOptions, TrainState, autocast, check_option_ranges,
+                       command_options, derive_seeds, run_steps)
 from .unet import UNet
 from .vae import AutoencoderKL, DiagonalGaussian
 from .weights import KIND_HINTS, WeightFiles, WeightsError, config_metadata, guess_kind
@@ -230,20 +230,12 @@ def prior_loss(model: StableSR, schedule: Schedule, context: torch.Tensor, image
 
 
 @dataclass
-class PriorOptions:
-    out: str  # the run folder
-    steps: int  # optimizer steps in total (a resumed run continues up to it)
+class PriorOptions(RunOptions):
     data: list[str] | None = None  # folders of photos
     config: str | None = None  # config JSON over the tiny sizes (TINY_SIZES)
     batch_size: int = 8  # crops per step
     crop: int = 64  # crop size in pixels
     lr: float = 2e-4  # AdamW learning rate, constant
-    seed: int = 0  # every random stream's seed is drawn from it (training.derive_seeds)
-    device: str | None = None  # cpu, cuda, cuda:N (default: cuda if available)
-    dtype: str = "float32"  # autocast dtype on a GPU; the weights stay float32
-    resume: bool = False  # continue the run in `out`
-    save_every: int = 500  # steps between saves (and at the end, and on Ctrl-C)
-    val_every: int = 100  # steps between validation losses (0: never)
 
 
 @dataclass

@@ -67,6 +67,25 @@ def derive_seeds(seed: int, names: list[str]) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------------------
+# The options every training command has
+
+
+@dataclass
+class RunOptions:
+    """The options `train sr`, `train cfw`, `train vae` and `train unet` share; each command's own dataclass
+    adds its data, sizes and learning rate."""
+
+    out: str  # the run folder
+    steps: int  # optimizer steps in total (a resumed run continues up to it)
+    seed: int = 0  # every random stream's seed is drawn from it (derive_seeds)
+    device: str | None = None  # cpu, cuda, cuda:N (default: cuda if available)
+    dtype: str = "float32"  # autocast dtype on a GPU; the weights stay float32
+    resume: bool = False  # continue the run in `out`
+    save_every: int = 500  # steps between saves (and at the end, and on Ctrl-C)
+    val_every: int = 100  # steps between validation losses (0: never)
+
+
+# ------------------------------------------------------------------------------------------------------
 # The resume state
 
 

@@ -271,14 +271,19 @@ def sampling_settings(args, stablesr_paths) -> dict:
             else getattr(args, name) for name in SAMPLING_OPTIONS}
 
 
-def config_for_steps(stablesr_paths, config, steps: int):
-    """The weights' config (read from the files' headers only), refusing more steps than its schedule has."""
+def checked_config(stablesr_paths, config, steps: int, tile: int):
+    """The weights' config (read from the files' headers only), refusing more steps than its schedule has
+    and tiles smaller than its networks can take."""
     from .model import resolve_config
+    from .pipeline import smallest_tile
 
     cfg = resolve_config(WeightFiles(stablesr_paths), config)
     if steps > cfg.diffusion.timesteps:
         raise UsageError(f"--steps {steps}: the schedule has {cfg.diffusion.timesteps} steps; "
                          f"use at most {cfg.diffusion.timesteps}")
+    if tile < smallest_tile(cfg):
+        raise UsageError(f"--tile {tile}: too small for these weights (their deepest level would be under 2x2); "
+                         f"use --tile {smallest_tile(cfg)} or more")
     return cfg
 
 
@@ -325,7 +330,7 @@ def cmd_upscale(args) -> None:
     if not jobs:
         return
 
-    cfg = config_for_steps(stablesr_paths, args.config, opts.steps)
+    cfg = checked_config(stablesr_paths, args.config, opts.steps, opts.tile)
     images = {}
     for path, _ in jobs:
         images[path] = load_image(path)  # fails fast, before the models load

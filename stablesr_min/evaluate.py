@@ -22,7 +22,7 @@ import torch
 from . import metrics
 from .atomic import atomic_write
 from .cli import (DTYPES, SAMPLING_OPTIONS, ProgressLine, UsageError, check_output_folder, choose_weights,
-                  config_for_steps, pick_device, pick_dtype, sampling_settings)
+                  checked_config, pick_device, pick_dtype, sampling_settings)
 from .data import find_images
 from .degradation import NoiseDraw, add_noise, filter2d, gaussian_kernel, jpeg, resize
 from .image_io import load_image, save_png_atomically, to_pil
@@ -152,13 +152,13 @@ def write_text(path: Path, text: str) -> None:
 
 
 def load_pipeline(stablesr_paths, cfw_path, notice: str | None, args, device: torch.device, dtype: torch.dtype,
-                  steps: int):
-    """The pipeline of the chosen weights (refusing more steps than their schedule has), and the files'
-    names for the report."""
+                  steps: int, tile: int):
+    """The pipeline of the chosen weights (refusing more steps than their schedule has, or tiles too small
+    for them), and the files' names for the report."""
     from .model import load_cfw, load_stablesr
     from .pipeline import StableSRPipeline
 
-    cfg = config_for_steps(stablesr_paths, args.config, steps)
+    cfg = checked_config(stablesr_paths, args.config, steps, tile)
     if notice:
         print(notice, file=sys.stderr)
     model = load_stablesr(stablesr_paths, cfg, dtype=dtype, device=device)
@@ -197,7 +197,8 @@ def run_evaluate(args) -> None:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     steps = sampling["steps"]
-    pipeline, weights = load_pipeline(stablesr_paths, cfw_path, notice, args, device, dtype, steps)
+    pipeline, weights = load_pipeline(stablesr_paths, cfw_path, notice, args, device, dtype, steps,
+                                      sampling["tile"])
 
     rows = []
     for i, (path, hr) in enumerate(crops.items(), 1):

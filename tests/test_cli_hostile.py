@@ -159,6 +159,17 @@ def test_out_of_range_options(photo, tmp_path, args, line):
     assert files_under(tmp_path) == before
 
 
+def test_a_tile_too_small_for_the_weights_is_refused_before_loading(photo, golden_weights, tmp_path):
+    # the golden-size UNet halves a tile 3 times and its GroupNorm groups hold one channel: at --tile 8 the
+    # deepest map would be 1x1, which PyTorch refuses mid-sampling with a bare traceback
+    before = files_under(tmp_path)
+    result = cli("upscale", photo, "--out", tmp_path / "out", "--weights", golden_weights[0], "--cfw",
+                 golden_weights[1], "--steps", "1", "--tile", "8", "--overlap", "4")
+    assert_refused(result, "--tile 8: too small for these weights (their deepest level would be under 2x2); "
+                           "use --tile 16 or more")
+    assert files_under(tmp_path) == before
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_non_finite_scale(photo, tmp_path, capsys, value):
     with pytest.raises(SystemExit) as exit:

@@ -6,7 +6,7 @@ so the tests of this module (`tests/test_analysis.py`) cover every number they s
     setup                    load_demo (weights, device, sizes), load_photo, heldout_crops, to_numpy_image
     the pipeline in pieces   predicted_x0, sample_with_previews (and StableSRPipeline.sample_latent/finish)
     Sec. 3.1 time awareness  snr, timestep_at_snr, log_snr_timesteps, sft_feature_similarity
-    Sec. 3.2 CFW trade-off   degrade, psnr, ssim, laplacian_variance
+    Sec. 3.2 CFW trade-off   laplacian_variance (fidelity: evaluate.evaluation_lr and evaluate.score)
     Sec. 3.3 aggregation     flat_weights, tile_borders, jump_profile, seam_strength
     Sec. 3.4 colour          color_shift
     training, ablation       degradation_stages, loss_by_timestep, heldout_scores (and tiny.training_logs)
@@ -17,7 +17,6 @@ output; the pipeline's input and its intermediate images use [-1, 1] (`2 * x - 1
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ from typing import Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from . import degradation
 from .evaluate import EvalDegradation, mean_row, score, upscale_both_ways
@@ -255,78 +253,7 @@ def sft_feature_similarity(model: StableSR, z0: torch.Tensor, lr_latent: torch.T
 
 
 # ------------------------------------------------------------------------------------------------------
-# Sec. 3.2: the fidelity-realism trade-off of CFW, measured on a synthetically degraded photo
-
-
-def gaussian_kernel(sigma: float, radius: int | None = None) -> torch.Tensor:
-    """Normalised 1-D Gaussian taps, float64, radius ceil(3 sigma) unless given."""
-    radius = math.ceil(3 * sigma) if radius is None else radius
-    taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float64) ** 2 / (2 * sigma**2))
-    return taps / taps.sum()
-
-
-def _separable(image: torch.Tensor, taps: torch.Tensor, padding_mode: str | None) -> torch.Tensor:
-    """Convolve each channel with taps x taps (reflect-padded to keep the size, or 'valid' if None)."""
-    channels, radius = image.shape[1], len(taps) // 2
-    if padding_mode is not None:
-        image = F.pad(image, (radius,) * 4, mode=padding_mode)
-    taps = taps.to(image)
-    image = F.conv2d(image, taps.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    return F.conv2d(image, taps.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
-
-
-def jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
-    """JPEG-compress each image in memory with Pillow (8-bit, default 4:2:0 chroma) and decode it back."""
-    decoded = []
-    for one in image.detach().cpu():
-        array = (one.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
-        with Image.open(buffer) as reloaded:
-            decoded.append(torch.from_numpy(np.asarray(reloaded.convert("RGB"), dtype=np.float32) / 255))
-    return torch.stack(decoded).permute(0, 3, 1, 2).to(image)
-
-
-def degrade(hr: torch.Tensor, scale: int, blur_sigma: float, noise_sigma: float, jpeg_quality: int | None,
-            generator: torch.Generator) -> torch.Tensor:
-    """A synthetic real-world LR image: blur, downscale, noise, JPEG (one pass of the classical order
-    that Real-ESRGAN's degradation model, which StableSR trains on, repeats twice).
-
-    hr: (B, 3, H, W) in [0, 1] -> (B, 3, H // scale, W // scale) in [0, 1]. blur_sigma: Gaussian blur in HR
-    pixels (0: none); downscale: bicubic, antialiased; noise_sigma: additive Gaussian noise on the [0, 1]
-    scale (0: none), drawn from `generator` on the CPU; jpeg_quality: 1-95 (None: no JPEG).
-    """
-    x = _separable(hr, gaussian_kernel(blur_sigma), "reflect") if blur_sigma > 0 else hr
-    x = F.interpolate(x, size=(hr.shape[-2] // scale, hr.shape[-1] // scale), mode="bicubic",
-                      antialias=True, align_corners=False)
-    if noise_sigma > 0:
-        x = x + noise_sigma * torch.randn(x.shape, generator=generator).to(x)
-    x = x.clamp(0, 1)
-    return jpeg(x, jpeg_quality) if jpeg_quality is not None else x
-
-
-def psnr(image: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Peak signal-to-noise ratio per image, in dB: 10 log10(range^2 / MSE); inf for identical images."""
-    mse = (image.double() - reference.double()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(data_range**2 / mse)
-
-
-def ssim(image: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Structural similarity per image (Wang et al. 2004), the standard setting: 11x11 Gaussian window
-    with sigma 1.5, K1 = 0.01, K2 = 0.03, over every window fully inside the image, averaged over
-    windows and channels:
-
-        SSIM = (2 mu_x mu_y + C1)(2 sigma_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(sigma_x^2 + sigma_y^2 + C2)),
-        C1 = (K1 L)^2, C2 = (K2 L)^2, L = data_range.
-    """
-    x, y = image.double(), reference.double()
-    taps = gaussian_kernel(1.5, radius=5)
-    mean = lambda z: _separable(z, taps, None)  # noqa: E731 (local weighted mean over each window)
-    mu_x, mu_y = mean(x), mean(y)
-    var_x, var_y, cov = mean(x * x) - mu_x**2, mean(y * y) - mu_y**2, mean(x * y) - mu_x * mu_y
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return ssim_map.flatten(1).mean(1)
+# Sec. 3.2: the fidelity-realism trade-off of CFW (its fidelity side is `evaluate.score`)
 
 
 def laplacian_variance(image: torch.Tensor) -> torch.Tensor:

@@ -155,18 +155,12 @@ def upsample(lr: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def smallest_tile(cfg: StableSRConfig) -> int:
-    """The smallest latent tile this model can sample: its UNet and time-aware encoder halve a tile once per
-    level after the first, and their deepest maps must stay at least 2x2 (at 1x1 a GroupNorm group of one
-    channel, as in a narrow model, has a single value to normalise, which PyTorch refuses)."""
+    """The smallest latent tile the command line accepts for this model: its UNet and time-aware encoder halve
+    a tile once per level after the first, and their deepest maps should stay at least 2x2 (at 1x1 a narrow
+    model's GroupNorm groups of one channel have a single value to normalise in a batch of one tile, which
+    PyTorch refuses; wider models compute, but on a single pixel)."""
     halvings = max(len(cfg.unet.channel_mult), len(cfg.time_encoder.channel_mult)) - 1
     return max(8, 2 * 2**halvings)
-
-
-def check_tile(opts: UpscaleOptions, cfg: StableSRConfig) -> None:
-    least = smallest_tile(cfg)
-    if opts.tile < least:
-        raise ValueError(f"tile {opts.tile} is too small for this model: its deepest level would be under 2x2; "
-                         f"use a tile of at least {least} latents")
 
 
 def pad_canvas(image: torch.Tensor, min_size: int, multiple: int = 8) -> torch.Tensor:
@@ -344,7 +338,6 @@ class StableSRPipeline:
                       noises: Noises | None = None, weights: torch.Tensor | None = None,
                       progress: Progress | None = None, on_step: StepCallback | None = None) -> Sampled:
         """Everything up to the final latent: (official resize,) upsample, pad, encode, x_T, N reverse steps."""
-        check_tile(opts, self.cfg)
         noises = noises or Noises()
         lr = lr.to(self.device, torch.float32)
         if opts.official_resize:

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stablesr_min.cli import sampling_settings  # noqa: E402
+from stablesr_min.cli import SAMPLING_OPTIONS, sampling_settings  # noqa: E402
 from stablesr_min.evaluate import EvalDegradation, evaluation_lr, read_hr_crops, score  # noqa: E402
 from stablesr_min.model import find_weights, load_cfw, load_stablesr  # noqa: E402
 from stablesr_min.pipeline import Sampled, StableSRPipeline, UpscaleOptions  # noqa: E402
@@ -36,15 +36,22 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=256)
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
-    found = find_weights(shipped=args.weights is None)
-    stablesr_paths, cfw_path = (args.weights, args.cfw) if args.weights else (found.stablesr, found.cfw)
-    none = argparse.Namespace(**{name: None for name in ("sampler", "steps", "tile", "overlap", "dec_w", "colorfix")})
-    opts = UpscaleOptions(scale=4, **sampling_settings(none, stablesr_paths))
+    if args.weights and not args.cfw:
+        parser.error("--weights needs --cfw")
+    if args.weights:
+        stablesr_paths, cfw_path = args.weights, args.cfw
+    else:
+        shipped = find_weights(shipped=True)
+        stablesr_paths, cfw_path = shipped.stablesr, shipped.cfw
+    degradation = EvalDegradation()
+    # none given on a command line: the weights' own sampling settings, else the paper's (as `evaluate`)
+    opts = UpscaleOptions(scale=degradation.scale,
+                          **sampling_settings(argparse.Namespace(**dict.fromkeys(SAMPLING_OPTIONS)), stablesr_paths))
     pipe = StableSRPipeline(load_stablesr(stablesr_paths), load_cfw(cfw_path))
     rows: dict[str, list[float]] = {}
     with torch.inference_mode():
         for path, hr in read_hr_crops([args.hr], args.crop).items():
-            lr = evaluation_lr(hr, EvalDegradation())
+            lr = evaluation_lr(hr, degradation)
             sampled = pipe.sample_latent(lr * 2 - 1, opts, generator=torch.Generator().manual_seed(args.seed))
             mean = torch.zeros(())  # the posterior's mean: no noise drawn
             latents = {"sampled": sampled.x0,

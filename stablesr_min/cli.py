@@ -281,9 +281,10 @@ def checked_config(stablesr_paths, config, steps: int, tile: int):
     if steps > cfg.diffusion.timesteps:
         raise UsageError(f"--steps {steps}: the schedule has {cfg.diffusion.timesteps} steps; "
                          f"use at most {cfg.diffusion.timesteps}")
-    if tile < smallest_tile(cfg):
+    least = smallest_tile(cfg)
+    if tile < least:
         raise UsageError(f"--tile {tile}: too small for these weights (their deepest level would be under 2x2); "
-                         f"use --tile {smallest_tile(cfg)} or more")
+                         f"use --tile {least} or more")
     return cfg
 
 

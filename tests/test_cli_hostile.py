@@ -24,6 +24,7 @@ from stablesr_min.atomic import atomic_write
 from stablesr_min.cli import main
 from stablesr_min.image_io import image_size
 from stablesr_min.model import find_weights, resolve_config
+from stablesr_min.pipeline import smallest_tile
 from stablesr_min.weights import WeightFiles
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,13 +161,15 @@ def test_out_of_range_options(photo, tmp_path, args, line):
 
 
 def test_a_tile_too_small_for_the_weights_is_refused_before_loading(photo, golden_weights, tmp_path):
-    # the golden-size UNet halves a tile 3 times and its GroupNorm groups hold one channel: at --tile 8 the
-    # deepest map would be 1x1, which PyTorch refuses mid-sampling with a bare traceback
+    # The golden-size model is narrow (GroupNorm groups of one channel): one tile whose deepest map is 1x1 made
+    # PyTorch raise mid-sampling with a bare traceback. Its smallest tile comes from its config.
+    least = smallest_tile(resolve_config(WeightFiles([golden_weights[0]]), None))
+    assert least - 1 >= 8, "the golden model must be deep enough for a tile above the general minimum of 8"
     before = files_under(tmp_path)
     result = cli("upscale", photo, "--out", tmp_path / "out", "--weights", golden_weights[0], "--cfw",
-                 golden_weights[1], "--steps", "1", "--tile", "8", "--overlap", "4")
-    assert_refused(result, "--tile 8: too small for these weights (their deepest level would be under 2x2); "
-                           "use --tile 16 or more")
+                 golden_weights[1], "--steps", "1", "--tile", least - 1, "--overlap", "4")
+    assert_refused(result, f"--tile {least - 1}: too small for these weights (their deepest level would be under "
+                           f"2x2); use --tile {least} or more")
     assert files_under(tmp_path) == before
 
 

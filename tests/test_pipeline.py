@@ -131,11 +131,13 @@ def test_fp16_decoder_overflow_falls_back_to_float32(stablesr, golden_weights, m
         small_run(pipe)  # no second warning: the decoder stays float32
 
 
-def test_the_smallest_tile_keeps_the_deepest_level_at_2x2(stablesr):
+def test_the_smallest_tile_keeps_the_deepest_level_at_2x2():
     assert pl.smallest_tile(StableSRConfig()) == 16  # the official UNet: 4 levels, 3 halvings
-    assert pl.smallest_tile(stablesr.cfg) == 16
     tiny = StableSRConfig.from_dict({"unet": {"channel_mult": [1, 2, 2]}, "time_encoder": {"channel_mult": [1, 2, 2]}})
-    assert pl.smallest_tile(tiny) == 8
+    assert pl.smallest_tile(tiny) == 8  # 3 levels: 2 halvings, and never below 8
+    deeper_encoder = StableSRConfig.from_dict({"unet": {"channel_mult": [1, 2, 2]},
+                                               "time_encoder": {"channel_mult": [1, 1, 2, 2, 2]}})
+    assert pl.smallest_tile(deeper_encoder) == 32  # the deeper of the two networks decides
 
 
 def test_injected_noises_override_the_generator(stablesr, cfw):

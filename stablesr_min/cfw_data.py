@@ -46,7 +46,7 @@ from safetensors.torch import load_file
 from .atomic import atomic_write
 from .cli import ProgressLine, UsageError, pick_device, pick_dtype
 from .data import DataError, TrainingPairs, read_rgb
-from .degradation import DegradationConfig
+from .degradation import ORDERS, DegradationConfig
 from .image_io import save_png_atomically, to_pil
 from .training import check_option_ranges, continued_options, derive_seeds, format_seconds, given_options
 from .weights import WeightFiles, save_safetensors
@@ -120,13 +120,14 @@ class GenerationOptions:
     steps: int = 200  # respaced DDPM steps (the official README generates with --ddpm_steps 200)
     gt_size: int = 512  # HR crop size (official: 512)
     batch_size: int = 6  # samples per network call (the official script's batch: 6)
+    degradation: str = "second-order"  # as `train sr --degradation`: the one the model was fine-tuned with
     seed: int = 0
     device: str | None = None
     dtype: str = "float32"  # the networks' dtype on a GPU (float16/bfloat16); latents stay float32
 
 
 # Options a folder keeps: continuing it, they must be the same (the others may change).
-KEPT_OPTIONS = ("weights", "data", "steps", "gt_size", "batch_size", "seed")
+KEPT_OPTIONS = ("weights", "data", "steps", "gt_size", "batch_size", "degradation", "seed")
 
 
 def run_cfw_data(args) -> None:
@@ -181,7 +182,8 @@ def generate(opts: GenerationOptions) -> None:
     dtype = pick_dtype(opts.dtype, device)
     check_sizes(opts, resolve_config(WeightFiles(opts.weights), None))
     # Pairs are drawn one at a time from per-sample seeds: no pool (queue_size 0), see the module docstring
-    pairs = TrainingPairs(opts.data, opts.gt_size, 1, cfg=DegradationConfig(queue_size=0), scale=SCALE)
+    degradation = DegradationConfig(queue_size=0, order=ORDERS[opts.degradation])
+    pairs = TrainingPairs(opts.data, opts.gt_size, 1, cfg=degradation, scale=SCALE)
     model = load_stablesr(opts.weights, dtype=dtype, device=device)
     pipeline = StableSRPipeline(model, cfw=None)  # sampling only: no decoder
     # The whole crop as one tile (weight 1 everywhere), the VAE untiled: the official plain sampling

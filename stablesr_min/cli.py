@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DataError
+from .degradation import ORDERS
 from .image_io import ImageError, image_size, load_image, save_png_atomically, to_pil
 from .weights import WeightFiles, WeightsError, convert_ckpt, guess_kind
 
@@ -441,6 +442,8 @@ def add_train_sr_parser(train_sub) -> None:
     sr.add_argument("--gt-size", type=int, help="HR crop size in pixels (default 512)")
     sr.add_argument("--lr", type=float, help="AdamW learning rate (default 5e-5, the official)")
     sr.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1; official 4)")
+    sr.add_argument("--degradation", choices=list(ORDERS),
+                    help="second-order: Real-ESRGAN's, as StableSR trains (default); first-order: Eq. 1 once")
     sr.add_argument("--time-blind", action="store_true", default=None,
                     help="ablation: the encoder always sees t = 0 (stored in the config, so sampling does too)")
     add_run_options(sr, "validation losses")
@@ -517,6 +520,8 @@ def add_train_cfw_parsers(train_sub) -> None:
     data.add_argument("--steps", type=int, help="respaced DDPM steps (default 200, as the official)")
     data.add_argument("--gt-size", type=int, help="HR crop size in pixels (default 512)")
     data.add_argument("--batch-size", type=int, help="samples per network call (default 6, as the official)")
+    data.add_argument("--degradation", choices=list(ORDERS),
+                      help="second-order (default) or first-order: the one `train sr` used (its --degradation)")
     data.add_argument("--seed", type=int, help="random seed (default 0); sample i uses seeds derived from it and i")
     data.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     data.add_argument("--dtype", choices=list(DTYPES), help="network dtype on a GPU (default float32)")

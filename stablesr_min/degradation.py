@@ -19,6 +19,8 @@ Sec. 3.2, the high-order model, Eq. 4:
     x = Dⁿ(y) = (D_n ∘ ··· ∘ D_2 ∘ D_1)(y)
 
 each D_i a classical degradation with its own random draws; Real-ESRGAN (and StableSR) use n = 2.
+`DegradationConfig.order = 1` is n = 1: Eq. 1 once, with the first stage's draws and ↓r straight to the LR
+size (`train sr --degradation first-order`; not the official setting, the tiny model's recipe uses it).
 Sec. 3.3 adds the 2-D sinc filter (Eq. 5) k(i, j) = ω_c / (2π √(i²+j²)) · J1(ω_c √(i²+j²)), which makes
 ringing and overshoot: as a blur kernel (with probability `sinc_prob`) and as a final filter.
 
@@ -47,6 +49,7 @@ from .image_io import to_pil
 
 KERNEL_KINDS = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 RESIZE_MODES = ("area", "bilinear", "bicubic")
+ORDERS = {"second-order": 2, "first-order": 1}  # `--degradation` NAME -> DegradationConfig.order
 
 
 @dataclass
@@ -90,6 +93,8 @@ class DegradationConfig:
     # The dataset draws every kernel size from 7..21 (hard-coded; the yaml's blur_kernel_size: 21 and
     # blur_kernel_size2: 11 are never read) and zero-pads every kernel to the largest.
     kernel_sizes: tuple[int, ...] = (7, 9, 11, 13, 15, 17, 19, 21)  # odd kernel sizes, drawn uniformly
+    # -- the model's order n of Eq. 4
+    order: int = 2  # 2: D_2 ∘ D_1, as StableSR trains; 1: D_1 alone, resized straight to the LR size
     # -- the batch
     no_degradation_prob: float = 0.01  # a whole batch is kept clean with this probability (see `clean_lr`)
     use_usm: bool = True  # sharpen the GT with USM before degrading it (it is also the training target)
@@ -444,7 +449,8 @@ def random_jpeg(img: torch.Tensor, gen: torch.Generator, quality_range: tuple[fl
 
 def degrade(gt: torch.Tensor, kernels: torch.Tensor, cfg: DegradationConfig, gen: torch.Generator,
             scale: int = 4, trace: list | None = None) -> torch.Tensor:
-    """Eq. 4 with n = 2: the LR image (B, 3, H/scale, W/scale) of the HR batch `gt` (B, 3, H, W).
+    """Eq. 4 with n = cfg.order (2, or 1: `first_order`): the LR image (B, 3, H/scale, W/scale) of the HR batch
+    `gt` (B, 3, H, W).
 
     `kernels` (B, 3, K, K) holds each image's first blur, second blur and final sinc
     (`draw_image_kernels`). Resize, noise kind, the second blur's coin and the final order are drawn once
@@ -458,6 +464,8 @@ def degrade(gt: torch.Tensor, kernels: torch.Tensor, cfg: DegradationConfig, gen
 
     h, w = gt.shape[-2:]
     batch = gt.shape[0]
+    if cfg.order == 1:
+        return first_order(gt, kernels[:, 0], cfg, gen, scale, done)
     # ---- D_1: Eq. 1 with a random resize for ↓r
     st = stage(cfg, 1)
     # y ⊛ k
@@ -490,6 +498,24 @@ def degrade(gt: torch.Tensor, kernels: torch.Tensor, cfg: DegradationConfig, gen
         out = done("2: JPEG", random_jpeg(out, gen, st.jpeg_range))
         out = done("2: resize to LR + sinc", resize_back_and_sinc(out, kernels[:, 2], (h // scale, w // scale), gen))
     # StableSR only clamps here; Real-ESRGAN also rounds the LR to 8 bits, StableSR's code does not.
+    return out.clamp(0, 1)
+
+
+def first_order(gt: torch.Tensor, kernel: torch.Tensor, cfg: DegradationConfig, gen: torch.Generator,
+                scale: int, done) -> torch.Tensor:
+    """Eq. 1 once, x = [(y ⊛ k)↓r + n]_JPEG, with the first stage's blur, noise and JPEG draws; ↓r goes
+    straight to the LR size (H/scale) by area, bilinear or bicubic, drawn as the final resize of D_2 is."""
+    h, w = gt.shape[-2:]
+    st = stage(cfg, 1)
+    # y ⊛ k
+    out = done("blur", filter2d(gt, kernel))
+    # ↓r
+    mode = choose(gen, RESIZE_MODES)
+    out = done(f"resize to LR ({mode})", resize(out, mode, size=(h // scale, w // scale)))
+    # + n
+    out = done("noise", add_noise(out, draw_noise(gen, st, gt.shape[0]), gen))
+    # [·]_JPEG
+    out = done("JPEG", random_jpeg(out, gen, st.jpeg_range))
     return out.clamp(0, 1)
 
 

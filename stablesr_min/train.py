@@ -266,12 +266,14 @@ class SROptions(RunOptions):
     lr: float = 5e-5  # AdamW learning rate (official: 5e-5, constant)
     grad_accum: int = 1  # micro-batches per optimizer step (official: 4)
     time_blind: bool = False  # the ablation: the encoder always sees t = 0
+    degradation: str = "second-order"  # Real-ESRGAN's (official); "first-order": Eq. 1 once (degradation.py)
     checkpointing: bool = False  # recompute the UNet's blocks in the backward pass: less memory, ~1/3 slower
 
 
 # Options a resumed run keeps from its start; it also keeps STORED_OPTIONS unless they are given again
 # (the rest, --steps and --device, are given anew).
-KEPT_OPTIONS = ("base", "data", "config", "batch_size", "gt_size", "lr", "grad_accum", "time_blind", "seed")
+KEPT_OPTIONS = ("base", "data", "config", "batch_size", "gt_size", "lr", "grad_accum", "time_blind", "degradation",
+                "seed")
 STORED_OPTIONS = KEPT_OPTIONS + ("dtype", "save_every", "val_every", "checkpointing")
 SCALE = 4  # LR = GT / 4, as StableSR trains
 
@@ -294,7 +296,7 @@ def train_sr(opts: SROptions, procs: Processes, state: TrainState | None = None)
     """Fine-tune for `opts.steps` steps in all, in this process of the run; with `state` (and
     `opts.resume`), continue that run."""
     from .data import TrainingPairs  # the data pipeline loads only for training
-    from .degradation import DegradationConfig
+    from .degradation import ORDERS, DegradationConfig
 
     check_options(opts)
     run = RunFolder(opts.out, resume=opts.resume)
@@ -317,7 +319,8 @@ def train_sr(opts: SROptions, procs: Processes, state: TrainState | None = None)
 
     # The data (each rank its own stream of the same photos), the model (frozen but for the new layers),
     # the empty prompt's context
-    pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=DegradationConfig(),
+    degradation = DegradationConfig(order=ORDERS[opts.degradation])
+    pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=degradation,
                           seed=rank_seed(seeds["data"], procs.rank), scale=SCALE)
     model = load_stablesr([run.checkpoint_path]) if state else load_base(opts.base, cfg, seeds["init"])
     trainable = prepare_for_finetuning(model)
@@ -336,7 +339,7 @@ def train_sr(opts: SROptions, procs: Processes, state: TrainState | None = None)
     # A fixed batch for val_loss, from its own seeded pipeline (rank 0 measures it)
     validation = None
     if opts.val_every and procs.is_main:
-        val_pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=DegradationConfig(),
+        val_pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=degradation,
                                   seed=seeds["validation"], scale=SCALE)
         with autocast(device, dtype):
             validation = sr_validation(model, val_pairs, seeds["validation"], len(schedule), device)

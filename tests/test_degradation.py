@@ -13,7 +13,7 @@ import torch
 from stablesr_min.degradation import (KERNEL_KINDS, DegradationConfig, NoiseDraw, PairPool, add_noise,
                                       clean_lr, degrade, draw_blur_kind, draw_final_sinc, draw_image_kernels,
                                       draw_kernel_of_kind, draw_noise, draw_resize, filter2d, jpeg,
-                                      opencv_gaussian_kernel, pulse_kernel, sinc_kernel, stage)
+                                      opencv_gaussian_kernel, pulse_kernel, resize, sinc_kernel, stage)
 
 SIGMAS = 5
 
@@ -181,6 +181,27 @@ def test_degrade_is_reproducible_and_gives_lr_of_a_quarter_size_in_0_1():
     assert not torch.equal(outputs[0], outputs[2])
     for out in outputs:
         assert out.min() >= 0 and out.max() <= 1
+
+
+def test_first_order_is_eq_1_once_with_the_first_blur_straight_to_the_lr_size():
+    cfg = DegradationConfig(order=1)
+    gt = photo_batch(2, 64)
+    gen = torch.Generator().manual_seed(3)
+    kernels = torch.stack([draw_image_kernels(gen, cfg) for _ in range(2)])
+    trace = []
+    lr = degrade(gt, kernels, cfg, gen, scale=4, trace=trace)
+    names = [name for name, _ in trace]
+    assert names[0] == "blur" and names[1].startswith("resize to LR (") and names[2:] == ["noise", "JPEG"]
+    # y ⊛ k with the first stage's kernel, then ↓ straight to 16 x 16 by the drawn mode
+    blurred = filter2d(gt, kernels[:, 0])
+    torch.testing.assert_close(trace[0][1], blurred.clamp(0, 1), rtol=0, atol=0)
+    mode = names[1][len("resize to LR ("):-1]
+    torch.testing.assert_close(trace[1][1], resize(blurred, mode, size=(16, 16)).clamp(0, 1), rtol=0, atol=0)
+    assert lr.shape == (2, 3, 16, 16) and torch.equal(lr * 255, (lr * 255).round())  # JPEG's 8-bit output
+    # the second order on the same draws is a different image
+    gen = torch.Generator().manual_seed(3)
+    kernels = torch.stack([draw_image_kernels(gen, cfg) for _ in range(2)])
+    assert not torch.equal(degrade(gt, kernels, DegradationConfig(), gen, scale=4), lr)
 
 
 def test_degrade_many_draws_stay_in_range():

@@ -210,6 +210,10 @@ BAD_INPUTS = {
     "resume with other options": ({"--out": "{run_a}", "--steps": "5", "--batch-size": "1"}, ["--resume"],
                                   "error: --batch-size 1: this run was started with 2, and a resumed run keeps "
                                   "its options; leave --batch-size out or start a new run"),
+    "resume with another degradation": ({"--out": "{run_a}", "--steps": "5", "--degradation": "first-order"},
+                                        ["--resume"], "error: --degradation first-order: this run was started with "
+                                        "second-order, and a resumed run keeps its options; leave --degradation "
+                                        "out or start a new run"),
 }
 
 

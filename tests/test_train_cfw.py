@@ -249,6 +249,9 @@ def test_bad_input_ends_in_one_clear_line(golden_weights, data, tmp_path):
         f"{stablesr}: is a StableSR checkpoint, which goes to `train cfw-data --weights`; --cfw-base takes a CFW "
         "checkpoint (to continue) or a VAE or SD 2.x checkpoint":
             ["train", "cfw", "--cfw-base", stablesr, "--data", data, "--out", tmp_path / "r3", "--steps", 1],
+        "--degradation first-order: this run was started with second-order, and a resumed run keeps its options; "
+        "leave --degradation out or start a new run":
+            ["train", "cfw-data", "--out", bad, "--count", 5, "--degradation", "first-order"],
     }
     for message, args in cases.items():
         result = run_cli(*args)

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from stablesr_min.cfw_data import DataFolder  # noqa: E402
 from stablesr_min.tiny import SAMPLING_METADATA_KEY, TINY_FILES  # noqa: E402
 from stablesr_min.train import is_trainable  # noqa: E402
 from stablesr_min.weights import CONFIG_METADATA_KEY, WeightFiles, save_safetensors  # noqa: E402
@@ -121,8 +122,10 @@ def last_log_line(run: Path) -> dict | None:
 def command_for(cmd: list[str]) -> list[str] | None:
     """The command, with --resume if its run folder holds a stopped run; None if the run is complete."""
     out = Path(cmd[cmd.index("--out") + 1])
-    if cmd[1] == "cfw-data":  # continues by itself; it knows when it is complete
-        return cmd
+    if cmd[1] == "cfw-data":  # complete once --count samples are written; a stopped one continues by itself
+        folder = DataFolder(out)
+        complete = sum(folder.complete(i) for i in folder.indices()) >= int(cmd[cmd.index("--count") + 1])
+        return None if complete else cmd
     steps = int(cmd[cmd.index("--steps") + 1])
     last = last_log_line(out)
     if last is not None and last["step"] >= steps and (out / "last.safetensors").is_file():

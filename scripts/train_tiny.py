@@ -123,8 +123,7 @@ def command_for(cmd: list[str]) -> list[str] | None:
     """The command, with --resume if its run folder holds a stopped run; None if the run is complete."""
     out = Path(cmd[cmd.index("--out") + 1])
     if cmd[1] == "cfw-data":  # complete once --count samples are written; a stopped one continues by itself
-        folder = DataFolder(out)
-        complete = sum(folder.complete(i) for i in folder.indices()) >= int(cmd[cmd.index("--count") + 1])
+        complete = DataFolder(out).complete_count() >= int(cmd[cmd.index("--count") + 1])
         return None if complete else cmd
     steps = int(cmd[cmd.index("--steps") + 1])
     last = last_log_line(out)

@@ -82,6 +82,10 @@ class DataFolder:
         """The indices of the latents present, sorted (a latent is written last)."""
         return sorted(int(p.stem) for p in (self.path / "latent").glob("*.safetensors") if p.stem.isdigit())
 
+    def complete_count(self) -> int:
+        """How many samples are complete (LR, GT and latent all written): a generation's progress."""
+        return sum(self.complete(i) for i in self.indices())
+
     def write(self, index: int, lr: torch.Tensor, gt: torch.Tensor, latent: torch.Tensor,
               scale_factor: float) -> None:
         for sub in ("lr", "gt", "latent"):
@@ -195,7 +199,7 @@ def generate(opts: GenerationOptions) -> None:
     first_seed = derive_seeds(opts.seed, ["samples"])["samples"]
     folder.write_record({"options": kept, "dropped": dropped})
 
-    done = sum(folder.complete(i) for i in folder.indices())
+    done = folder.complete_count()
     progress = GenerationProgress(opts.count, done)
     print(f"train cfw-data: {len(pairs.files)} images; {done} of {opts.count} samples present; "
           f"{opts.steps} steps at {opts.gt_size} px, batch {opts.batch_size}; {device}, {opts.dtype}",

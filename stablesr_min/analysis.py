@@ -5,7 +5,8 @@ so the tests of this module (`tests/test_analysis.py`) cover every number they s
 
     setup                    load_demo (weights, device, sizes), load_photo, heldout_crops, to_numpy_image
     the pipeline in pieces   predicted_x0, sample_with_previews (and StableSRPipeline.sample_latent/finish)
-    Sec. 3.1 time awareness  snr, timestep_at_snr, log_snr_timesteps, sft_feature_similarity
+    Sec. 3.1 time awareness  snr, timestep_at_snr, log_snr_timesteps, sft_feature_similarity, relative_change,
+                             t_sensitivity
     Sec. 3.2 CFW trade-off   laplacian_variance (fidelity: evaluate.evaluation_lr and evaluate.score)
     Sec. 3.3 aggregation     flat_weights, tile_borders, jump_profile, seam_strength
     Sec. 3.4 colour          color_shift
@@ -296,6 +297,28 @@ def seam_strength(image: torch.Tensor, positions: Iterable[int], axis: int) -> f
     at_seams = torch.zeros_like(profile, dtype=torch.bool)
     at_seams[[p - 1 for p in positions]] = True
     return (profile[at_seams].mean() / profile[~at_seams].mean()).item()
+
+
+def relative_change(outputs: list[torch.Tensor]) -> float:
+    """max_i ||o_i - o_0|| / ||o_0||: how far a network's output moves from its first value as one input varies
+    (0: not at all; 1: by as much as the output's own size)."""
+    first = outputs[0].double()
+    return max(((o.double() - first).norm() / first.norm()).item() for o in outputs[1:])
+
+
+@torch.no_grad()
+def t_sensitivity(model: StableSR, z_lr: torch.Tensor, timesteps: Iterable[int] = (0, 100, 500, 999),
+                  seed: int = 0) -> dict[str, float]:
+    """How much the networks respond to t (`relative_change` across `timesteps`): the time-aware encoder's
+    features s(z_lr, t) (every level, flattened together), and the UNet's eps(z, t, c, s) with everything but
+    its own t fixed (a seeded noise latent z, the empty prompt, s at the first timestep)."""
+    ts = [torch.full((z_lr.shape[0],), t, device=z_lr.device) for t in timesteps]
+    features = [model.time_encoder(z_lr, t) for t in ts]
+    flat = [torch.cat([f[k].flatten() for k in sorted(f)]) for f in features]
+    z = torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(seed)).to(z_lr)
+    context = text_context(model, "", z_lr.shape[0])
+    eps = [model.unet(z, t, context, features[0]) for t in ts]
+    return {"encoder": relative_change(flat), "unet": relative_change(eps)}
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -57,6 +57,9 @@ class UNetConfig:
     use_linear_in_transformer: bool = True  # SD 2.x: proj_in/proj_out are Linear, not 1x1 conv
     semb_channels: int = 256  # channels of the time-aware encoder's features (SFT input)
     use_sft: bool = True  # False builds the plain SD 2.x UNet (no `spade` modules)
+    norm_groups: int = 32  # GroupNorm groups (SD: 32, 10+ channels per group). One channel per group would
+    #                        subtract the time embedding, a per-channel constant, right after adding it
+    #                        (unet.time_blind_blocks): keep several channels per group
 
 
 @dataclass
@@ -72,6 +75,7 @@ class TimeEncoderConfig:
     num_heads: int = 4  # attention heads
     num_head_channels: int = -1  # -1: use num_heads
     time_aware: bool = True  # False: the encoder is always given t = 0 (the paper's time-blind ablation)
+    norm_groups: int = 32  # GroupNorm groups, as UNetConfig.norm_groups (official: 32, 8+ channels per group)
 
 
 @dataclass

@@ -108,6 +108,17 @@ def ssim(a: torch.Tensor, b: torch.Tensor, border: int = 0) -> torch.Tensor:
     return ssim_map.mean(dim=(1, 2, 3))
 
 
+def lowpass_colour_error(a: torch.Tensor, b: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """Colour error: the mean absolute difference, in levels, of the two images' block means (`block` x
+    `block` pixels, every channel): what a colour cast changes and texture does not (a pattern with the same
+    block means scores 0; a constant shift of d levels scores |d|). Sides must be multiples of `block`."""
+    if a.shape != b.shape or a.shape[-1] % block or a.shape[-2] % block:
+        raise ValueError(f"lowpass_colour_error needs two images of one size, sides multiples of {block}; got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    means_a, means_b = (torch.nn.functional.avg_pool2d(x.double(), block) for x in (a, b))
+    return (means_a - means_b).abs().mean(dim=(1, 2, 3))
+
+
 def mean(values: list[float]) -> float:
     """The mean over images, as SR tables report it: the mean of per-image PSNRs (not the PSNR of the mean
     MSE), and of per-image SSIMs."""

@@ -28,7 +28,7 @@ from .config import StableSRConfig
 from .text import TextEncoder
 from .tiny import SAMPLING_METADATA_KEY, tiny_cfw_file, tiny_stablesr_files
 from .time_encoder import TimeAwareEncoder
-from .unet import UNet
+from .unet import UNet, time_blind_blocks
 from .vae import AutoencoderKL
 from .weights import WeightFiles, WeightsError, load_module
 
@@ -66,6 +66,25 @@ class StableSR(nn.Module):
     @property
     def time_encoder(self) -> TimeAwareEncoder | None:
         return self.structcond_stage_model
+
+
+def time_blind_layers(cfg: StableSRConfig) -> list[str]:
+    """Checkpoint names of the residual blocks of cfg's UNet and time-aware encoder that cannot see t
+    (`unet.time_blind_blocks`); built on the meta device, so it costs no memory."""
+    with torch.device("meta"):
+        networks = {"model.diffusion_model.": UNet(cfg.unet), "structcond_stage_model.": TimeAwareEncoder(cfg.time_encoder)}
+    return [prefix + name for prefix, net in networks.items() for name in time_blind_blocks(net)]
+
+
+def time_blindness(cfg: StableSRConfig) -> str | None:
+    """One line naming the first residual block that cannot see t and the fix, or None if every one can."""
+    layers = time_blind_layers(cfg)
+    if not layers:
+        return None
+    more = f" and {len(layers) - 1} more residual blocks" if len(layers) > 1 else ""
+    return (f"{layers[0]}{more} add the time embedding right before a GroupNorm of one channel per group, which "
+            "subtracts it again, so they compute the same thing at every t; give the config's unet and "
+            "time_encoder a norm_groups that leaves several channels per group (e.g. 8 at width 32)")
 
 
 def resolve_config(files: WeightFiles, config: StableSRConfig | str | os.PathLike | None) -> StableSRConfig:

@@ -27,10 +27,10 @@ class AttentionBlock(nn.Module):
     `qkv` outputs, per head, that head's q, k and v channels one after another: (B, heads * 3 * d, N).
     """
 
-    def __init__(self, channels: int, heads: int):
+    def __init__(self, channels: int, heads: int, norm_groups: int = 32):
         super().__init__()
         self.heads = heads
-        self.norm = normalization(channels)
+        self.norm = normalization(channels, norm_groups)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv1d(channels, channels, 1)
 
@@ -65,7 +65,10 @@ class TimeAwareEncoder(nn.Module):
 
         def attention(channels: int) -> AttentionBlock:
             heads, _ = attention_heads(channels, cfg.num_heads, cfg.num_head_channels)
-            return AttentionBlock(channels, heads)
+            return AttentionBlock(channels, heads, cfg.norm_groups)
+
+        def res_block(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, emb_dim, cout, norm_groups=cfg.norm_groups)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
@@ -74,7 +77,7 @@ class TimeAwareEncoder(nn.Module):
         ch, ds = mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, emb_dim, mult * mc)]
+                layers = [res_block(ch, mult * mc)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
                     layers.append(attention(ch))
@@ -84,10 +87,10 @@ class TimeAwareEncoder(nn.Module):
                 feature_widths.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepBlocks([ResBlock(ch, emb_dim, ch), attention(ch), ResBlock(ch, emb_dim, ch)])
+        self.middle_block = TimestepBlocks([res_block(ch, ch), attention(ch), res_block(ch, ch)])
         feature_widths.append(ch)
 
-        self.fea_tran = nn.ModuleList(ResBlock(c, emb_dim, cfg.out_channels) for c in feature_widths)
+        self.fea_tran = nn.ModuleList(res_block(c, cfg.out_channels) for c in feature_widths)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> dict[int, torch.Tensor]:
         """(B, C, H, W) LR latent, (B,) timesteps -> features keyed by their spatial width.

@@ -13,8 +13,8 @@ App. G, Eq. 25):
     L_Autoencoder = min_{E,D} max_psi ( L_rec(x, D(E(x))) - L_adv(D(E(x))) + log D_psi(x) + L_reg(x; E, D) )
 
 with SD's `LPIPSWithDiscriminator`: L_rec = L1 + LPIPS, L_reg = kl_weight * KL(q(z|x) || N(0, I)) with
-kl_weight 1e-6, and a PatchGAN that switches on late in training. Here: L1 + KL only, no LPIPS (its VGG
-weights cannot be downloaded) and no GAN (it only starts after the reconstructions are good, which tens of
+kl_weight 1e-6, and a PatchGAN that switches on late in training. Here: L1 + KL only, no LPIPS (its VGG16
+backbone is a download this project never makes) and no GAN (it only starts after the reconstructions are good, which tens of
 minutes on a CPU do not reach); so
 
     L_vae = mean |x - D(z)| + kl_weight * KL(q(z|x) || N(0, I)) / (3 H W),   z ~ q(z|x),  x in [-1, 1]
@@ -61,7 +61,7 @@ from .pipeline import draw, text_context
 from .schedule import Schedule
 from .text import TextEncoder
 from .train import (Denoiser, Validation, default_init, encode, gt_size_multiple, random_timestep_loss, snapshot,
-                    start_optimizer, zero_init_like_official)
+                    start_optimizer, warn_time_blind, zero_init_like_official)
 from .training import (Processes, RunFolder, RunOptions, TrainState, autocast, check_option_ranges,
                        command_options, derive_seeds, run_steps)
 from .unet import UNet
@@ -71,8 +71,8 @@ from .weights import KIND_HINTS, WeightFiles, WeightsError, config_metadata, gue
 # ------------------------------------------------------------------------------------------------------
 # The tiny sizes
 
-# Overrides of the official sizes (config.py). Every width is a multiple of 32, the networks' GroupNorm
-# groups. Chosen to train in tens of minutes on a 2-core CPU (README, "Training a tiny prior"):
+# Overrides of the official sizes (config.py). Every width is a multiple of the networks' GroupNorm groups.
+# Chosen to train in tens of minutes on a 2-core CPU (README, "Training a tiny prior"):
 TINY_SIZES = {
     # VAE: 3 levels, so 4x down (SD: 8x) with 4 latent channels: 48 values per latent cell -> 4 (SD: 192 -> 4).
     # A tiny decoder trained for minutes cannot invent the detail that 8x would throw away (LDM's
@@ -83,8 +83,11 @@ TINY_SIZES = {
     "vae": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "norm_groups": 8},
     # UNet: widths 32, 64, 64, one residual block per level, attention below the top level (SD: 320 ... 1280,
     # two blocks, attention at every level); heads of 32 channels.
+    # 8 GroupNorm groups, for the same reason and one more: a ResBlock adds the time embedding per channel just
+    # before a GroupNorm, and with one channel per group (32 groups at width 32) the norm subtracts it again,
+    # so the UNet and the time-aware encoder could not see t (`model.time_blind_layers`; MODEL_CARD.md).
     "unet": {"model_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": 1, "attention_resolutions": [2, 4],
-             "num_head_channels": 32, "context_dim": 32, "semb_channels": 32, "use_sft": False},
+             "num_head_channels": 32, "context_dim": 32, "semb_channels": 32, "use_sft": False, "norm_groups": 8},
     # CFW fusion layers (added by `train cfw`): the official sizes, two RRDBs of growth 32. At this model's
     # sizes CFW is its path to fidelity; one RRDB of growth 16 (a third of the parameters, twice as fast)
     # scored 0.05 dB lower on the training crops (tiny/MODEL_CARD.md).
@@ -101,7 +104,8 @@ def matching_time_encoder(unet: UNetConfig) -> dict[str, Any]:
     ((1, 2, 4, 4) -> (1, 1, 2, 2)), attention where the UNet has it, and features of the SFT input width."""
     return {"model_channels": unet.model_channels, "out_channels": unet.semb_channels,
             "channel_mult": [max(1, m // 2) for m in unet.channel_mult],
-            "num_res_blocks": unet.num_res_blocks, "attention_resolutions": list(unet.attention_resolutions)}
+            "num_res_blocks": unet.num_res_blocks, "attention_resolutions": list(unet.attention_resolutions),
+            "norm_groups": unet.norm_groups}
 
 
 def prior_config(path: str | None) -> StableSRConfig:
@@ -122,11 +126,16 @@ def prior_config(path: str | None) -> StableSRConfig:
             cfg = StableSRConfig.from_dict({**cfg.to_dict(), "time_encoder": matching_time_encoder(cfg.unet)})
         # every network `train sr` will build on it, SFT layers included, on the meta device (no memory)
         with torch.device("meta"):
-            StableSR(StableSRConfig.from_dict({**cfg.to_dict(), "unet": {**cfg.to_dict()["unet"], "use_sft": True}}))
+            StableSR(sr_config(cfg))
     except (TypeError, ValueError) as e:
         raise UsageError(f"--config {path}: these sizes do not make the networks ({e})") from None
     cfg.unet.use_sft = False
     return cfg
+
+
+def sr_config(cfg: StableSRConfig) -> StableSRConfig:
+    """The config `train sr` builds on this prior's: the same, with the SFT layers (and the encoder) on."""
+    return StableSRConfig.from_dict({**cfg.to_dict(), "unet": {**cfg.to_dict()["unet"], "use_sft": True}})
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -309,6 +318,7 @@ def train_vae(opts: VAEOptions, state: TrainState | None = None) -> None:
         tensors = {f"first_stage_model.{k}": v for k, v in vae.state_dict().items()}
         return tensors, config_metadata(cfg.to_json())
 
+    warn_time_blind(sr_config(cfg))  # the UNet and encoder that later stages will build on this config
     n = sum(p.numel() for p in trainable.values())
     summary = (f"train vae: {len(crops.files)} images; {n / 1e6:.2f} M parameters, {vae.downscale}x down to "
                f"{cfg.vae.embed_dim} channels; batch {opts.batch_size} at {opts.crop} px")
@@ -358,6 +368,7 @@ def train_unet(opts: UNetOptions, state: TrainState | None = None) -> None:
     def checkpoint() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return model.state_dict(), config_metadata(model.cfg.to_json())
 
+    warn_time_blind(sr_config(model.cfg))
     n = sum(p.numel() for p in trainable.values())
     summary = (f"train unet: {len(crops.files)} images; {n / 1e6:.2f} M trainable parameters; latents "
                f"{opts.crop // model.vae.downscale} x {opts.crop // model.vae.downscale} x {cfg.vae.embed_dim}, "

@@ -40,9 +40,9 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
-def normalization(channels: int) -> GroupNorm32:
-    """The UNet's GroupNorm: 32 groups, eps 1e-5."""
-    return GroupNorm32(32, channels)
+def normalization(channels: int, groups: int = 32) -> GroupNorm32:
+    """The UNet's GroupNorm: `groups` groups (officially 32), eps 1e-5."""
+    return GroupNorm32(groups, channels)
 
 
 def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> tuple[int, int]:
@@ -62,9 +62,9 @@ class SFT(nn.Module):
 
     HIDDEN = 128  # width of the shared conv, fixed in the reference
 
-    def __init__(self, channels: int, cond_channels: int):
+    def __init__(self, channels: int, cond_channels: int, norm_groups: int = 32):
         super().__init__()
-        self.param_free_norm = normalization(channels)  # named so in the reference, though it has affine weights
+        self.param_free_norm = normalization(channels, norm_groups)  # named so in the reference, though it has affine weights
         self.mlp_shared = nn.Sequential(conv3x3(cond_channels, self.HIDDEN), nn.ReLU())
         self.mlp_gamma = conv3x3(self.HIDDEN, channels)
         self.mlp_beta = conv3x3(self.HIDDEN, channels)
@@ -84,14 +84,15 @@ class ResBlock(nn.Module):
     width: skip(x) + SFT(out_layers(...), s). The skip path itself is not modulated.
     """
 
-    def __init__(self, cin: int, emb_channels: int, cout: int, semb_channels: int | None = None):
+    def __init__(self, cin: int, emb_channels: int, cout: int, semb_channels: int | None = None,
+                 norm_groups: int = 32):
         super().__init__()
-        self.in_layers = nn.Sequential(normalization(cin), nn.SiLU(), conv3x3(cin, cout))
+        self.in_layers = nn.Sequential(normalization(cin, norm_groups), nn.SiLU(), conv3x3(cin, cout))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, cout))
         if semb_channels is not None:
-            self.spade = SFT(cout, semb_channels)
-        # The reference falls back to one group per channel when the width is not a multiple of 32.
-        out_norm = normalization(cout) if cout % 32 == 0 else GroupNorm32(cout, cout)
+            self.spade = SFT(cout, semb_channels, norm_groups)
+        # The reference falls back to one group per channel when the width is not a multiple of the groups.
+        out_norm = normalization(cout, norm_groups) if cout % norm_groups == 0 else GroupNorm32(cout, cout)
         self.out_layers = nn.Sequential(out_norm, nn.SiLU(), nn.Identity(), conv3x3(cout, cout))
         self.skip_connection = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
 
@@ -102,6 +103,14 @@ class ResBlock(nn.Module):
         if hasattr(self, "spade"):
             h = self.spade(h, struct_cond[h.shape[-1]])
         return self.skip_connection(x) + h
+
+
+def time_blind_blocks(network: nn.Module) -> list[str]:
+    """The residual blocks of `network` whose time embedding cannot reach their output: it is added as a
+    per-channel constant right before a GroupNorm of one channel per group, whose mean subtraction removes
+    it exactly (a width of 32 with 32 groups). The network then computes the same thing at every t."""
+    return [name for name, m in network.named_modules()
+            if isinstance(m, ResBlock) and m.out_layers[0].num_groups == m.out_layers[0].num_channels]
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -180,10 +189,10 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Pixels as tokens: GroupNorm, linear in, transformer blocks, linear out, plus the input (SD 2.x)."""
 
-    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int):
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, norm_groups: int = 32):
         super().__init__()
         inner = heads * dim_head
-        self.norm = GroupNorm32(32, channels, eps=1e-6)
+        self.norm = GroupNorm32(norm_groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)
@@ -239,11 +248,11 @@ class UNet(nn.Module):
         n_levels = len(cfg.channel_mult)
 
         def res_block(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, emb_dim, cout, cfg.semb_channels if cfg.use_sft else None)
+            return ResBlock(cin, emb_dim, cout, cfg.semb_channels if cfg.use_sft else None, cfg.norm_groups)
 
         def transformer(channels: int) -> SpatialTransformer:
             heads, dim_head = attention_heads(channels, cfg.num_heads, cfg.num_head_channels)
-            return SpatialTransformer(channels, heads, dim_head, cfg.transformer_depth, cfg.context_dim)
+            return SpatialTransformer(channels, heads, dim_head, cfg.transformer_depth, cfg.context_dim, cfg.norm_groups)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
@@ -277,7 +286,7 @@ class UNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepBlocks(layers))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), conv3x3(ch, cfg.out_channels))
+        self.out = nn.Sequential(normalization(ch, cfg.norm_groups), nn.SiLU(), conv3x3(ch, cfg.out_channels))
         # Training only (`train sr --checkpointing`): keep no activations inside a block for the backward
         # pass, recompute them there: much less memory for about a third more compute.
         self.checkpointing = False

@@ -1,6 +1,6 @@
 """Train the tiny StableSR that stablesr-min ships, from a fresh clone, on a CPU.
 
-    python scripts/train_tiny.py                 # the full recipe (about 105 minutes on 2 CPU cores)
+    python scripts/train_tiny.py                 # the full recipe (about 2 hours on 2 CPU cores)
     python scripts/train_tiny.py --quick --runs /tmp/q --ship /tmp/q/ship   # a few steps per stage (a test)
 
 Every stage is one of the package's own training commands, run in order (StableSR sits on a Stable
@@ -9,7 +9,9 @@ Diffusion prior, and none small enough to ship exists, so the recipe trains that
     1. vae            `train vae`       the autoencoder (4x down), L1 + KL
     2. unet           `train unet`      the latent diffusion UNet on the frozen VAE (empty prompt)
     3. sr, sr_blind   `train sr`        StableSR's time-aware encoder and SFT layers on the frozen prior, and
-                                        the ablation `--time-blind`; the two run at once, one core each
+                                        the ablation `--time-blind`; with them, both again at the other
+                                        training seeds (`sr_seed1`, `sr_blind_seed1`: the ablation's noise
+                                        floor, not shipped); all at once, their threads split
     4. cfw_data       `train cfw-data`  (LR, GT, sampled latent) triples from the time-aware model
     5. cfw            `train cfw`       the CFW fusion layers
 
@@ -44,8 +46,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from stablesr_min.cfw_data import DataFolder  # noqa: E402
+from stablesr_min.config import StableSRConfig  # noqa: E402
+from stablesr_min.model import time_blindness  # noqa: E402
 from stablesr_min.tiny import SAMPLING_METADATA_KEY, TINY_FILES  # noqa: E402
 from stablesr_min.train import is_trainable  # noqa: E402
+from stablesr_min.train_prior import prior_config, sr_config  # noqa: E402
 from stablesr_min.weights import CONFIG_METADATA_KEY, WeightFiles, save_safetensors  # noqa: E402
 
 PHOTOS = ROOT / "data" / "photos"
@@ -68,6 +73,7 @@ class Recipe:
     save_every: int = 500
     val_every: int = 250
     seed: int = 0
+    ablation_seeds: tuple[int, ...] = (1,)  # more training seeds of both SR arms (scripts/ablation.py)
 
 
 QUICK = Recipe(vae_steps=2, unet_steps=2, sr_steps=2, cfw_samples=2, cfw_sample_steps=2, cfw_steps=2,
@@ -91,13 +97,19 @@ def stage_commands(r: Recipe, runs: Path) -> list[tuple[str, ...]]:
     data = ["--data", str(PHOTOS)]
     sr = ["train", "sr", "--base", str(runs / "unet" / "last.safetensors"), *data, "--steps", str(r.sr_steps),
           "--batch-size", "4", "--gt-size", "128", "--lr", "2e-4", "--degradation", r.degradation, *common]
+    reseeded = []  # the ablation's other training seeds: the same commands, another --seed
+    for seed in r.ablation_seeds:
+        other = [*sr[:sr.index("--seed")], "--seed", str(seed), *sr[sr.index("--seed") + 2:]]
+        reseeded += [f"sr_seed{seed}", [*other, "--out", str(runs / f"sr_seed{seed}")],
+                     f"sr_blind_seed{seed}", [*other, "--out", str(runs / f"sr_blind_seed{seed}"), "--time-blind"]]
     return [
         ("vae", ["train", "vae", *data, "--out", str(runs / "vae"), "--steps", str(r.vae_steps),
                  "--batch-size", "8", "--crop", "64", "--lr", "5e-4", *common]),
         ("unet", ["train", "unet", "--vae", str(runs / "vae" / "last.safetensors"), *data, "--out",
                   str(runs / "unet"), "--steps", str(r.unet_steps), "--batch-size", "8", "--crop", "128",
                   "--lr", "2e-4", *common]),
-        ("sr", [*sr, "--out", str(runs / "sr")], "sr_blind", [*sr, "--out", str(runs / "sr_blind"), "--time-blind"]),
+        ("sr", [*sr, "--out", str(runs / "sr")], "sr_blind", [*sr, "--out", str(runs / "sr_blind"), "--time-blind"],
+         *reseeded),
         ("cfw_data", ["train", "cfw-data", "--weights", str(runs / "sr" / "last.safetensors"), *data,
                       "--out", str(runs / "cfw_data"), "--count", str(r.cfw_samples), "--steps",
                       str(r.cfw_sample_steps), "--gt-size", "128", "--batch-size", "8", "--degradation",
@@ -205,6 +217,8 @@ def ship(runs: Path, dest: Path, recipe: Recipe, commands: list, minutes: dict[s
     frozen_blind, blind, blind_cfg = split_tensors(runs / "sr_blind" / "last.safetensors")
     if frozen.keys() != frozen_blind.keys() or any(not torch.equal(frozen[k], frozen_blind[k]) for k in frozen):
         sys.exit("train_tiny: the two SR runs changed their frozen prior differently; they must share it")
+    for config in (aware_cfg, blind_cfg):
+        refuse_time_blind(StableSRConfig.from_json(config), "ship")
     save_safetensors(fp16(frozen), dest / TINY_FILES["prior"], {"stablesr_min.part": "prior"})
     save_safetensors(fp16(aware), dest / TINY_FILES["sr"], {CONFIG_METADATA_KEY: aware_cfg, **sampling})
     save_safetensors(fp16(blind), dest / TINY_FILES["sr_time_blind"], {CONFIG_METADATA_KEY: blind_cfg, **sampling})
@@ -229,6 +243,13 @@ def ship(runs: Path, dest: Path, recipe: Recipe, commands: list, minutes: dict[s
         print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
+def refuse_time_blind(cfg: StableSRConfig, what: str) -> None:
+    """The recipe neither trains nor ships networks with residual blocks that cannot see t."""
+    note = time_blindness(cfg)
+    if note:
+        sys.exit(f"train_tiny: will not {what} this model: {note}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=str(ROOT / "runs" / "tiny"), help="folder of the stages' run folders")
@@ -240,6 +261,7 @@ def main() -> None:
     if not PHOTOS.is_dir():
         sys.exit(f"train_tiny: {PHOTOS} is missing; run this from a clone of stablesr-min")
     recipe = QUICK if args.quick else Recipe()
+    refuse_time_blind(sr_config(prior_config(None)), "train")
     runs = Path(args.runs)
     dest = Path(args.ship) if args.ship else (runs / "ship" if args.quick else ROOT / "stablesr_min" / "tiny")
     commands = stage_commands(recipe, runs)

@@ -49,7 +49,7 @@ def test_quick_recipe_writes_loadable_files(quick_recipe):
 
 def test_quick_recipe_records_every_stage(quick_recipe):
     record = json.loads((quick_recipe / "ship" / "recipe.json").read_text())
-    assert set(record["stages"]) == {"vae", "unet", "sr", "sr_blind", "cfw_data", "cfw"}
+    assert set(record["stages"]) == {"vae", "unet", "sr", "sr_blind", "sr_seed1", "sr_blind_seed1", "cfw_data", "cfw"}
     assert record["recipe"]["vae_steps"] == 2
     logs = {p.stem for p in (quick_recipe / "ship" / "logs").glob("*.jsonl")}
     assert logs == {"vae", "unet", "sr", "sr_blind", "cfw"}

@@ -10,9 +10,10 @@ al. 2021, "Taming Transformers") with `kl_weight 0`, `disc_start 501`, `disc_wei
 x is the GT in [-1, 1], x_hat the CFW decoder's output, D a 3-layer PatchGAN (Isola et al. 2017) that
 scores overlapping patches, s the optimizer step, s_0 = disc_start and lambda = disc_weight.
 
-The perceptual term L_perc is LPIPS (weight 1) in the official recipe. LPIPS needs VGG16 weights and its
-own trained linear heads, which this project cannot obtain (no downloads), so it is left out: `CFWLoss`
-takes an optional `perceptual(x, x_hat)` callable to put one back, weighted by `perceptual_weight`.
+The perceptual term L_perc is LPIPS (weight 1) in the official recipe. Its small trained linear heads ship
+inside the `lpips` package, but they run on a VGG16 ImageNet backbone that is a separate download, which this
+project never makes, so the term is left out: `CFWLoss` takes an optional `perceptual(x, x_hat)` callable to
+put one back, weighted by `perceptual_weight`.
 """
 
 from __future__ import annotations

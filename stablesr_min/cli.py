@@ -444,6 +444,9 @@ def add_train_sr_parser(train_sub) -> None:
     sr.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1; official 4)")
     sr.add_argument("--degradation", choices=list(ORDERS),
                     help="second-order: Real-ESRGAN's, as StableSR trains (default); first-order: Eq. 1 once")
+    sr.add_argument("--skip-small", choices=["auto", "on", "off"],
+                    help="leave out photos under 384 x 384 px or 100 KiB, as the official dataset (default auto: "
+                         "on at --gt-size 512 or more)")
     sr.add_argument("--time-blind", action="store_true", default=None,
                     help="ablation: the encoder always sees t = 0 (stored in the config, so sampling does too)")
     add_run_options(sr, "validation losses")

@@ -10,8 +10,9 @@ As basicsr's `RealESRGANDataset` (StableSR's training set) and StableSR's `get_i
 Everything random comes from one seeded `torch.Generator`; `state_dict()` holds all there is to continue
 bit-identically: the generator, the epoch's file order and position, and the pool's pairs.
 
-The official dataset silently swaps an image smaller than 384 x 384 pixels or under 100 KB for a random
-other one; here every image found is used (small ones padded), and an unreadable one is an error.
+The official dataset silently swaps an image of fewer than 384 x 384 pixels or under 100 KiB for a random
+other one; here every image found is used (small ones padded) unless `skip_small` leaves them out
+(`train sr --skip-small`), and an unreadable one is an error.
 """
 
 from __future__ import annotations
@@ -50,6 +51,18 @@ def find_images(folders: list[str | os.PathLike], what: str = "training") -> lis
             raise DataError(f"{folder}: no images found ({', '.join(IMAGE_SUFFIXES)}, in it or its subfolders)")
         files += found
     return files
+
+
+# The official dataset's quality filter (StableSR's RealESRGANDataset: `h * w < 384*384 or size_kb < 100`)
+SMALL_AREA = 384 * 384  # pixels
+SMALL_KIB = 100  # file size in KiB
+
+
+def is_small(path: Path) -> bool:
+    """Whether the official dataset would skip this photo: fewer pixels than 384 x 384, or under 100 KiB."""
+    with Image.open(path) as image:
+        w, h = image.size
+    return w * h < SMALL_AREA or path.stat().st_size / 1024 < SMALL_KIB
 
 
 def check_readable(path: Path) -> None:
@@ -121,11 +134,16 @@ class ShuffledImages:
     end of every epoch. The generator also draws everything random that a subclass adds (crops, flips, ...),
     so `state_dict()` (the generator, the epoch's order and position) continues the stream bit-identically."""
 
-    def __init__(self, folders: list[str | os.PathLike], batch_size: int, seed: int):
+    def __init__(self, folders: list[str | os.PathLike], batch_size: int, seed: int, skip_small: bool = False):
         self.batch_size = batch_size
         self.files = find_images(folders)
         for path in self.files:
             check_readable(path)
+        self.skipped = [p for p in self.files if is_small(p)] if skip_small else []  # the official filter
+        if self.skipped and len(self.skipped) == len(self.files):
+            raise DataError(f"every photo in {', '.join(map(str, folders))} has fewer pixels than 384 x 384 or under "
+                            f"{SMALL_KIB} KiB, which --skip-small leaves out; add larger photos or pass --skip-small off")
+        self.files = [p for p in self.files if p not in self.skipped]
         self.reseed(seed)
 
     def reseed(self, seed: int) -> None:
@@ -204,11 +222,11 @@ class TrainingPairs(ShuffledImages):
     """
 
     def __init__(self, folders: list[str | os.PathLike], gt_size: int, batch_size: int,
-                 cfg: DegradationConfig = DegradationConfig(), seed: int = 0, scale: int = 4):
+                 cfg: DegradationConfig = DegradationConfig(), seed: int = 0, scale: int = 4, skip_small: bool = False):
         self.gt_size, self.batch_size, self.cfg, self.scale = gt_size, batch_size, cfg, scale
         self.crop_size = cfg.crop_size or gt_size
         self.check_sizes()
-        super().__init__(folders, batch_size, seed)
+        super().__init__(folders, batch_size, seed, skip_small)
         self.pool = PairPool(cfg.queue_size, batch_size)
 
     def reseed(self, seed: int) -> None:

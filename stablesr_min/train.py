@@ -42,8 +42,8 @@ from torch import nn
 
 from .cli import UsageError, pick_dtype
 from .config import StableSRConfig
-from .model import StableSR, load_stablesr, resolve_config
-from .pipeline import draw, text_context, upsample
+from .model import StableSR, load_stablesr, resolve_config, time_blindness
+from .pipeline import draw, smallest_tile, text_context, upsample
 from .schedule import Schedule
 from .time_encoder import AttentionBlock, TimeAwareEncoder
 from .training import (Processes, RunFolder, RunOptions, TrainState, autocast, check_option_ranges,
@@ -148,12 +148,39 @@ def zero_init_like_official(network: nn.Module) -> None:
         out.bias.zero_()
 
 
+def check_gt_size(gt_size: int, batch_size: int, cfg: StableSRConfig) -> None:
+    """--gt-size must give whole latents at every level of the networks and a whole LR image; with one crop
+    per process it must also keep their deepest feature map at 2 x 2 or more (`pipeline.smallest_tile`): at
+    1 x 1 a GroupNorm of one channel per group has a single value to normalise, which PyTorch refuses."""
+    multiple = gt_size_multiple(cfg, SCALE)
+    smallest = multiple
+    if batch_size == 1:
+        smallest = math.ceil(smallest_tile(cfg) * vae_factor(cfg) / multiple) * multiple
+    if gt_size < smallest or gt_size % multiple:
+        why = " with --batch-size 1 (a deepest feature map of 2 x 2 or more)" if smallest > multiple else ""
+        raise UsageError(f"--gt-size {gt_size}: these networks need a multiple of {multiple} (whole latents at "
+                         f"every level, a whole LR image at x{SCALE}), at least {smallest}{why}; use --gt-size "
+                         f"{max(smallest, math.ceil(gt_size / multiple) * multiple)}")
+
+
+def warn_time_blind(cfg: StableSRConfig, speak: bool = True) -> None:
+    """One warning line if some residual block of the networks cannot see t (`model.time_blindness`): training
+    still runs (the golden test models are built so), but that block learns one function for every t."""
+    note = time_blindness(cfg)
+    if note and speak:
+        print(f"WARNING: {note}", file=sys.stderr)
+
+
+def vae_factor(cfg: StableSRConfig) -> int:
+    """How many pixels one latent spans along a side: 2 per VAE level after the first (SD: 8)."""
+    return 2 ** (len(cfg.vae.ch_mult) - 1)
+
+
 def gt_size_multiple(cfg: StableSRConfig, scale: int) -> int:
     """GT crops must give whole latents that survive every downsampling of the UNet and the encoder,
     and a whole LR image: 8 x the VAE factor (8) = 64 px for the official networks."""
-    vae_factor = 2 ** (len(cfg.vae.ch_mult) - 1)
     network_factor = 2 ** (max(len(cfg.unet.channel_mult), len(cfg.time_encoder.channel_mult)) - 1)
-    return math.lcm(vae_factor * network_factor, scale)
+    return math.lcm(vae_factor(cfg) * network_factor, scale)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -268,12 +295,14 @@ class SROptions(RunOptions):
     time_blind: bool = False  # the ablation: the encoder always sees t = 0
     degradation: str = "second-order"  # Real-ESRGAN's (official); "first-order": Eq. 1 once (degradation.py)
     checkpointing: bool = False  # recompute the UNet's blocks in the backward pass: less memory, ~1/3 slower
+    skip_small: str = "auto"  # "on": leave out photos under 384 x 384 px or 100 KiB, as the official dataset;
+    #                           "auto": on at the official crop size (gt_size >= 512), off below (small photos padded)
 
 
 # Options a resumed run keeps from its start; it also keeps STORED_OPTIONS unless they are given again
 # (the rest, --steps and --device, are given anew).
 KEPT_OPTIONS = ("base", "data", "config", "batch_size", "gt_size", "lr", "grad_accum", "time_blind", "degradation",
-                "seed")
+                "skip_small", "seed")
 STORED_OPTIONS = KEPT_OPTIONS + ("dtype", "save_every", "val_every", "checkpointing")
 SCALE = 4  # LR = GT / 4, as StableSR trains
 
@@ -312,16 +341,17 @@ def train_sr(opts: SROptions, procs: Processes, state: TrainState | None = None)
         cfg = resolve_config(WeightFiles([run.checkpoint_path]), None)
     else:
         cfg = base_config(opts.base, opts.config, time_aware=not opts.time_blind)
-    multiple = gt_size_multiple(cfg, SCALE)
-    if opts.gt_size < multiple or opts.gt_size % multiple:
-        raise UsageError(f"--gt-size {opts.gt_size}: must be a multiple of {multiple} (8 latents x the VAE's "
-                         f"factor {2 ** (len(cfg.vae.ch_mult) - 1)}, so that every level of the networks is whole)")
+    check_gt_size(opts.gt_size, opts.batch_size, cfg)
 
     # The data (each rank its own stream of the same photos), the model (frozen but for the new layers),
     # the empty prompt's context
     degradation = DegradationConfig(order=ORDERS[opts.degradation])
+    skip_small = opts.skip_small == "on" or (opts.skip_small == "auto" and opts.gt_size >= 512)
     pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=degradation,
-                          seed=rank_seed(seeds["data"], procs.rank), scale=SCALE)
+                          seed=rank_seed(seeds["data"], procs.rank), scale=SCALE, skip_small=skip_small)
+    if pairs.skipped and procs.is_main:
+        print(f"train sr: left out {len(pairs.skipped)} of {len(pairs.skipped) + len(pairs.files)} photos under 384 x "
+              "384 px or 100 KiB, as the official dataset does (--skip-small off keeps them)", file=sys.stderr)
     model = load_stablesr([run.checkpoint_path]) if state else load_base(opts.base, cfg, seeds["init"])
     trainable = prepare_for_finetuning(model)
     model.unet.checkpointing = opts.checkpointing
@@ -340,10 +370,11 @@ def train_sr(opts: SROptions, procs: Processes, state: TrainState | None = None)
     validation = None
     if opts.val_every and procs.is_main:
         val_pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=degradation,
-                                  seed=seeds["validation"], scale=SCALE)
+                                  seed=seeds["validation"], scale=SCALE, skip_small=skip_small)
         with autocast(device, dtype):
             validation = sr_validation(model, val_pairs, seeds["validation"], len(schedule), device)
 
+    warn_time_blind(model.cfg, procs.is_main)
     n_trainable = sum(p.numel() for p in trainable.values())
     n_frozen = sum(p.numel() for p in model.parameters()) - n_trainable
     if procs.is_main:

@@ -200,3 +200,18 @@ def test_resuming_with_other_data_or_settings_is_refused(folder, tmp_path):
         TrainingPairs([folder], 128, 2).load_state_dict(state)
     assert str(e.value) == ("the saved training state used gt_size 64, batch size 2, scale 4, crop size 64; "
                             "resume with the same settings")
+
+
+def test_skip_small_leaves_out_what_the_official_dataset_skips(tmp_path):
+    """The official filter: fewer pixels than 384 x 384, or a file under 100 KiB."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (400, 400, 3), dtype=np.uint8)).save(tmp_path / "large.png")  # ~470 KiB
+    Image.fromarray(rng.integers(0, 256, (370, 390, 3), dtype=np.uint8)).save(tmp_path / "few_pixels.png")  # 370 x 390 < 384 x 384
+    Image.new("RGB", (512, 512), (90, 120, 30)).save(tmp_path / "flat_small_file.png")  # a few KiB
+    kept = TrainingPairs([tmp_path], 64, 1, skip_small=True)
+    assert [p.name for p in kept.files] == ["large.png"]
+    assert sorted(p.name for p in kept.skipped) == ["few_pixels.png", "flat_small_file.png"]
+    assert len(TrainingPairs([tmp_path], 64, 1).files) == 3  # off by default: small photos are padded
+    (tmp_path / "large.png").unlink()
+    with pytest.raises(DataError, match=f"^every photo in {tmp_path} has fewer pixels than 384 x 384 or under 100 KiB"):
+        TrainingPairs([tmp_path], 64, 1, skip_small=True)

@@ -196,8 +196,16 @@ BAD_INPUTS = {
     "unreadable image": ({"--data": "{broken}"}, [], "error: {broken}/notes.png: not an image that can be read"),
     "base of the wrong kind": ({"--base": "{cfw}"}, [], "error: {cfw}: --base needs a StableSR or Stable Diffusion "
                                                         "2.x checkpoint, but this is the CFW checkpoint (vqgan_cfw_00011)"),
-    "gt-size": ({"--gt-size": "96"}, [], "error: --gt-size 96: must be a multiple of 64 (8 latents x the VAE's "
-                                         "factor 8, so that every level of the networks is whole)"),
+    "gt-size": ({"--gt-size": "96"}, [], "error: --gt-size 96: these networks need a multiple of 64 (whole latents "
+                                         "at every level, a whole LR image at x4), at least 64; use --gt-size 128"),
+    # the golden-size networks have GroupNorm groups of one channel: a 1 x 1 deepest map in a batch of one
+    # crop was PyTorch's "Expected more than 1 value per channel" traceback
+    "gt-size too small for one crop": ({"--gt-size": "64", "--batch-size": "1"}, [],
+                                       "error: --gt-size 64: these networks need a multiple of 64 (whole latents at "
+                                       "every level, a whole LR image at x4), at least 128 with --batch-size 1 (a "
+                                       "deepest feature map of 2 x 2 or more); use --gt-size 128"),
+    "every photo small": ({"--skip-small": "on"}, [], "error: every photo in {photos} has fewer pixels than 384 x 384 "
+                                                     "or under 100 KiB, which --skip-small leaves out"),
     "steps": ({"--steps": "0"}, [], "error: --steps must be >= 1, got 0"),
     "dist-timeout": ({"--dist-timeout": "0"}, [], "error: --dist-timeout must be > 0 seconds, got 0.0"),
     "a run is there": ({"--out": "{run_a}"}, [], "error: --out {run_a}: already holds a run; pass --resume to "
@@ -221,7 +229,7 @@ BAD_INPUTS = {
 def test_bad_input_is_one_line_and_exit_code_2(case, base, photos, golden_weights, run_a, empty_folder,
                                                broken_folder, tmp_path, capsys):
     names = {"empty": empty_folder, "broken": broken_folder, "cfw": golden_weights[1], "run_a": run_a,
-             "out": tmp_path / "new"}
+             "out": tmp_path / "new", "photos": photos}
     changes, flags, expected = BAD_INPUTS[case]
     options = {"--base": base, "--data": photos, "--out": tmp_path / "new", "--steps": 2, "--gt-size": 64,
                "--batch-size": 2} | {k: v.format(**names) for k, v in changes.items()}

@@ -12,7 +12,8 @@ w = 1 (the default) and w = 0 (the sampler's own output, where the encoder's gui
 colour error against HR (`metrics.lowpass_colour_error`), and the `train sr` loss per timestep band on the
 same crops (`analysis.loss_by_timestep`). The paired aware-minus-blind difference (same training seed, same
 sampling seed) is reported with its spread, beside the spread between training seeds of one arm: a
-difference no larger than that is inside the noise. Writes OUT/ablation.json and OUT/ablation.md.
+difference no larger than that is inside the noise. Writes OUT/ablation.json (read by notebook 06 through
+`tiny.ablation()`) and OUT/ablation.md (the model card's table).
 """
 
 from __future__ import annotations
@@ -146,13 +147,14 @@ def markdown(summary: dict, bicubic_row: dict, training_seeds: list[int], seeds:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=str(ROOT / "runs" / "tiny"), help="the recipe's run folders")
-    parser.add_argument("--out", default=None, help="where to write ablation.json/.md (default: RUNS/ablation)")
+    parser.add_argument("--out", default=str(ROOT / "stablesr_min" / "tiny"),
+                        help="where to write ablation.json and ablation.md (default: beside the shipped model)")
     parser.add_argument("--training-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--sampling-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--crop", type=int, default=256, help="held-out centre crop size (evaluate's default)")
     args = parser.parse_args()
     runs = Path(args.runs)
-    out = Path(args.out) if args.out else runs / "ablation"
+    out = Path(args.out)
     needed = [runs / run_name(a, s) / "last.safetensors" for a in ARMS for s in args.training_seeds]
     needed.append(runs / "cfw" / "last.safetensors")
     missing = [str(p) for p in needed if not p.is_file()]

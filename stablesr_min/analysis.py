@@ -335,12 +335,14 @@ def color_shift(output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 # Training and the time-awareness ablation (notebook 06)
 
 
-def degradation_stages(hr: torch.Tensor, seed: int) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
-    """One draw of the training degradation (`degradation.degrade`, Real-ESRGAN's two stages) of `hr`
-    (1, 3, H, W) in [0, 1]: its three kernels (3, K, K) (first blur, second blur, final sinc) and the image
-    after every operation, as `train sr` draws them (`data.TrainingPairs` per image, seeded here)."""
+def degradation_stages(hr: torch.Tensor, seed: int, order: str = "second-order"
+                       ) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+    """One draw of the training degradation (`degradation.degrade` of `order`, a `--degradation` name:
+    Real-ESRGAN's two stages, or the first alone) of `hr` (1, 3, H, W) in [0, 1]: its three kernels (3, K, K)
+    (first blur, second blur, final sinc; first order uses the first alone) and the image after every
+    operation, as `train sr` draws them (`data.TrainingPairs` per image, seeded here)."""
     gen = torch.Generator().manual_seed(seed)
-    cfg = degradation.DegradationConfig()
+    cfg = degradation.DegradationConfig(order=degradation.ORDERS[order])
     kernels = degradation.draw_image_kernels(gen, cfg).unsqueeze(0)
     trace: list[tuple[str, torch.Tensor]] = [("HR", hr)]
     degradation.degrade(hr, kernels, cfg, gen, trace=trace)

@@ -119,6 +119,40 @@ def lowpass_colour_error(a: torch.Tensor, b: torch.Tensor, block: int = 16) -> t
     return (means_a - means_b).abs().mean(dim=(1, 2, 3))
 
 
+def radial_power_spectrum(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grey image's (mean of its channels) power spectrum averaged over rings of equal spatial frequency:
+    (frequencies in cycles per pixel, (B, R) mean power per ring), rings 1 / min(H, W) wide from 0 to 0.5.
+    A Hann window first, so that the borders do not add a cross of false high frequencies."""
+    grey = image.double().mean(dim=1)
+    h, w = grey.shape[-2:]
+    window = torch.hann_window(h, periodic=False, dtype=torch.float64)[:, None] * \
+        torch.hann_window(w, periodic=False, dtype=torch.float64)[None]
+    grey = (grey - grey.mean(dim=(-2, -1), keepdim=True)) * window
+    power = torch.fft.fft2(grey).abs() ** 2 / (h * w)
+    radius = torch.sqrt(torch.fft.fftfreq(h, dtype=torch.float64)[:, None] ** 2
+                        + torch.fft.fftfreq(w, dtype=torch.float64)[None] ** 2)
+    step = 1 / min(h, w)
+    ring = (radius / step).round().long().flatten()
+    keep = ring <= round(0.5 / step)
+    n = int(ring[keep].max()) + 1
+    sums = torch.zeros(grey.shape[0], n, dtype=torch.float64).index_add_(1, ring[keep], power.flatten(1)[:, keep])
+    counts = torch.zeros(n, dtype=torch.float64).index_add_(0, ring[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
+    return torch.arange(n, dtype=torch.float64) * step, sums / counts
+
+
+def highfreq_spectrum_distance(a: torch.Tensor, b: torch.Tensor, band: tuple[float, float] = (0.125, 0.5)) -> torch.Tensor:
+    """A realism axis that needs no learned network: how far image a's high-frequency power is from image b's
+    (the HR crop), the mean over the rings in `band` (cycles per pixel) of |log10 P_a(f) - log10 P_b(f)|
+    (`radial_power_spectrum`), per image (B,). 0 when a has b's spectrum there; a blurred image (too little
+    power) and a noisy one (too much) both score higher. It sees texture statistics, not where the texture is:
+    a faithful image and one with invented texture of the right amount score alike (PSNR tells them apart)."""
+    freqs, pa = radial_power_spectrum(a)
+    _, pb = radial_power_spectrum(b)
+    sel = (freqs >= band[0]) & (freqs <= band[1])
+    tiny = 1e-12  # a flat image has no power at all
+    return (torch.log10(pa[:, sel] + tiny) - torch.log10(pb[:, sel] + tiny)).abs().mean(dim=1)
+
+
 def mean(values: list[float]) -> float:
     """The mean over images, as SR tables report it: the mean of per-image PSNRs (not the PSNR of the mean
     MSE), and of per-image SSIMs."""

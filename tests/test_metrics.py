@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from stablesr_min import metrics
 from stablesr_min.image_io import to_pil
@@ -113,3 +114,33 @@ def test_bad_input(a_shape, b_shape, border, message):
     with pytest.raises(ValueError) as e:
         metrics.ssim(torch.zeros(a_shape), torch.zeros(b_shape), border=border)
     assert str(e.value) == message
+
+
+def test_radial_power_spectrum_finds_a_sine_at_its_frequency():
+    x = torch.arange(64, dtype=torch.float64)
+    wave = (100 + 50 * torch.sin(2 * math.pi * 0.25 * x))[None, None, None].expand(1, 3, 64, 64)  # 0.25 cycles/px
+    freqs, power = metrics.radial_power_spectrum(wave)
+    assert freqs[-1] == 0.5 and freqs[int(power[0].argmax())] == 0.25
+
+
+def test_highfreq_spectrum_distance_on_known_cases():
+    """HR against itself scores 0; blur scores worse, more blur worse still; noise scores worse too; bicubic
+    upscaling of a downscaled image scores worse than the image."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(1, 3, 16, 16, generator=gen)
+    hr = F.interpolate(base, size=64, mode="bicubic", align_corners=False).clamp(0, 1) * 0.7 + \
+        0.3 * torch.rand(1, 3, 64, 64, generator=gen)  # structure plus fine texture
+    levels = metrics.to_levels(hr)
+    assert metrics.highfreq_spectrum_distance(levels, levels).item() == 0
+
+    def blur(x, sigma):
+        k = torch.exp(-torch.arange(-4, 5, dtype=torch.float64) ** 2 / (2 * sigma ** 2))
+        k = (k[:, None] * k[None]) / k.sum() ** 2
+        return F.conv2d(F.pad(x.double(), (4, 4, 4, 4), mode="reflect"), k[None, None].expand(3, 1, 9, 9), groups=3)
+
+    d1, d2 = (metrics.highfreq_spectrum_distance(blur(levels, s), levels).item() for s in (0.8, 1.6))
+    assert 0 < d1 < d2
+    noisy = levels + 40 * torch.randn(levels.shape, generator=gen, dtype=torch.float64)
+    assert metrics.highfreq_spectrum_distance(noisy, levels).item() > 0.1
+    bicubic = F.interpolate(F.interpolate(hr, scale_factor=0.25, mode="area"), scale_factor=4, mode="bicubic")
+    assert metrics.highfreq_spectrum_distance(metrics.to_levels(bicubic), levels).item() > d1

@@ -61,3 +61,21 @@ def test_quick_recipe_run_again_skips_finished_stages(quick_recipe):
     assert done.returncode == 0, done.stderr[-3000:]
     for stage in ("vae", "unet", "sr + sr_blind", "cfw_data", "cfw"):
         assert f"== {stage}: done already" in done.stdout, stage
+
+
+def test_the_ablation_script_measures_both_arms_at_every_seed(quick_recipe, tmp_path):
+    """scripts/ablation.py on the quick recipe's runs: 2 arms x 2 training seeds x 2 sampling seeds, small crops."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "ablation.py"), "--runs", str(quick_recipe), "--out",
+                           str(tmp_path), "--sampling-seeds", "0", "1", "--crop", "64"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "ablation.json").read_text())
+    assert sorted(record["results"]) == ["sr", "sr_blind", "sr_blind_seed1", "sr_seed1"]
+    assert all(len(r["per_sampling_seed"]) == 2 and len(r["loss_by_band"]) == 5 for r in record["results"].values())
+    cell = record["summary"]["w=1 psnr"]
+    assert len(cell["time-aware"]["training_seed_means"]) == 2 and cell["aware_minus_blind"]["n"] == 4
+    # the paired difference is the mean of the per-pair differences
+    pairs = [a["w=1"]["psnr"] - b["w=1"]["psnr"] for ts in ("", "_seed1") for a, b in
+             zip(record["results"][f"sr{ts}"]["per_sampling_seed"], record["results"][f"sr_blind{ts}"]["per_sampling_seed"])]
+    assert cell["aware_minus_blind"]["mean"] == pytest.approx(sum(pairs) / 4)
+    assert "| w=1 psnr |" in (tmp_path / "ablation.md").read_text()

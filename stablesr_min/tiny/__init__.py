@@ -38,6 +38,12 @@ def tiny_cfw_file() -> Path:
     return TINY_DIR / TINY_FILES["cfw"]
 
 
+def ablation() -> dict:
+    """The time-awareness ablation of this model (`scripts/ablation.py`: both arms at every training seed and
+    sampling seed, their paired differences and spreads), as its `ablation.json` records it."""
+    return json.loads((TINY_DIR / "ablation.json").read_text())
+
+
 def training_logs() -> dict[str, list[dict]]:
     """Every training stage's shipped log (every 10th step and every validation line), by stage name."""
     return {path.stem: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

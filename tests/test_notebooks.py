@@ -2,6 +2,7 @@
 one runs headless on the CPU with the shipped tiny model, names its weights first, and draws its figures. Their
 run times are printed (`pytest -s`), not asserted: a timed test fails on a busy machine, not on a slow notebook."""
 
+import re
 import time
 from pathlib import Path
 
@@ -81,3 +82,25 @@ def test_notebook_runs_on_the_tiny_model(name, monkeypatch):
     figures = sum("image/png" in o.get("data", {}) for o in outputs(nb))
     assert figures >= MIN_FIGURES[name], f"{name} drew {figures} figures, expected at least {MIN_FIGURES[name]}"
     assert {p: p.read_bytes() for p in NOTEBOOKS.iterdir()} == files_before
+
+
+NUMBER = re.compile(r"(?<![\w.])\d+\.\d+(?!\d)")  # a decimal number, as readings quote measurements
+
+
+def output_text(nb) -> str:
+    texts = []
+    for output in outputs(nb):
+        texts.append(output.get("text", ""))
+        for kind in ("text/plain", "text/markdown"):
+            texts.append(output.get("data", {}).get(kind, ""))
+    return "\n".join(texts)
+
+
+@pytest.mark.parametrize("name", sorted(MIN_FIGURES))
+def test_readings_are_generated_not_typed(name):
+    """No markdown cell quotes a number that an output computed: readings are f-strings into `Markdown`, so a
+    re-run cannot leave them disagreeing with the outputs."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    computed = set(NUMBER.findall(output_text(nb)))
+    typed = {number for cell in nb.cells if cell.cell_type == "markdown" for number in NUMBER.findall(cell.source)}
+    assert not typed & computed, f"{name}: markdown quotes computed numbers {sorted(typed & computed)}"

@@ -157,8 +157,8 @@ BAD_INPUTS = {
                                                              "CFW checkpoint (vqgan_cfw_00011)"),
     "unet: not safetensors": ("unet", {"--vae": "{log}"}, "error: {log}: not a readable safetensors file"),
     "unet: bad sizes": ("unet", {"--config": "{bad_config}"}, "error: --config {bad_config}: these sizes do not make the "
-                                                               "networks (num_channels (48) must be divisible by "
-                                                               "num_groups (32))"),
+                                                               "networks (num_channels (44) must be divisible by "
+                                                               "num_groups (8))"),
     "unet: crop": ("unet", {"--crop": "40"}, "error: --crop 40: must be a multiple of 16, so that every level of "
                                              "the networks is whole"),
 }
@@ -168,7 +168,7 @@ BAD_INPUTS = {
 def test_bad_input_is_one_line_and_exit_code_2(case, photos, vae_run, golden_weights, empty_folder, tmp_path,
                                                capsys):
     bad_config = tmp_path / "bad.json"
-    bad_config.write_text(json.dumps({"unet": {"model_channels": 48}}))  # GroupNorm has 32 groups
+    bad_config.write_text(json.dumps({"unet": {"model_channels": 44}}))  # GroupNorm has 8 groups
     names = {"empty": empty_folder, "cfw": golden_weights[1], "log": vae_run / "log.jsonl", "bad_config": bad_config}
     what, changes, expected = BAD_INPUTS[case]
     options = {"--data": photos, "--out": tmp_path / "new", "--steps": 2, "--crop": 32}

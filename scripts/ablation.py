@@ -152,18 +152,20 @@ def main() -> None:
     parser.add_argument("--training-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--sampling-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--crop", type=int, default=256, help="held-out centre crop size (evaluate's default)")
+    parser.add_argument("--cfw", default=None, help="the CFW file (default: the recipe's, RUNS/cfw/last.safetensors)")
     args = parser.parse_args()
     runs = Path(args.runs)
     out = Path(args.out)
     needed = [runs / run_name(a, s) / "last.safetensors" for a in ARMS for s in args.training_seeds]
-    needed.append(runs / "cfw" / "last.safetensors")
+    cfw_path = Path(args.cfw) if args.cfw else runs / "cfw" / "last.safetensors"
+    needed.append(cfw_path)
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         sys.exit(f"ablation: {', '.join(missing)} missing; run scripts/train_tiny.py first")
     from train_tiny import SAMPLING_DEFAULTS  # the shipped model's sampling settings
 
     crops = {str(p): hr for p, hr in read_hr_crops([str(HELDOUT)], args.crop).items()}
-    cfw = load_cfw(runs / "cfw" / "last.safetensors")
+    cfw = load_cfw(cfw_path)
     results = {}
     for arm in ARMS:
         for ts in args.training_seeds:
@@ -175,7 +177,7 @@ def main() -> None:
     summary = summarise(results, args.training_seeds)
     bicubic_row = bicubic(crops)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"crops": list(crops), "sampling": SAMPLING_DEFAULTS, "training_seeds": args.training_seeds,
+    record = {"crops": list(crops), "cfw": str(cfw_path), "sampling": SAMPLING_DEFAULTS, "training_seeds": args.training_seeds,
               "sampling_seeds": args.sampling_seeds, "bands": BANDS, "results": results, "bicubic": bicubic_row,
               "summary": summary}
     (out / "ablation.json").write_text(json.dumps(record, indent=1) + "\n")

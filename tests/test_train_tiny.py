@@ -52,14 +52,14 @@ def test_quick_recipe_records_every_stage(quick_recipe):
     assert set(record["stages"]) == {"vae", "unet", "sr", "sr_blind", "sr_seed1", "sr_blind_seed1", "cfw_data", "cfw"}
     assert record["recipe"]["vae_steps"] == 2
     logs = {p.stem for p in (quick_recipe / "ship" / "logs").glob("*.jsonl")}
-    assert logs == {"vae", "unet", "sr", "sr_blind", "cfw"}
+    assert logs == {"vae", "unet", "sr", "sr_blind", "sr_seed1", "sr_blind_seed1", "cfw"}
 
 
 def test_quick_recipe_run_again_skips_finished_stages(quick_recipe):
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny.py"), "--quick", "--runs",
                            str(quick_recipe), "--threads", "1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    for stage in ("vae", "unet", "sr + sr_blind", "cfw_data", "cfw"):
+    for stage in ("vae", "unet", "sr + sr_blind + sr_seed1 + sr_blind_seed1", "cfw_data", "cfw"):
         assert f"== {stage}: done already" in done.stdout, stage
 
 

@@ -84,7 +84,7 @@ def test_notebook_runs_on_the_tiny_model(name, monkeypatch):
     assert {p: p.read_bytes() for p in NOTEBOOKS.iterdir()} == files_before
 
 
-NUMBER = re.compile(r"(?<![\w.])\d+\.\d+(?!\d)")  # a decimal number, as readings quote measurements
+NUMBER = re.compile(r"(?<![\w.])\d+\.\d{2,}(?!\d)")  # a number with 2+ decimals, as readings quote measurements (not "Sec. 3.1", "w = 0.5")
 
 
 def output_text(nb) -> str:

@@ -5,8 +5,8 @@ so the tests of this module (`tests/test_analysis.py`) cover every number they s
 
     setup                    load_demo (weights, device, sizes), load_photo, heldout_crops, to_numpy_image
     the pipeline in pieces   predicted_x0, sample_with_previews (and StableSRPipeline.sample_latent/finish)
-    Sec. 3.1 time awareness  snr, timestep_at_snr, log_snr_timesteps, sft_feature_similarity, relative_change,
-                             t_sensitivity
+    Sec. 3.1 time awareness  snr, timestep_at_snr, log_snr_timesteps, sft_feature_similarity, matched_noise,
+                             relative_change, t_sensitivity; prior_alone (the UNet without guidance)
     Sec. 3.2 CFW trade-off   laplacian_variance (fidelity: evaluate.evaluation_lr and evaluate.score)
     Sec. 3.3 aggregation     flat_weights, tile_borders, jump_profile, seam_strength
     Sec. 3.4 colour          color_shift
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -35,7 +35,7 @@ from .model import StableSR, find_weights, load_cfw, load_stablesr, sampling_def
 from .pipeline import StableSRPipeline, UpscaleOptions, make_denoiser, text_context, tile_weight_map
 from .sampler import aggregate, tile_grid, tile_starts
 from .schedule import Schedule
-from .train import Denoiser, diffusion_loss, latents
+from .train import Denoiser, diffusion_loss, is_trainable, latents
 from .unet import SFT
 
 # ------------------------------------------------------------------------------------------------------
@@ -214,7 +214,8 @@ def log_snr_timesteps(alphas_cumprod: torch.Tensor, n: int) -> list[int]:
 @torch.no_grad()
 def sft_feature_similarity(model: StableSR, z0: torch.Tensor, lr_latent: torch.Tensor, context: torch.Tensor,
                            timesteps: Iterable[int], noise: torch.Tensor,
-                           fixed_encoder_t: int | None = None) -> torch.Tensor:
+                           fixed_encoder_t: int | None = None,
+                           random_condition: torch.Generator | None = None) -> torch.Tensor:
     """How strongly the time-aware guidance modulates the UNet at each timestep (the paper's Fig. 3).
 
     For each t, the clean latent `z0` is noised to x_t = sqrt(ab_t) z0 + sqrt(1 - ab_t) noise, the
@@ -226,6 +227,9 @@ def sft_feature_similarity(model: StableSR, z0: torch.Tensor, lr_latent: torch.T
 
     fixed_encoder_t: feed the encoder this one timestep whatever t the UNet sees (the ablation without
     time awareness); None feeds it t.
+    random_condition: replace each of the encoder's feature maps by Gaussian noise with its per-channel mean
+    and standard deviation, drawn from this generator (the calibration: what SFT does with a condition of
+    the right statistics that carries no information about the image).
     """
     if model.time_encoder is None:
         raise ValueError("this model has no SFT layers (use_sft=False): nothing modulates the UNet")
@@ -245,13 +249,35 @@ def sft_feature_similarity(model: StableSR, z0: torch.Tensor, lr_latent: torch.T
             unet_t = torch.full((batch,), int(t), device=z0.device)
             encoder_t = unet_t if fixed_encoder_t is None else torch.full_like(unet_t, fixed_encoder_t)
             x_t = schedule.q_sample(z0, int(t), noise)
-            model.unet(x_t, unet_t, context, model.time_encoder(lr_latent, encoder_t))
+            features = model.time_encoder(lr_latent, encoder_t)
+            if random_condition is not None:
+                features = {width: matched_noise(f, random_condition) for width, f in features.items()}
+            model.unet(x_t, unet_t, context, features)
             similarities.append(torch.stack(layer_similarities).mean())
     finally:
         for handle in handles:
             handle.remove()
     return torch.stack(similarities).cpu()
 
+
+
+def matched_noise(feature: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise with `feature`'s mean and standard deviation per image and channel, and nothing else."""
+    mean, std = feature.mean(dim=(-2, -1), keepdim=True), feature.std(dim=(-2, -1), keepdim=True)
+    noise = torch.randn(feature.shape, generator=generator, dtype=torch.float32).to(feature)
+    return mean + std * noise
+
+
+def prior_alone(model: StableSR) -> StableSR:
+    """The diffusion prior without StableSR's guidance: the same frozen UNet, VAE and text encoder, built
+    without SFT layers and without the time-aware encoder (`use_sft=False`), sharing `model`'s tensors.
+    What StableSR fine-tunes (`train.is_trainable`) is exactly what is left out; the copy is strict."""
+    cfg = replace(model.cfg, unet=replace(model.cfg.unet, use_sft=False))
+    with torch.device("meta"):
+        prior = StableSR(cfg)
+    prior.load_state_dict({k: v for k, v in model.state_dict().items() if not is_trainable(k)}, strict=True,
+                          assign=True)
+    return prior.eval()
 
 # ------------------------------------------------------------------------------------------------------
 # Sec. 3.2: the fidelity-realism trade-off of CFW (its fidelity side is `evaluate.score`)

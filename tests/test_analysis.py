@@ -10,7 +10,8 @@ from stablesr_min import degradation as realesrgan
 from stablesr_min import train
 from stablesr_min.analysis import (HELDOUT, Demo, color_shift, degradation_stages, heldout_crops,
                                    heldout_scores, jump_profile, laplacian_variance, load_demo, load_photo,
-                                   log_snr_timesteps, loss_by_timestep, sample_with_previews, seam_strength,
+                                   log_snr_timesteps, loss_by_timestep, matched_noise, prior_alone,
+                                   sample_with_previews, seam_strength,
                                    sft_feature_similarity, snr, tile_borders, timestep_at_snr, to_numpy_image)
 from stablesr_min.config import DiffusionConfig
 from stablesr_min.evaluate import score
@@ -180,6 +181,41 @@ def test_sft_similarity_with_a_fixed_encoder_timestep(stablesr, latents):
     other = sft_feature_similarity(stablesr, z0, lr_latent, context, [800], noise, fixed_encoder_t=100)
     assert other.item() != aware[1].item()
     assert all(not layer._forward_hooks for layer in sft_layers(stablesr))
+
+
+def test_sft_similarity_calibration_with_a_random_condition(stablesr, latents):
+    z0, lr_latent, context, noise = latents
+    first = sft_feature_similarity(stablesr, z0, lr_latent, context, [100, 800], noise,
+                                   random_condition=torch.Generator().manual_seed(3))
+    again = sft_feature_similarity(stablesr, z0, lr_latent, context, [100, 800], noise,
+                                   random_condition=torch.Generator().manual_seed(3))
+    real = sft_feature_similarity(stablesr, z0, lr_latent, context, [100, 800], noise)
+    assert torch.equal(first, again)  # the draw comes from the generator alone
+    assert bool((first != real).all()) and bool((first.abs() < 1).all())
+
+
+def test_matched_noise_keeps_mean_and_std_per_channel_and_nothing_else():
+    feature = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 2.0, 5.0])[:, None, None] + 7
+    noise = matched_noise(feature, torch.Generator().manual_seed(1))
+    std = feature.std(dim=(-2, -1))
+    assert ((noise.mean(dim=(-2, -1)) - feature.mean(dim=(-2, -1))).abs() / std).max() < 4 / 64  # 4 sigma of 64x64 draws
+    assert torch.allclose(noise.std(dim=(-2, -1)), std, rtol=0.05)
+    centred = [(x - x.mean(dim=(-2, -1), keepdim=True)).flatten(1) for x in (feature, noise)]
+    assert F.cosine_similarity(*centred, dim=1).abs().max() < 0.05  # uncorrelated with the feature
+
+
+def test_prior_alone_is_the_unet_without_guidance(stablesr, latents):
+    prior = prior_alone(stablesr)
+    assert prior.time_encoder is None and not sft_layers(prior)
+    shared = {k: v for k, v in stablesr.state_dict().items() if not train.is_trainable(k)}
+    assert prior.state_dict().keys() == shared.keys()
+    assert all(torch.equal(prior.state_dict()[k], v) for k, v in shared.items())
+    z0, lr_latent, context, noise = latents
+    t = torch.tensor([500])
+    with torch.no_grad():
+        unguided = prior.unet(noise, t, context)
+        guided = stablesr.unet(noise, t, context, stablesr.time_encoder(lr_latent, t))
+    assert unguided.shape == guided.shape and not torch.allclose(unguided, guided)
 
 
 # ------------------------------------------------------------------------------------------------------

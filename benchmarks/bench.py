@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stablesr_min.cfw import CFWAutoencoder  # noqa: E402
-from stablesr_min.cli import DTYPES  # noqa: E402
 from stablesr_min.config import StableSRConfig  # noqa: E402
+from stablesr_min.devices import DTYPES  # noqa: E402
 from stablesr_min.model import StableSR  # noqa: E402
 from stablesr_min.pipeline import StableSRPipeline, UpscaleOptions  # noqa: E402
 

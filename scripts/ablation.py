@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from stablesr_min import metrics  # noqa: E402
-from stablesr_min.analysis import loss_by_timestep  # noqa: E402
-from stablesr_min.evaluate import EvalDegradation, evaluation_lr, read_hr_crops, score  # noqa: E402
+from stablesr_min.app import metrics  # noqa: E402
+from stablesr_min.app.analysis import loss_by_timestep  # noqa: E402
+from stablesr_min.app.evaluate import EvalDegradation, evaluation_lr, read_hr_crops, score  # noqa: E402
 from stablesr_min.model import load_cfw, load_stablesr  # noqa: E402
 from stablesr_min.pipeline import StableSRPipeline, UpscaleOptions, upsample  # noqa: E402
 
@@ -144,6 +144,12 @@ def markdown(summary: dict, bicubic_row: dict, training_seeds: list[int], seeds:
     return "\n".join(lines) + "\n"
 
 
+def from_root(path) -> str:
+    """A path as the record keeps it: relative to the checkout when inside it (the same on every machine)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=str(ROOT / "runs" / "tiny"), help="the recipe's run folders")
@@ -177,7 +183,8 @@ def main() -> None:
     summary = summarise(results, args.training_seeds)
     bicubic_row = bicubic(crops)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"crops": list(crops), "cfw": str(cfw_path), "sampling": SAMPLING_DEFAULTS, "training_seeds": args.training_seeds,
+    record = {"crops": [from_root(c) for c in crops], "cfw": from_root(cfw_path), "sampling": SAMPLING_DEFAULTS,
+              "training_seeds": args.training_seeds,
               "sampling_seeds": args.sampling_seeds, "bands": BANDS, "results": results, "bicubic": bicubic_row,
               "summary": summary}
     (out / "ablation.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -20,10 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stablesr_min.cli import SAMPLING_OPTIONS, sampling_settings  # noqa: E402
-from stablesr_min.evaluate import EvalDegradation, evaluation_lr, read_hr_crops, score  # noqa: E402
-from stablesr_min.model import find_weights, load_cfw, load_stablesr  # noqa: E402
+from stablesr_min.app.evaluate import EvalDegradation, evaluation_lr, read_hr_crops, score  # noqa: E402
+from stablesr_min.app.settings import SAMPLING_OPTIONS, sampling_settings  # noqa: E402
+from stablesr_min.model import load_cfw, load_stablesr  # noqa: E402
 from stablesr_min.pipeline import Sampled, StableSRPipeline, UpscaleOptions  # noqa: E402
+from stablesr_min.tiny import find_weights  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

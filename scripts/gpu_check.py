@@ -57,13 +57,13 @@ sys.path.insert(0, str(ROOT))
 
 from stablesr_min.atomic import atomic_write  # noqa: E402
 from stablesr_min.cfw import CFWAutoencoder  # noqa: E402
-from stablesr_min.cli import DTYPES  # noqa: E402
 from stablesr_min.config import StableSRConfig  # noqa: E402
+from stablesr_min.devices import DTYPES  # noqa: E402
 from stablesr_min.model import StableSR  # noqa: E402
 from stablesr_min.pipeline import (StableSRPipeline, UpscaleOptions, pad_canvas, text_context,  # noqa: E402
                                    tiled_cfw_decode, vae_tiles)
 from stablesr_min.sampler import tile_grid  # noqa: E402
-from stablesr_min.train_prior import prior_config, sr_config  # noqa: E402
+from stablesr_min.train.prior import prior_config, sr_config  # noqa: E402
 
 SECTIONS = ("numerics", "speed", "memory", "notebooks", "training")
 SETTINGS = {"ddpm200": ("ddpm", 200), "ddim20": ("ddim", 20), "ddpm4": ("ddpm", 4)}  # name: (sampler, steps)

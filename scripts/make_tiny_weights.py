@@ -12,9 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package, and the golden-set reader of the tests
 
-from stablesr_min.golden import GoldenSet  # noqa: E402
+from golden import GoldenSet  # noqa: E402
 
 
 def main() -> None:

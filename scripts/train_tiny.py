@@ -45,12 +45,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from stablesr_min.cfw_data import DataFolder  # noqa: E402
 from stablesr_min.config import StableSRConfig  # noqa: E402
 from stablesr_min.model import time_blindness  # noqa: E402
 from stablesr_min.tiny import SAMPLING_METADATA_KEY, TINY_FILES  # noqa: E402
-from stablesr_min.train import is_trainable  # noqa: E402
-from stablesr_min.train_prior import prior_config, sr_config  # noqa: E402
+from stablesr_min.train.cfw_data import DataFolder  # noqa: E402
+from stablesr_min.train.prior import prior_config, sr_config  # noqa: E402
+from stablesr_min.train.sr import is_trainable  # noqa: E402
 from stablesr_min.weights import CONFIG_METADATA_KEY, WeightFiles, save_safetensors  # noqa: E402
 
 PHOTOS = ROOT / "data" / "photos"

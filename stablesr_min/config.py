@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 
+SCALE = 4  # StableSR's upscaling factor: it is trained on LR = HR / 4 and used at x4
+
 @dataclass
 class VAEConfig:
     """AutoencoderKL (`first_stage_model.`): the SD 2.x VAE, 8x down, 4 latent channels."""
@@ -30,6 +32,11 @@ class VAEConfig:
     embed_dim: int = 4  # latent channels after quant_conv
     norm_groups: int = 32  # GroupNorm groups (SD: 32, so 4 channels per group at width 128; at width 32, 32
     #                        groups would normalise each channel alone and erase its mean: a crop's colour)
+
+    @property
+    def downscale(self) -> int:
+        """Pixels per latent cell along each side: 2 per level after the first (8 for SD)."""
+        return 2 ** (len(self.ch_mult) - 1)
 
 
 @dataclass
@@ -170,3 +177,43 @@ def _build(cls, block: Mapping[str, Any], where: str):
             kwargs[f.name] = tuple(value) if isinstance(value, list) else value
     _warn_unknown(block, where)
     return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The tiny sizes this project trains and ships (`train vae`, `train unet`, scripts/train_tiny.py, tiny/)
+
+# Overrides of the official sizes above. Every width is a multiple of the networks' GroupNorm groups.
+# Chosen to train in tens of minutes on a 2-core CPU (docs/training.md, "Training a tiny prior"):
+TINY_SIZES = {
+    # VAE: 3 levels, so 4x down (SD: 8x) with 4 latent channels: 48 values per latent cell -> 4 (SD: 192 -> 4).
+    # A tiny decoder trained for minutes cannot invent the detail that 8x would throw away (LDM's
+    # autoencoder zoo, Table 8: reconstructions worsen as the factor grows); widths 32, 64, 64, one residual
+    # block per level.
+    # 8 GroupNorm groups: 4 channels per group as SD's VAE has at width 128 (32 groups at width 32 would
+    # normalise each channel on its own, erasing its mean: the decoder then loses a crop's colour).
+    "vae": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "norm_groups": 8},
+    # UNet: widths 32, 64, 64, one residual block per level, attention below the top level (SD: 320 ... 1280,
+    # two blocks, attention at every level); heads of 32 channels.
+    # 8 GroupNorm groups, for the same reason and one more: a ResBlock adds the time embedding per channel just
+    # before a GroupNorm, and with one channel per group (32 groups at width 32) the norm subtracts it again,
+    # so the UNet and the time-aware encoder could not see t (`model.time_blind_layers`; MODEL_CARD.md).
+    "unet": {"model_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": 1, "attention_resolutions": [2, 4],
+             "num_head_channels": 32, "context_dim": 32, "semb_channels": 32, "use_sft": False, "norm_groups": 8},
+    # CFW fusion layers (added by `train cfw`): the official sizes, two RRDBs of growth 32. At this model's
+    # sizes CFW is its path to fidelity; one RRDB of growth 16 (a third of the parameters, twice as fast)
+    # scored 0.05 dB lower on the training crops (tiny/MODEL_CARD.md).
+    "cfw": {"num_fuse_block": 2, "num_grow_ch": 32},
+    # Text encoder: width 32, 2 blocks (the penultimate one's output is used, as SD 2.x), the BPE vocabulary
+    # and 77 tokens as CLIP's.
+    "text": {"width": 32, "heads": 2, "layers": 2, "embed_dim": 32},
+}
+
+
+def matching_time_encoder(unet: UNetConfig) -> dict[str, Any]:
+    """The time-aware encoder that `train sr` will add, sized to the UNet as the official one is to SD's:
+    one level per UNet level (so it has a feature for every UNet resolution), half the UNet's multipliers
+    ((1, 2, 4, 4) -> (1, 1, 2, 2)), attention where the UNet has it, and features of the SFT input width."""
+    return {"model_channels": unet.model_channels, "out_channels": unet.semb_channels,
+            "channel_mult": [max(1, m // 2) for m in unet.channel_mult],
+            "num_res_blocks": unet.num_res_blocks, "attention_resolutions": list(unet.attention_resolutions),
+            "norm_groups": unet.norm_groups}

@@ -22,10 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .atomic import atomic_write
-
-
-class ImageError(ValueError):
-    """An input image that cannot be used: the message is one line a user can act on."""
+from .errors import ImageError
 
 
 @dataclass

@@ -14,10 +14,7 @@ so the diffusion prior alone can be run for comparison.
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -25,12 +22,12 @@ from torch import nn
 
 from .cfw import CFWAutoencoder
 from .config import StableSRConfig
+from .errors import WeightsError
 from .text import TextEncoder
-from .tiny import SAMPLING_METADATA_KEY, tiny_cfw_file, tiny_stablesr_files
 from .time_encoder import TimeAwareEncoder
 from .unet import UNet, time_blind_blocks
 from .vae import AutoencoderKL
-from .weights import WeightFiles, WeightsError, load_module
+from .weights import WeightFiles, load_module
 
 
 class _Holder(nn.Module):
@@ -144,48 +141,3 @@ def load_vae(
     with torch.device("meta"):
         vae = AutoencoderKL(cfg.vae)
     return load_module(vae, files, "first_stage_model.", what="the VAE", dtype=dtype, device=device).eval()
-
-
-# ------------------------------------------------------------------------------------------------------
-# Where the weights are: the converted official files, or the tiny model this project trained and ships
-
-OFFICIAL_STABLESR = "stablesr_000117.safetensors"  # from stablesr_000117.ckpt (or the turbo checkpoint)
-OFFICIAL_CFW = "vqgan_cfw_00011.safetensors"  # from vqgan_cfw_00011.ckpt
-TINY_MODEL_NOTICE = ("using the tiny StableSR shipped with stablesr-min (a teaching model trained on 9 CC0 photos "
-                     "on a CPU: stablesr_min/tiny/MODEL_CARD.md); for the official model pass --weights and "
-                     "--cfw, or set STABLESR_WEIGHTS")
-
-
-@dataclass
-class WeightsChoice:
-    stablesr: list[Path]
-    cfw: Path
-    notice: str | None  # a line to show the user (the shipped tiny model), or None (the files they named)
-
-
-def find_weights(folder: str | os.PathLike | None = None, variant: str = "time_aware",
-                 shipped: bool = False) -> WeightsChoice:
-    """The official files in `folder` (default: $STABLESR_WEIGHTS); the shipped tiny model (its time-aware
-    or time-blind `variant`) if no folder is named at all, or if `shipped`. A folder that is named but lacks
-    the files is an error, not a silent fallback."""
-    folder = None if shipped else folder or os.environ.get("STABLESR_WEIGHTS")
-    if not folder:
-        files = [*tiny_stablesr_files(variant), tiny_cfw_file()]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise WeightsError(f"the shipped tiny model is incomplete ({', '.join(missing)} missing); reinstall "
-                               "stablesr-min, or rebuild it with scripts/train_tiny.py")
-        return WeightsChoice(files[:-1], files[-1], TINY_MODEL_NOTICE)
-    folder = Path(folder)
-    missing = [name for name in (OFFICIAL_STABLESR, OFFICIAL_CFW) if not (folder / name).is_file()]
-    if missing:
-        raise WeightsError(f"{folder}: lacks {', '.join(missing)}; convert the official .ckpt files into it "
-                           "(see the README, 'Official weights')")
-    return WeightsChoice([folder / OFFICIAL_STABLESR], folder / OFFICIAL_CFW, None)
-
-
-def sampling_defaults(paths: Iterable[str | os.PathLike]) -> dict:
-    """The sampling settings stored with the weights (the shipped tiny model's: sampler, steps, tile, overlap,
-    dec_w, colorfix), {} for files that store none (the official ones)."""
-    stored = WeightFiles(paths).metadata.get(SAMPLING_METADATA_KEY)
-    return json.loads(stored) if stored else {}

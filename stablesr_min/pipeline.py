@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .cfw import CFWAutoencoder
+from .colorfix import METHODS as COLORFIX_METHODS
 from .colorfix import color_fix
-from .config import StableSRConfig
+from .config import SCALE, StableSRConfig
 from .model import StableSR
 from .sampler import Progress, aggregation_step, ddim_step, gaussian_weights, tile_starts
 from .schedule import DDIMSchedule, Schedule
@@ -38,7 +39,7 @@ from .vae import AutoencoderKL, DiagonalGaussian
 
 @dataclass
 class UpscaleOptions:
-    scale: float = 4.0  # output size / input size
+    scale: float = float(SCALE)  # output size / input size
     steps: int = 200  # sampling steps; 200 respaced DDPM steps is the paper's setting and what the official
     #                   README's commands pass (the official script's own --ddpm_steps default is 1000)
     sampler: str = "ddpm"  # "ddpm" (the paper's) or "ddim" (the official DDIM script's; 20-50 steps there)
@@ -67,13 +68,13 @@ class UpscaleOptions:
             (self.sampler in ("ddpm", "ddim"), f"sampler: 'ddpm' or 'ddim', got {self.sampler!r}"),
             (0 <= self.eta <= 1, f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {self.eta}"),
             (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0,
-             f"guidance_scale must be a number >= 0 (1: no guidance), got {self.guidance_scale}"),
+             f"guidance scale (--guidance-scale) must be a number >= 0 (1: no guidance), got {self.guidance_scale}"),
             (self.tile >= 8, f"tile must be >= 8 latents, got {self.tile}"),
             (0 <= self.overlap < self.tile, f"overlap must be in [0, tile), got {self.overlap}"),
             (self.tile_batch >= 1, f"tile_batch must be >= 1, got {self.tile_batch}"),
             (self.tile_weights in ("paper", "official"), f"tile_weights: 'paper' or 'official', got {self.tile_weights!r}"),
-            (0 <= self.dec_w <= 1, f"dec_w (the CFW weight w) must be in [0, 1], got {self.dec_w}"),
-            (self.colorfix in ("adain", "wavelet", "none"), f"colorfix: adain, wavelet or none, got {self.colorfix!r}"),
+            (0 <= self.dec_w <= 1, f"the CFW weight w (--dec-w) must be in [0, 1], got {self.dec_w}"),
+            (self.colorfix in COLORFIX_METHODS, f"colorfix: {', '.join(COLORFIX_METHODS[:-1])} or {COLORFIX_METHODS[-1]}, got {self.colorfix!r}"),
             (self.vae_tile == 0 or (self.vae_tile % 64 == 0 and self.vae_tile > 0), f"vae_tile must be 0 or a multiple of 64, got {self.vae_tile}"),
             (self.vae_overlap % 8 == 0 and 0 <= self.vae_overlap < max(self.vae_tile, 1) / 2 or self.vae_tile == 0,
              f"vae_overlap must be a multiple of 8 below vae_tile / 2, got {self.vae_overlap}"),

@@ -21,7 +21,7 @@ from .schedule import DDIMSchedule, Schedule
 # denoise(x_tiles, lr_tiles, t) -> model output (eps or v) for a batch of tiles; t holds original
 # timesteps. Tiles are stacked tile-major, so row i of a batch belongs to image i % B: a denoiser with
 # per-image conditioning (the text context) repeats it with `context.repeat(len(x_tiles) // B, 1, 1)`.
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # progress(tiles_done, tiles_total), called after each batch of tiles.
 Progress = Callable[[int, int], None]
 
@@ -63,7 +63,7 @@ def gaussian_weights(tile_h: int, tile_w: int, var: float = 0.01, official: bool
     return torch.outer(_gaussian(tile_h, row_centre, var), _gaussian(tile_w, (tile_w - 1) / 2, var))
 
 
-def aggregate(x: torch.Tensor, lr_latent: torch.Tensor, t: torch.Tensor, denoise: Denoiser,
+def aggregate(x: torch.Tensor, lr_latent: torch.Tensor, t: torch.Tensor, denoise: DenoiseFn,
               tiles: list[Region], weights: torch.Tensor, batch_size: int = 4,
               progress: Progress | None = None) -> torch.Tensor:
     """The model output for the whole latent, blended from overlapping tiles (paper Sec. 3.3):
@@ -93,7 +93,7 @@ def aggregate(x: torch.Tensor, lr_latent: torch.Tensor, t: torch.Tensor, denoise
     return weighted_sum / weight_sum
 
 
-def tiled_output(x: torch.Tensor, lr_latent: torch.Tensor, t: torch.Tensor, denoise: Denoiser, *, tile: int,
+def tiled_output(x: torch.Tensor, lr_latent: torch.Tensor, t: torch.Tensor, denoise: DenoiseFn, *, tile: int,
                  overlap: int, weights: torch.Tensor | None = None, batch_size: int = 4,
                  progress: Progress | None = None) -> torch.Tensor:
     """`aggregate` over the `tile_grid` of x; `weights` defaults to the centred Gaussian of a `tile` x
@@ -104,7 +104,7 @@ def tiled_output(x: torch.Tensor, lr_latent: torch.Tensor, t: torch.Tensor, deno
 
 
 def aggregation_step(schedule: Schedule, x: torch.Tensor, lr_latent: torch.Tensor, k: int,
-                     denoise: Denoiser, noise: torch.Tensor, **tiling) -> torch.Tensor:
+                     denoise: DenoiseFn, noise: torch.Tensor, **tiling) -> torch.Tensor:
     """One reverse step x_k -> x_{k-1} of the respaced `schedule` over overlapping tiles (`tiling`: the
     keyword arguments of `tiled_output`: tile, overlap, weights, batch_size, progress).
 
@@ -115,7 +115,7 @@ def aggregation_step(schedule: Schedule, x: torch.Tensor, lr_latent: torch.Tenso
     return schedule.p_sample(x, k, tiled_output(x, lr_latent, t, denoise, **tiling), noise)
 
 
-def ddim_step(ddim: DDIMSchedule, x: torch.Tensor, lr_latent: torch.Tensor, index: int, denoise: Denoiser,
+def ddim_step(ddim: DDIMSchedule, x: torch.Tensor, lr_latent: torch.Tensor, index: int, denoise: DenoiseFn,
               noise: torch.Tensor, *, timestep: int | None = None,
               **tiling) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step over overlapping tiles (the official `p_sample_ddim_sr_tcanvas`): the tiles' blended

@@ -65,7 +65,7 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(out)
 
 
-class Downsample(nn.Module):
+class PaddedDownsample(nn.Module):
     """Stride-2 3x3 conv with the reference's asymmetric zero padding (right and bottom only)."""
 
     def __init__(self, channels: int):
@@ -117,7 +117,7 @@ class Encoder(nn.Module):
         for i, cout in enumerate(widths):
             level = Level(cin, cout, cfg.num_res_blocks, res in cfg.attn_resolutions, cfg.norm_groups)
             if i != len(widths) - 1:
-                level.downsample = Downsample(cout)
+                level.downsample = PaddedDownsample(cout)
                 res //= 2
             self.down.append(level)
             cin = cout
@@ -210,7 +210,7 @@ class AutoencoderKL(nn.Module):
     @property
     def downscale(self) -> int:
         """Pixels per latent cell along each side (8 for SD)."""
-        return 2 ** (len(self.cfg.ch_mult) - 1)
+        return self.cfg.downscale
 
     def moments(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_conv(self.encoder(x))

@@ -3,9 +3,10 @@ import os
 import pytest
 import torch
 
-from stablesr_min.golden import GoldenSet
 from stablesr_min.model import load_cfw, load_stablesr
 from stablesr_min.weights import WeightFiles
+
+from golden import GoldenSet
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 

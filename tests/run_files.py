@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from stablesr_min import training
+from stablesr_min.train import engine as training
 
 
 def tensors(path) -> dict[str, torch.Tensor]:
@@ -26,14 +26,15 @@ def log(run: Path) -> list[dict]:
 
 
 @contextlib.contextmanager
-def ctrl_c_after_step_1(monkeypatch):
-    """A context in which a training run gets Ctrl-C right after its first step (as a user pressing it)."""
+def ctrl_c_after_step_1(monkeypatch, signum: int = signal.SIGINT):
+    """A context in which a training run gets Ctrl-C (or `signum`: SIGTERM, as a scheduler sends) right
+    after its first step."""
     update = training.TrainProgress.update
 
     def update_then_interrupt(self, step, loss):
         update(self, step, loss)
         if step == 1:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
 
     with monkeypatch.context() as m:
         m.setattr(training.TrainProgress, "update", update_then_interrupt)

@@ -1,4 +1,4 @@
-"""The notebooks' measurements (stablesr_min/analysis.py), each checked against numbers worked out by hand."""
+"""The notebooks' measurements (stablesr_min/app/analysis.py), each checked against numbers worked out by hand."""
 
 import copy
 
@@ -7,20 +7,21 @@ import torch
 import torch.nn.functional as F
 
 from stablesr_min import degradation as realesrgan
-from stablesr_min import train
-from stablesr_min.analysis import (HELDOUT, Demo, color_shift, degradation_stages, heldout_crops,
-                                   heldout_scores, jump_profile, laplacian_variance, load_demo, load_photo,
-                                   log_snr_timesteps, loss_by_timestep, matched_noise, prior_alone,
-                                   sample_with_previews, seam_strength,
-                                   sft_feature_similarity, snr, tile_borders, timestep_at_snr, to_numpy_image)
+from stablesr_min import objective
+from stablesr_min.app.analysis import (HELDOUT, Demo, color_shift, degradation_stages, heldout_crops, heldout_scores,
+                                       jump_profile, laplacian_variance, load_demo, load_photo, log_snr_timesteps,
+                                       loss_by_timestep, matched_noise, prior_alone, sample_with_previews,
+                                       seam_strength, sft_feature_similarity, snr, tile_borders, timestep_at_snr,
+                                       to_numpy_image)
+from stablesr_min.app.evaluate import score
 from stablesr_min.config import DiffusionConfig
-from stablesr_min.evaluate import score
 from stablesr_min.image_io import load_image
-from stablesr_min.model import load_stablesr, sampling_defaults
+from stablesr_min.model import load_stablesr
 from stablesr_min.pipeline import (StableSRPipeline, UpscaleOptions, draw, pad_canvas, start_latent, text_context,
                                    upsample)
 from stablesr_min.schedule import Schedule
-from stablesr_min.tiny import tiny_stablesr_files
+from stablesr_min.tiny import sampling_defaults, tiny_stablesr_files
+from stablesr_min.train import sr as train
 from stablesr_min.unet import SFT
 
 
@@ -301,9 +302,9 @@ def test_loss_by_timestep_is_the_training_objective(golden_weights):
     assert losses.shape == (2,) and torch.equal(losses, loss_by_timestep(model, lr, hr, bands, per_band=3, seed=5))
     # by hand: the same latents and noise, the objective at t = 0
     gen = torch.Generator().manual_seed(5)
-    z_lr, z = train.latents(model, lr, hr, gen)
+    z_lr, z = objective.latents(model, lr, hr, gen)
     noise = torch.randn(z.shape, generator=gen)
-    expected = train.diffusion_loss(train.Denoiser(model), Schedule.from_config(model.cfg.diffusion), z_lr, z,
+    expected = objective.diffusion_loss(objective.Denoiser(model), Schedule.from_config(model.cfg.diffusion), z_lr, z,
                               torch.zeros(2, dtype=torch.long), noise, text_context(model, "", 2))
     assert torch.allclose(losses[0], expected)
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from stablesr_min import cli
-from stablesr_min.cli import main
+from stablesr_min.app import cli
+from stablesr_min.app.cli import main
+from stablesr_min.devices import pick_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", "2", "--tile", "16", "--overlap", "6", "--seed", "1"]
@@ -147,7 +148,7 @@ def test_image_too_large_for_the_device(photo, weights, tmp_path, capsys, monkey
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--dec-w", "2"], "dec_w"),
+    (["--dec-w", "2"], "--dec-w"),
     (["--overlap", "64"], "overlap"),
     (["--steps", "0"], "steps"),
     (["--dtype", "float16", "--device", "cpu"], "float16 needs a GPU"),
@@ -168,7 +169,7 @@ def test_module_entry_point_exit_code(tmp_path):
 @pytest.mark.parametrize("fast_kernels", [True, False])
 def test_bfloat16_on_a_cpu_without_fast_kernels_warns(fast_kernels, monkeypatch, capsys):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512" if fast_kernels else "AVX2")
-    assert cli.pick_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
+    assert pick_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
     assert ("no fast bfloat16 kernels" in capsys.readouterr().err) is not fast_kernels
 
 
@@ -199,7 +200,7 @@ def test_guided_ddim_end_to_end(photo, weights, tmp_path, capsys, mode):
     (["--eta", "-1"], "eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got -1.0"),
     (["--sampler", "ddim", "--steps", "0"], "steps must be >= 1, got 0"),
     (["--sampler", "euler"], "sampler: 'ddpm' or 'ddim', got 'euler'"),
-    (["--guidance-scale", "-3"], "guidance_scale must be a number >= 0 (1: no guidance), got -3.0"),
+    (["--guidance-scale", "-3"], "guidance scale (--guidance-scale) must be a number >= 0 (1: no guidance), got -3.0"),
 ])
 def test_bad_sampler_options(photo, tmp_path, capsys, args, message):
     code, out, err = run(["upscale", str(photo), "--out", str(tmp_path), *args], capsys)
@@ -220,8 +221,8 @@ def test_guidance_that_cannot_act_is_warned_about(photo, tmp_path, capsys, args,
 def test_quick_start_is_a_real_upscale_with_the_shipped_model(tmp_path, capsys, monkeypatch):
     """The README's first command: no weights named, so the shipped tiny model at its own sampling settings,
     announced in one line; its output, scaled back down, is the input (not noise)."""
-    from stablesr_min.metrics import psnr
-    from stablesr_min.model import TINY_MODEL_NOTICE
+    from stablesr_min.app.metrics import psnr
+    from stablesr_min.tiny import TINY_MODEL_NOTICE
 
     monkeypatch.delenv("STABLESR_WEIGHTS", raising=False)
     example = ROOT / "examples" / "chelsea_128x96.png"

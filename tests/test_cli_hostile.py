@@ -20,11 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
+from stablesr_min.app.cli import main
 from stablesr_min.atomic import atomic_write
-from stablesr_min.cli import main
 from stablesr_min.image_io import image_size
-from stablesr_min.model import find_weights, resolve_config
+from stablesr_min.model import resolve_config
 from stablesr_min.pipeline import smallest_tile
+from stablesr_min.tiny import find_weights
 from stablesr_min.weights import WeightFiles
 
 ROOT = Path(__file__).resolve().parent.parent

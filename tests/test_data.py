@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from stablesr_min.data import (DataError, TrainingPairs, augment, find_images, pad_and_crop, read_rgb,
-                               reflect_101_index, smallest_gt_size)
 from stablesr_min.degradation import DegradationConfig
+from stablesr_min.errors import DataError
+from stablesr_min.train.data import (TrainingPairs, augment, find_images, pad_and_crop, read_rgb, reflect_101_index,
+                                     smallest_gt_size)
 
 PHOTOS = Path(__file__).resolve().parent.parent.parent / "shared" / "images"
 
@@ -32,7 +33,7 @@ def test_finds_images_recursively_and_sorted(folder):
     files = find_images([folder])
     assert [f.relative_to(folder).as_posix() for f in files] == [
         "astronaut.png", "sub/deeper/brick.png", "sub/rocket.jpg", "sub/small.webp"]
-    assert find_images([folder / "sub", folder]) == files[1:] + files
+    assert find_images([folder / "sub", folder]) == files[1:] + files[:1]  # each photo once
 
 
 def test_reads_8_and_16_bit_grey_and_colour(tmp_path):
@@ -150,7 +151,7 @@ def test_the_smallest_gt_size_works_and_one_below_is_refused(folder):
         assert lr.shape == (1, 3, 11, 11)
     with pytest.raises(DataError) as e:
         TrainingPairs([folder], smallest - 4, 1, cfg)
-    assert str(e.value) == "gt_size 40 is too small for the 21x21 blur kernels; use at least 44"
+    assert str(e.value) == "--gt-size 40 is too small for the 21x21 blur kernels; use at least 44"
 
 
 def test_error_messages(folder, tmp_path):
@@ -173,7 +174,7 @@ def test_error_messages(folder, tmp_path):
     (broken / "good.png").write_bytes((folder / "astronaut.png").read_bytes())
     (broken / "bad.png").write_bytes(b"this is not a PNG")
     assert message([broken], 64, 2) == f"{broken / 'bad.png'}: not an image that can be read; fix or remove it"
-    assert message([folder], 66, 2) == "gt_size 66 is not a multiple of the scale 4"
+    assert message([folder], 66, 2) == "--gt-size 66 is not a multiple of the scale 4"
     assert message([folder], 64, 7) == ("the pair pool's queue_size 180 is not a multiple of the batch size 7; "
                                          "choose a batch size that divides it")
     assert message([folder], 64, 0) == "batch size 0: must be at least 1"
@@ -198,7 +199,7 @@ def test_resuming_with_other_data_or_settings_is_refused(folder, tmp_path):
     assert str(e.value) == "the saved training state saw 4 images, these folders hold 3; resume with the same data"
     with pytest.raises(DataError) as e:
         TrainingPairs([folder], 128, 2).load_state_dict(state)
-    assert str(e.value) == ("the saved training state used gt_size 64, batch size 2, scale 4, crop size 64; "
+    assert str(e.value) == ("the saved training state used --gt-size 64, batch size 2, scale 4, crop size 64; "
                             "resume with the same settings")
 
 
@@ -215,3 +216,28 @@ def test_skip_small_leaves_out_what_the_official_dataset_skips(tmp_path):
     (tmp_path / "large.png").unlink()
     with pytest.raises(DataError, match=f"^every photo in {tmp_path} has fewer pixels than 384 x 384 or under 100 KiB"):
         TrainingPairs([tmp_path], 64, 1, skip_small=True)
+
+
+def test_photos_beyond_pillows_decompression_bomb_limit_are_read(tmp_path):
+    """Pillow refuses to open images over 2 x MAX_IMAGE_PIXELS (a DecompressionBombError traceback in training,
+    as it was); the training data reads their headers as `upscale` does, without the limit."""
+    from PIL import Image
+
+    from stablesr_min.train.data import check_readable, is_small
+    from test_cli_hostile import write_png
+
+    big = write_png(tmp_path / "big.png", 20_000, 10_000, 8, 2, bytes(301))  # a header: 200 M pixels
+    assert 20_000 * 10_000 > 2 * Image.MAX_IMAGE_PIXELS
+    check_readable(big)
+    assert is_small(big)  # its 301 bytes of pixel data are under the official 100 KiB: left out, not a traceback
+
+
+def test_a_folder_given_twice_or_inside_another_counts_each_photo_once(tmp_path, capsys):
+    from stablesr_min.train.data import find_images
+
+    (tmp_path / "sub").mkdir()
+    for name in ("a.png", "sub/b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    assert find_images([tmp_path, tmp_path / "sub", tmp_path]) == [tmp_path / "a.png", tmp_path / "sub" / "b.png"]
+    assert capsys.readouterr().err == ("note: 3 image(s) found through more than one of the folders given; each is "
+                                       "used once\n")

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from stablesr_min.config import DiffusionConfig
-from stablesr_min.golden import relative_error
 from stablesr_min.pipeline import Noises, StableSRPipeline, UpscaleOptions, make_denoiser, start_latent, text_context
 from stablesr_min.schedule import DDIMSchedule, Schedule, ddim_timesteps
+
+from golden import relative_error
 
 TRAIN = Schedule.from_config(DiffusionConfig())
 
@@ -164,8 +165,8 @@ def test_ddim_starts_from_pure_noise_and_ddpm_from_the_noised_lr_latent(stablesr
     ({"sampler": "euler"}, "sampler: 'ddpm' or 'ddim', got 'euler'"),
     ({"eta": -1.0}, "eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got -1.0"),
     ({"eta": float("nan")}, "eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got nan"),
-    ({"guidance_scale": -2.0}, "guidance_scale must be a number >= 0 (1: no guidance), got -2.0"),
-    ({"guidance_scale": float("inf")}, "guidance_scale must be a number >= 0 (1: no guidance), got inf"),
+    ({"guidance_scale": -2.0}, "guidance scale (--guidance-scale) must be a number >= 0 (1: no guidance), got -2.0"),
+    ({"guidance_scale": float("inf")}, "guidance scale (--guidance-scale) must be a number >= 0 (1: no guidance), got inf"),
 ])
 def test_bad_sampler_options(options, message):
     with pytest.raises(ValueError) as error:

@@ -19,22 +19,24 @@ import torch.multiprocessing as mp
 from PIL import Image
 from safetensors import safe_open
 
-from stablesr_min import train as train_module
-from stablesr_min import train_cfw as train_cfw_module
 from stablesr_min import weights
-from stablesr_min.cli import UsageError, main
-from stablesr_min.golden import relative_error
-from stablesr_min.cfw_data import CFWSamples
-from stablesr_min.cfw_loss import CFWLossConfig
+from stablesr_min.app.cli import main
+from stablesr_min.errors import DataError, UsageError
 from stablesr_min.model import load_cfw, load_stablesr
+from stablesr_min.objective import Denoiser, diffusion_loss
 from stablesr_min.pipeline import text_context
 from stablesr_min.schedule import Schedule
-from stablesr_min.train import Denoiser, diffusion_loss, is_trainable, prepare_for_finetuning
-from stablesr_min.train_cfw import Reconstruction, load_cfw_base, new_loss, prepare_for_training, step_gradients
-from stablesr_min.training import (STATE_METADATA_KEY, Processes, TrainState, check_world_size, distribute,
-                                    mean_over_ranks, torchrun_processes)
+from stablesr_min.train import cfw as train_cfw_module
+from stablesr_min.train import sr as train_module
+from stablesr_min.train.cfw import Reconstruction, load_cfw_base, new_loss, prepare_for_training, step_gradients
+from stablesr_min.train.cfw_data import CFWSamples
+from stablesr_min.train.cfw_loss import CFWLossConfig
+from stablesr_min.train.engine import (STATE_METADATA_KEY, Processes, TrainState, check_same_options,
+                                       check_world_size, distribute, mean_over_ranks, torchrun_processes)
+from stablesr_min.train.sr import is_trainable, prepare_for_finetuning
 from stablesr_min.weights import save_safetensors
 
+from golden import relative_error
 from run_files import tensors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,6 +199,44 @@ def test_a_process_that_stops_answering_makes_the_others_exit_after_the_timeout(
     assert "Timed out" in lines[0] and lines[0].endswith("); continue from the last checkpoint with --resume")
 
 
+def rank_error_worker(rank: int, port: int, err: Path, what: str) -> None:
+    """Joins a 2-process run; then either rank 1 alone meets a user error (a data folder missing on its
+    machine), or the two were given a different --lr. Exits as the command line would."""
+    torch.set_num_threads(1)
+    os.environ |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port)}
+    sys.stderr = open(err, "w", buffering=1)
+    try:
+        with torchrun_processes("cpu", 30) as procs:
+            if what == "missing data" and rank == 1:
+                raise DataError("photos/: no such folder")
+            if what == "other lr":
+                check_same_options(procs, train_module.SROptions(out="run", steps=1, lr=2e-4 if rank == 0 else 1e-3))
+    except (UsageError, DataError) as e:  # rank 0's error: the command line prints it
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+@pytest.mark.parametrize("what", ["missing data", "other lr"])
+def test_a_user_error_on_any_rank_is_one_line_naming_the_rank(tmp_path, what):
+    port, spawn = free_port(), mp.get_context("spawn")
+    ranks = [spawn.Process(target=rank_error_worker, args=(rank, port, tmp_path / f"err{rank}", what))
+             for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(120)
+    errors = [(tmp_path / f"err{rank}").read_text().splitlines() for rank in (0, 1)]
+    if what == "missing data":
+        assert (ranks[0].exitcode, ranks[1].exitcode) == (0, 2)
+        assert errors == [[], ["error: rank 1: photos/: no such folder"]]
+    else:
+        assert (ranks[0].exitcode, ranks[1].exitcode) == (2, 2)
+        message = ("--lr differs between the processes of the run (rank 0: 0.0002, rank 1: 0.001); give every "
+                   "process the same options")
+        assert errors == [[f"error: {message}"], [f"error: rank 1: {message}"]]
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(base):
     model = load_stablesr([base])
     trainable = prepare_for_finetuning(model)
@@ -216,15 +256,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(base):
 
 
 def torchrun(what: str, *args) -> subprocess.CompletedProcess:
-    """`torchrun ... -m stablesr_min train <what> ...` on 2 CPU processes."""
+    """`torchrun ... -m stablesr_min train <what> ...` on 2 CPU processes, in a session (process group) of its
+    own, so that no signal its launcher sends while stopping its workers can reach the test process. (A stray
+    SIGTERM once ended an in-process Ctrl-C test of CI's run with 143; where it came from was not found, and this
+    is a guard against one likely source, not a proven fix.)"""
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
                "-m", "stablesr_min", "train", what, "--device", "cpu", *map(str, args)]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+                          env=os.environ | {"OMP_NUM_THREADS": "1"}, start_new_session=True)
 
 
-@pytest.mark.xfail(reason="issue 32: on this project's CPU the run resumed under torchrun is not bit-identical to the "
-                          "uninterrupted one (it fails at 1bf78bc too); the cause is not found yet", strict=False)
 def test_torchrun_with_2_processes_writes_one_run_that_resumes_and_upscales(base, photos, golden_weights,
                                                                              tmp_path):
     out, stopped = tmp_path / "run", tmp_path / "stopped"

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stablesr_min import metrics
-from stablesr_min.cli import main
-from stablesr_min.evaluate import EvalDegradation, centre_crop, evaluation_lr
+from stablesr_min.app import metrics
+from stablesr_min.app.cli import main
+from stablesr_min.app.evaluate import EvalDegradation, centre_crop, evaluation_lr
 from stablesr_min.model import resolve_config
 from stablesr_min.weights import WeightFiles
 
@@ -164,7 +164,7 @@ def bad_cases(tmp):
         "same name twice": ({"--hr": ["{hr}", str(tmp / "twin")]},
                             f"error: {tmp / 'twin' / 'chelsea.jpg'} and {{hr}}/chelsea.png have the same name; rename one of "
                             "them (rows and saved images are named by it)"),
-        "w out of range": ({"--dec-w": ["0.5", "2"]}, "error: dec_w (the CFW weight w) must be in [0, 1], got 2.0"),
+        "w out of range": ({"--dec-w": ["0.5", "2"]}, "error: the CFW weight w (--dec-w) must be in [0, 1], got 2.0"),
         "border too wide": ({"--border": ["27"]},
                             "error: --border 27: must be >= 0 and leave at least 11 pixels of the --crop 64 for SSIM's window"),
     }

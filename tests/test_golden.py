@@ -13,18 +13,20 @@ from stablesr_min.cfw import CFWAutoencoder
 from stablesr_min.colorfix import METHODS, color_fix
 from stablesr_min.degradation import (filter2d, gaussian_kernel, generalized_gaussian_kernel, plateau_kernel,
                                       sinc_kernel, usm_sharpen)
-from stablesr_min.golden import relative_error
 from stablesr_min.model import load_stablesr
+from stablesr_min.objective import Denoiser, diffusion_loss
 from stablesr_min.pipeline import Noises, StableSRPipeline, UpscaleOptions, make_denoiser
 from stablesr_min.sampler import aggregation_step, ddim_step
 from stablesr_min.schedule import DDIM_TABLES, TABLES, DDIMSchedule, Schedule
 from stablesr_min.text import TextEncoder
 from stablesr_min.time_encoder import TimeAwareEncoder
-from stablesr_min.train import Denoiser, diffusion_loss, prepare_for_finetuning
 from stablesr_min.tokenizer import tokenize
+from stablesr_min.train.sr import prepare_for_finetuning
 from stablesr_min.unet import UNet
 from stablesr_min.vae import AutoencoderKL
 from stablesr_min.weights import load_module
+
+from golden import relative_error
 
 TOL = 1e-4
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stablesr_min import metrics
+from stablesr_min.app import metrics
 from stablesr_min.image_io import to_pil
 
 

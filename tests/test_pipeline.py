@@ -11,12 +11,12 @@ from torch import nn
 
 from stablesr_min import pipeline as pl
 from stablesr_min.config import StableSRConfig
-from stablesr_min.golden import relative_error
 from stablesr_min.image_io import load_image
-from stablesr_min.pipeline import (StableSRPipeline, UpscaleOptions, official_resize, pad_canvas, upsample,
-                                   vae_tiles)
+from stablesr_min.pipeline import StableSRPipeline, UpscaleOptions, official_resize, pad_canvas, upsample, vae_tiles
 from stablesr_min.unet import UNet
 from stablesr_min.weights import load_module
+
+from golden import relative_error
 
 
 def test_upsample_and_pad_sizes():

@@ -16,14 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from stablesr_min.analysis import relative_change, t_sensitivity
-from stablesr_min.cli import main
+from stablesr_min.app.analysis import relative_change, t_sensitivity
+from stablesr_min.app.cli import main
+from stablesr_min.app.metrics import lowpass_colour_error
 from stablesr_min.config import StableSRConfig
-from stablesr_min.metrics import lowpass_colour_error
 from stablesr_min.model import StableSR, load_stablesr, time_blind_layers, time_blindness
 from stablesr_min.tiny import TINY_DIR, TINY_FILES, tiny_stablesr_files
-from stablesr_min.train import default_init
-from stablesr_min.train_prior import prior_config, sr_config
+from stablesr_min.train.networks import default_init
+from stablesr_min.train.prior import prior_config, sr_config
 
 ROOT = Path(__file__).resolve().parent.parent
 # Relative change of an output across t = 0, 100, 500, 999 that counts as "responds to t". The time-blind

@@ -5,19 +5,24 @@ The objective itself is checked number by number against the official trainer in
 (`test_train_step`). Runs here are 64 px crops, batch 2, a few steps.
 """
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from stablesr_min import training
-from stablesr_min.cli import main
+from stablesr_min.app.cli import main
 from stablesr_min.config import StableSRConfig
 from stablesr_min.model import load_stablesr
 from stablesr_min.pipeline import StableSRPipeline, UpscaleOptions, text_context
 from stablesr_min.time_encoder import AttentionBlock
-from stablesr_min.train import base_config, is_trainable, load_base
+from stablesr_min.train import engine as training
+from stablesr_min.train import sr as train_module
+from stablesr_min.train.sr import base_config, is_trainable, load_base
 from stablesr_min.unet import SFT, ResBlock, timestep_embedding
 from stablesr_min.weights import config_metadata, save_safetensors
 
@@ -109,6 +114,19 @@ def test_a_run_stopped_by_ctrl_c_and_resumed_equals_an_uninterrupted_one(run_a, 
     assert_same_run(out, run_a)
 
 
+def test_sigterm_stops_like_ctrl_c_saving_the_step_and_the_resume_is_bit_identical(run_a, base, photos, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """A scheduler's stop (SIGTERM) finishes the step under way, saves it and exits 143 with the resume hint."""
+    out = tmp_path / "b"
+    with ctrl_c_after_step_1(monkeypatch, signal.SIGTERM):
+        code = train("--base", base, "--data", photos, "--out", out, "--steps", 3, *RUN_ARGS, "--val-every", 2)
+    err = capsys.readouterr().err
+    assert code == 143 and "stopped at step 1 of 3; continue with --resume" in err and err.endswith("terminated\n")
+    assert metadata(out / "last.safetensors")["stablesr_min.step"] == "1" and len(log(out)) == 1
+    assert train("--base", base, "--data", photos, "--out", out, "--steps", 3, "--resume") == 0
+    assert_same_run(out, run_a)
+
+
 def test_a_trained_checkpoint_upscales(run_a, golden_weights, tmp_path):
     image = tmp_path / "small.png"
     Image.open(ROOT.parent / "shared" / "images" / "astronaut.png").crop((200, 100, 224, 120)).save(image)
@@ -170,7 +188,7 @@ def test_out_of_memory_is_one_line(base, photos, tmp_path, capsys, monkeypatch):
     def no_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr("stablesr_min.train.sample_loss", no_memory)
+    monkeypatch.setattr("stablesr_min.train.sr.sample_loss", no_memory)
     code = train("--base", base, "--data", photos, "--out", tmp_path / "r", "--steps", 1, *RUN_ARGS, "--val-every", 0)
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
@@ -238,3 +256,76 @@ def test_bad_input_is_one_line_and_exit_code_2(case, base, photos, golden_weight
     assert code == 2
     assert err.startswith(expected.format(**names)) and len(err.splitlines()) == 1, err
     assert not (tmp_path / "new").exists(), "a refused run writes nothing"
+
+
+def test_a_resume_at_one_thread_per_process_is_bit_identical(base, photos, tmp_path):
+    """One thread per process (torchrun's default) is where MKL's products used to depend on their operands'
+    memory alignment, so a run resumed in a new process drifted from an uninterrupted one; the package asks
+    MKL for bit-reproducible products (MKL_CBWR, stablesr_min/__init__.py). Each run in its own process."""
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"} | {"OMP_NUM_THREADS": "1"}
+
+    def run(out, *args):
+        command = [sys.executable, "-m", "stablesr_min", "train", "sr", "--base", str(base), "--data", str(photos),
+                   "--out", str(out), *RUN_ARGS, "--val-every", "2", *map(str, args)]
+        assert subprocess.run(command, cwd=ROOT, env=env, capture_output=True).returncode == 0
+
+    run(tmp_path / "a", "--steps", 3)
+    run(tmp_path / "b", "--steps", 1)
+    run(tmp_path / "b", "--steps", 3, "--resume")
+    assert_same_run(tmp_path / "b", tmp_path / "a")
+
+
+def test_a_folder_a_run_left_without_a_state_starts_a_new_run_keeping_the_old_files(run_a, base, photos, tmp_path,
+                                                                                   capsys):
+    """A stop before the first save (or a deleted state) leaves a log and perhaps a checkpoint but no state:
+    --resume is refused naming the way out, and that way (no --resume) starts anew, the old files kept."""
+    out = tmp_path / "dead_end"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (out / "last.safetensors").write_bytes((run_a / "last.safetensors").read_bytes())
+    assert train("--out", out, "--steps", 3, "--resume") == 2
+    assert "holds no run to resume (no state.safetensors); start it without --resume" in capsys.readouterr().err
+    assert train("--base", base, "--data", photos, "--out", out, "--steps", 1, *RUN_ARGS) == 0
+    assert "kept as *.old, starting a new run" in capsys.readouterr().err
+    assert (out / "log.jsonl.old").read_text() == '{"step": 1, "loss": 1.0}\n' and len(log(out)) == 1
+    assert (out / "last.safetensors.old").read_bytes() == (run_a / "last.safetensors").read_bytes()
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path):
+    from stablesr_min.errors import UsageError
+
+    training.RunFolder(tmp_path / "run", resume=False)
+    with pytest.raises(UsageError, match="another training run is using this folder"):
+        training.RunFolder(tmp_path / "run", resume=False)
+    training.release_locks()  # as every training command does on its way out (a process that dies drops it too)
+    training.RunFolder(tmp_path / "run", resume=False)
+    training.release_locks()
+    assert not (tmp_path / "run").exists()  # made by the lock, never written to: gone again
+
+
+def test_a_learning_rate_must_be_finite(base, photos, tmp_path, capsys):
+    """On the command line (as upscale's numbers) and in the options a run is built from."""
+    from stablesr_min.errors import UsageError
+    from stablesr_min.train.engine import check_option_ranges
+
+    with pytest.raises(SystemExit) as e:
+        train("--base", base, "--data", photos, "--out", tmp_path / "r", "--steps", 1, *RUN_ARGS, "--lr", "inf")
+    assert e.value.code == 2 and "argument --lr: not a finite number: 'inf'" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="--lr must be > 0 and finite, got inf"):
+        check_option_ranges(train_module.SROptions(out="r", steps=1, lr=float("inf")), positive=("lr",))
+
+
+def test_resuming_another_commands_run_names_it(tmp_path, capsys):
+    """A `train vae` run resumed with `train sr`: one line, not a TypeError."""
+    from stablesr_min.train.engine import TrainState
+
+    out = tmp_path / "vae_run"
+    out.mkdir()
+    state = TrainState(1, {"data": ["x"], "kl_weight": 1e-6, "crop": 64, "batch_size": 8, "lr": 5e-4, "seed": 0},
+                       {}, {"state": {}, "param_groups": []}, {}, {}, {"seconds": 1.0})
+    training.RunFolder(out, resume=False).save({"x": torch.zeros(1)}, {}, state)
+    training.release_locks()
+    assert train("--out", out, "--steps", 3, "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --resume: {out} holds a run of another training command (its options include "
+                          "crop, kl_weight; `train sr` has none of them)")

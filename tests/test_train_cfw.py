@@ -13,15 +13,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from stablesr_min.cfw_data import CFWSamples, DataFolder
-from stablesr_min.cfw_loss import CFWLossConfig, PatchDiscriminator
+from stablesr_min.app.cli import main
 from stablesr_min.cfw import ResidualDenseBlock
-from stablesr_min.cli import main
 from stablesr_min.config import StableSRConfig
-from stablesr_min.model import load_stablesr
-from stablesr_min.train_cfw import (FUSION_PREFIX, Reconstruction, discriminator_from, load_cfw_base, new_loss,
+from stablesr_min.errors import WeightsError
+from stablesr_min.train.cfw import (FUSION_PREFIX, Reconstruction, discriminator_from, load_cfw_base, new_loss,
                                     prepare_for_training, step_gradients)
-from stablesr_min.weights import WeightFiles, WeightsError
+from stablesr_min.train.cfw_data import CFWSamples, DataFolder
+from stablesr_min.train.cfw_loss import CFWLossConfig, PatchDiscriminator
+from stablesr_min.weights import WeightFiles
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATE = ["--count", "4", "--steps", "2", "--gt-size", "64"]  # the issue's command (batch: the default 6)
@@ -262,3 +262,17 @@ def test_bad_input_ends_in_one_clear_line(golden_weights, data, tmp_path):
 def test_a_stablesr_file_is_refused_as_cfw_base(golden_weights):
     with pytest.raises(WeightsError, match="is a StableSR checkpoint"):
         load_cfw_base(str(golden_weights[0]), seed=0)
+
+
+def test_cfw_data_refuses_an_out_folder_inside_its_data_and_too_many_steps(golden_weights, photos, tmp_path, capsys):
+    """Its output inside --data would be trained on when it continues; --steps beyond the schedule would crash
+    after writing generation.json. Both are one line, and nothing is written."""
+    inside = Path(photos) / "cfw_data"
+    assert main(["train", "cfw-data", "--weights", str(golden_weights[0]), "--data", str(photos), "--out", str(inside),
+                 "--count", "2", "--gt-size", "64", "--batch-size", "2"]) == 2
+    assert f"--out {inside}: is inside --data {photos}" in capsys.readouterr().err and not inside.exists()
+    out = tmp_path / "data"
+    assert main(["train", "cfw-data", "--weights", str(golden_weights[0]), "--data", str(photos), "--out", str(out),
+                 "--count", "2", "--steps", "1001", "--gt-size", "64", "--batch-size", "2"]) == 2
+    assert "--steps 1001: the schedule has 1000 steps; use at most 1000" in capsys.readouterr().err
+    assert not out.exists()

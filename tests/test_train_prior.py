@@ -10,15 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from stablesr_min import training
-from stablesr_min.cli import main
+from stablesr_min.app.cli import main
 from stablesr_min.config import StableSRConfig
-from stablesr_min.data import CleanCrops
+from stablesr_min.config import TINY_SIZES
 from stablesr_min.model import StableSR, load_stablesr, load_vae
 from stablesr_min.text import TextEncoder
-from stablesr_min.train import default_init
-from stablesr_min.train_prior import TINY_SIZES, init_text_encoder, prior_config
-from stablesr_min.training import derive_seeds
+from stablesr_min.train import engine as training
+from stablesr_min.train.data import CleanCrops
+from stablesr_min.train.engine import derive_seeds
+from stablesr_min.train.networks import default_init
+from stablesr_min.train.prior import init_text_encoder, prior_config
 from stablesr_min.vae import AutoencoderKL
 
 from run_files import assert_same_run, ctrl_c_after_step_1, log, metadata, tensors
@@ -180,3 +181,20 @@ def test_bad_input_is_one_line_and_exit_code_2(case, photos, vae_run, golden_wei
     assert code == 2
     assert err.startswith(expected.format(**names)) and len(err.splitlines()) == 1, err
     assert not (tmp_path / "new").exists(), "a refused run writes nothing"
+
+
+@pytest.mark.parametrize("command", ["vae", "unet", "cfw-data"])
+def test_the_one_process_commands_refuse_torchrun_with_several(command, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    amount = ["--count", "1"] if command == "cfw-data" else ["--steps", "1"]
+    assert main(["train", command, "--out", "nowhere", *amount]) == 2
+    assert capsys.readouterr().err == (f"error: train {command} runs as one process, not under torchrun with 2; "
+                                       "start it with python -m stablesr_min\n")
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_any_work(photos, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["train", "vae", "--data", str(photos), "--out", str(blocker / "run"), "--steps", "1"]) == 2
+    assert capsys.readouterr().err == f"error: --out {blocker / 'run'}: {blocker} is a file, not a folder; choose another folder\n"

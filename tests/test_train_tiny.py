@@ -11,7 +11,7 @@ import torch
 
 from stablesr_min.model import load_cfw, load_stablesr
 from stablesr_min.tiny import SAMPLING_METADATA_KEY, TINY_FILES
-from stablesr_min.train import is_trainable
+from stablesr_min.train.sr import is_trainable
 from stablesr_min.weights import WeightFiles
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,9 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from stablesr_min.golden import filled_state_dict, relative_error
+from stablesr_min.errors import WeightsError
 from stablesr_min.unet import SFT, UNet
-from stablesr_min.weights import WeightFiles, WeightsError, load_module, save_safetensors
+from stablesr_min.weights import WeightFiles, load_module, save_safetensors
+
+from golden import filled_state_dict, relative_error
 
 PREFIX = "model.diffusion_model."
 

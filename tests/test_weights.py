@@ -8,10 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from stablesr_min.cli import main
+from stablesr_min.app.cli import main
+from stablesr_min.app.convert import convert_ckpt
 from stablesr_min.config import VAEConfig
+from stablesr_min.errors import WeightsError
 from stablesr_min.vae import AutoencoderKL
-from stablesr_min.weights import WeightFiles, WeightsError, convert_ckpt, load_module
+from stablesr_min.weights import WeightFiles, load_module
 
 SMALL = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
 

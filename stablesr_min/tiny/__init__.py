@@ -10,13 +10,20 @@ their StableSR encoder, SFT and CFW layers, trained on nine CC0/public-domain ph
     cfw.safetensors            the CFW autoencoder (VAE + fusion layers)
 
 A model is `prior` + one of the `sr` files: `load_stablesr(tiny_stablesr_files())` is the same strict load
-as the official checkpoint's.
+as the official checkpoint's. `find_weights` is the choice of default weights every command and notebook
+makes: the official files in $STABLESR_WEIGHTS, else these.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
+
+from ..errors import WeightsError
+from ..weights import WeightFiles
 
 TINY_DIR = Path(__file__).resolve().parent
 TINY_FILES = {"prior": "prior.safetensors", "sr": "sr.safetensors", "sr_time_blind": "sr_time_blind.safetensors",
@@ -48,3 +55,48 @@ def training_logs() -> dict[str, list[dict]]:
     """Every training stage's shipped log (every 10th step and every validation line), by stage name."""
     return {path.stem: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             for path in sorted((TINY_DIR / "logs").glob("*.jsonl"))}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Where the weights are: the converted official files, or the tiny model this project trained and ships
+
+OFFICIAL_STABLESR = "stablesr_000117.safetensors"  # from stablesr_000117.ckpt (or the turbo checkpoint)
+OFFICIAL_CFW = "vqgan_cfw_00011.safetensors"  # from vqgan_cfw_00011.ckpt
+TINY_MODEL_NOTICE = ("using the tiny StableSR shipped with stablesr-min (a teaching model trained on 9 CC0 photos "
+                     "on a CPU: stablesr_min/tiny/MODEL_CARD.md); for the official model pass --weights and "
+                     "--cfw, or set STABLESR_WEIGHTS")
+
+
+@dataclass
+class WeightsChoice:
+    stablesr: list[Path]
+    cfw: Path
+    notice: str | None  # a line to show the user (the shipped tiny model), or None (the files they named)
+
+
+def find_weights(folder: str | os.PathLike | None = None, variant: str = "time_aware",
+                 shipped: bool = False) -> WeightsChoice:
+    """The official files in `folder` (default: $STABLESR_WEIGHTS); the shipped tiny model (its time-aware
+    or time-blind `variant`) if no folder is named at all, or if `shipped`. A folder that is named but lacks
+    the files is an error, not a silent fallback."""
+    folder = None if shipped else folder or os.environ.get("STABLESR_WEIGHTS")
+    if not folder:
+        files = [*tiny_stablesr_files(variant), tiny_cfw_file()]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise WeightsError(f"the shipped tiny model is incomplete ({', '.join(missing)} missing); reinstall "
+                               "stablesr-min, or rebuild it with scripts/train_tiny.py")
+        return WeightsChoice(files[:-1], files[-1], TINY_MODEL_NOTICE)
+    folder = Path(folder)
+    missing = [name for name in (OFFICIAL_STABLESR, OFFICIAL_CFW) if not (folder / name).is_file()]
+    if missing:
+        raise WeightsError(f"{folder}: lacks {', '.join(missing)}; convert the official .ckpt files into it "
+                           "(see docs/official-weights.md)")
+    return WeightsChoice([folder / OFFICIAL_STABLESR], folder / OFFICIAL_CFW, None)
+
+
+def sampling_defaults(paths: Iterable[str | os.PathLike]) -> dict:
+    """The sampling settings stored with the weights (the shipped tiny model's: sampler, steps, tile, overlap,
+    dec_w, colorfix), {} for files that store none (the official ones)."""
+    stored = WeightFiles(paths).metadata.get(SAMPLING_METADATA_KEY)
+    return json.loads(stored) if stored else {}

@@ -21,7 +21,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,18 +28,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import DataError
-from .degradation import ORDERS
-from .image_io import ImageError, image_size, load_image, save_png_atomically, to_pil
-from .weights import WeightFiles, WeightsError, convert_ckpt, guess_kind
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised where the program is, so that `finally` blocks (temp files) run on the way out."""
+from ..atomic import check_output_file, check_output_folder
+from ..colorfix import METHODS as COLORFIX_METHODS
+from ..degradation import ORDERS
+from ..devices import DTYPES, pick_device, pick_dtype
+from ..errors import DataError, ImageError, Terminated, UsageError, WeightsError
+from ..image_io import image_size, load_image, save_png_atomically, to_pil
+from ..progress import ProgressLine
+from ..weights import guess_kind
+from .convert import convert_ckpt
+from .settings import checked_config, choose_weights, sampling_settings
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -65,32 +62,6 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
     return value
-
-
-def check_output_folder(folder: Path, label: str | None = None) -> None:
-    """Refuse now a folder that cannot be created or written to; creates nothing (the caller makes it
-    when it writes the first file). A probe file without a name (O_TMPFILE) tests what `access()`
-    cannot: read-only mounts, ACLs, and a root user without the override capability."""
-    label = label or f"--out {folder}"
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"{label}: {existing} is a file, not a folder; choose another folder")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise UsageError(f"{label}: cannot write in {existing} ({e.strerror}); choose another folder") from None
-
-
-def check_output_file(path: Path) -> None:
-    """A file that can be written: not a folder, in an existing folder that can be written to."""
-    if path.is_dir():
-        raise UsageError(f"{path}: is a folder; name the file to write")
-    check_output_folder(path.parent, label=str(path))
-    if not path.parent.exists():
-        raise UsageError(f"{path}: the folder {path.parent} does not exist; create it first")
 
 
 @contextmanager
@@ -120,62 +91,6 @@ def cmd_convert(args) -> None:
 
 # ------------------------------------------------------------------------------------------------------
 # upscale
-
-
-class ProgressLine:
-    """One status line on stderr: rewritten in place on a terminal, one line per step otherwise."""
-
-    def __init__(self, name: str, steps: int):
-        self.name, self.steps, self.step = name, steps, 0
-        self.tty = sys.stderr.isatty()
-        self.start = time.monotonic()
-
-    def tiles(self, done: int, total: int) -> None:
-        if self.tty:
-            self._write(f"step {self.step + 1}/{self.steps}, tile {done}/{total}", end="\r")
-
-    def step_done(self, step: int, steps: int, x: torch.Tensor) -> None:
-        self.step = step
-        if self.tty or step == steps or step % max(1, steps // 10) == 0:
-            self._write(f"step {step}/{steps}", end="\r" if self.tty and step < steps else "\n")
-
-    def _write(self, text: str, end: str) -> None:
-        clear_line = "\x1b[2K" if self.tty else ""
-        elapsed = time.monotonic() - self.start
-        print(f"{clear_line}{self.name}: {text} ({elapsed:.0f} s)", end=end, file=sys.stderr, flush=True)
-
-
-def pick_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r}: not a device; use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {name}: the networks cannot run there; use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices "
-                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
-    return device
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "float16" and device.type == "cpu":
-        raise UsageError("--dtype float16 needs a GPU; on the CPU use float32 or bfloat16")
-    if name == "bfloat16" and device.type == "cpu" and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        # Without AVX-512, PyTorch runs bfloat16 convolutions through its slow reference kernel: 50-100x
-        # slower than float32 (seen on an AVX2-only EPYC).
-        print("WARNING: this CPU has no fast bfloat16 kernels (they need AVX-512); --dtype float32 will be "
-              "much faster here", file=sys.stderr)
-    return DTYPES[name]
 
 
 def unique_inputs(names: list[str]) -> list[Path]:
@@ -245,54 +160,10 @@ def warn_unused_guidance(opts) -> None:
         print("WARNING: --guidance-scale has no effect without --negative-prompt", file=sys.stderr)
 
 
-def choose_weights(args) -> tuple[list, Path, str | None]:
-    """(StableSR files, CFW file, notice): --weights and --cfw, else $STABLESR_WEIGHTS, else the shipped tiny
-    model (with a one-line notice to show). Shared by `upscale` and `evaluate`."""
-    from .model import find_weights
-
-    if args.weights:
-        if not args.cfw:
-            raise UsageError("--weights needs --cfw too (the CFW decoder, vqgan_cfw_00011.safetensors)")
-        return args.weights, args.cfw, None
-    choice = find_weights()
-    return choice.stablesr, args.cfw or choice.cfw, choice.notice
-
-
-SAMPLING_OPTIONS = ("sampler", "steps", "tile", "overlap", "dec_w", "colorfix")
-
-
-def sampling_settings(args, stablesr_paths) -> dict:
-    """The sampling options not given on the command line: the ones stored with the weights (the shipped tiny
-    model's), else `UpscaleOptions`' defaults (the official settings)."""
-    from .model import sampling_defaults
-    from .pipeline import UpscaleOptions
-
-    stored = sampling_defaults(stablesr_paths)
-    return {name: stored.get(name, getattr(UpscaleOptions, name)) if getattr(args, name) is None
-            else getattr(args, name) for name in SAMPLING_OPTIONS}
-
-
-def checked_config(stablesr_paths, config, steps: int, tile: int):
-    """The weights' config (read from the files' headers only), refusing more steps than its schedule has
-    and tiles smaller than its networks can take."""
-    from .model import resolve_config
-    from .pipeline import smallest_tile
-
-    cfg = resolve_config(WeightFiles(stablesr_paths), config)
-    if steps > cfg.diffusion.timesteps:
-        raise UsageError(f"--steps {steps}: the schedule has {cfg.diffusion.timesteps} steps; "
-                         f"use at most {cfg.diffusion.timesteps}")
-    least = smallest_tile(cfg)
-    if tile < least:
-        raise UsageError(f"--tile {tile}: too small for these weights (their deepest level would be under 2x2); "
-                         f"use --tile {least} or more")
-    return cfg
-
-
 def cmd_upscale(args) -> None:
     # Imported here so that `convert` and `--help` stay fast.
-    from .model import load_cfw, load_stablesr
-    from .pipeline import StableSRPipeline, UpscaleOptions, official_size
+    from ..model import load_cfw, load_stablesr
+    from ..pipeline import StableSRPipeline, UpscaleOptions, official_size
 
     inputs = unique_inputs(args.inputs)
     sizes = {path: image_size(path) for path in inputs}  # headers only: fails fast, decodes nothing
@@ -365,7 +236,16 @@ def cmd_upscale(args) -> None:
 # ------------------------------------------------------------------------------------------------------
 
 
+def tiny_sampling_defaults() -> dict:
+    """The shipped tiny model's stored sampling settings, for the help; {} if its files are missing."""
+    from ..tiny import sampling_defaults, tiny_stablesr_files
+
+    files = tiny_stablesr_files()
+    return sampling_defaults(files) if all(f.is_file() for f in files) else {}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from ..pipeline import UpscaleOptions
     parser = CommandLineParser(prog="python -m stablesr_min",
                                description="StableSR super-resolution, from the official weights.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -379,30 +259,38 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--weights", nargs="+", metavar="FILE", help="StableSR .safetensors (stablesr_000117)")
     up.add_argument("--cfw", metavar="FILE", help="CFW .safetensors (vqgan_cfw_00011)")
     up.add_argument("--config", metavar="JSON", help="model config (files written by this project carry it)")
-    up.add_argument("--steps", type=int, help="sampling steps (default 200; the tiny model's: 20; turbo weights: 4)")
+    # The defaults said in the help are UpscaleOptions' (the paper's) and the shipped tiny model's stored ones
+    d, tiny = UpscaleOptions, tiny_sampling_defaults()
+    up.add_argument("--steps", type=int, help=f"sampling steps (default {d.steps}; the tiny model's: {tiny.get('steps', '?')}; "
+                    "turbo weights: 4)")
     up.add_argument("--sampler", metavar="{ddpm,ddim}",
-                    help="ddpm (the paper's, default) or ddim (the official DDIM script's, 20-50 steps)")
-    up.add_argument("--eta", type=finite_float, default=1.0, help="DDIM noise in [0, 1]: 0 deterministic, 1 (default)")
-    up.add_argument("--guidance-scale", type=finite_float, default=1.0,
-                    help="classifier-free guidance against --negative-prompt (default 1: none; official 7)")
-    up.add_argument("--negative-prompt", default="", help="what guidance steers away from (default none)")
-    up.add_argument("--scale", type=finite_float, default=4.0, help="upscaling factor (default 4)")
-    up.add_argument("--dec-w", type=finite_float,
-                    help="CFW weight w in [0, 1]: 0 realistic, 1 faithful (default 0.5; the tiny model's: 1)")
-    up.add_argument("--colorfix", choices=["adain", "wavelet", "none"],
-                    help="colour correction (default adain; the tiny model's: wavelet)")
-    up.add_argument("--tile", type=int, help="latent tile of aggregation sampling (default 64 = 512 px; the tiny "
-                    "model's 32 = 128 px)")
-    up.add_argument("--overlap", type=int, help="latent overlap of tiles (default 32; the tiny model's 16)")
-    up.add_argument("--tile-batch", type=int, default=4, help="tiles per network call (default 4)")
-    up.add_argument("--tile-weights", choices=["paper", "official"], default="paper",
+                    help=f"ddpm (the paper's) or ddim (the official DDIM script's, 20-50 steps); default {d.sampler}")
+    up.add_argument("--eta", type=finite_float, default=d.eta,
+                    help=f"DDIM noise in [0, 1]: 0 deterministic, 1 the DDPM posterior's (default {d.eta:g})")
+    up.add_argument("--guidance-scale", type=finite_float, default=d.guidance_scale,
+                    help=f"classifier-free guidance against --negative-prompt (default {d.guidance_scale:g}: none; "
+                         "official 7)")
+    up.add_argument("--negative-prompt", default=d.negative_prompt, help="what guidance steers away from (default none)")
+    up.add_argument("--scale", type=finite_float, default=d.scale, help=f"upscaling factor (default {d.scale:g})")
+    up.add_argument("--dec-w", type=finite_float, help=f"CFW weight w in [0, 1]: 0 realistic, 1 faithful (default "
+                    f"{d.dec_w:g}; the tiny model's: {tiny.get('dec_w', '?')})")
+    up.add_argument("--colorfix", choices=COLORFIX_METHODS,
+                    help=f"colour correction (default {d.colorfix}; the tiny model's: {tiny.get('colorfix', '?')})")
+    up.add_argument("--tile", type=int, help=f"latent tile of aggregation sampling (default {d.tile}; the tiny "
+                    f"model's {tiny.get('tile', '?')})")
+    up.add_argument("--overlap", type=int, help=f"latent overlap of tiles (default {d.overlap}; the tiny model's "
+                    f"{tiny.get('overlap', '?')})")
+    up.add_argument("--tile-batch", type=int, default=d.tile_batch,
+                    help=f"tiles per network call (default {d.tile_batch})")
+    up.add_argument("--tile-weights", choices=["paper", "official"], default=d.tile_weights,
                     help="Gaussian tile weights (std 0.1 tile, the official code's): centred on the tile, "
                          "or the official code's map, rows half a pixel low")
     up.add_argument("--official-resize", action="store_true",
                     help="first cut each input side down to a multiple of 8 with Lanczos, as the official script "
                          "does (37 px -> 32: the output is then not exactly --scale times the input)")
-    up.add_argument("--vae-tile", type=int, default=512, help="VAE tile in pixels for large images (0: off)")
-    up.add_argument("--prompt", default="", help="text prompt (StableSR was trained with none)")
+    up.add_argument("--vae-tile", type=int, default=d.vae_tile, help=f"VAE tile in pixels for large images (0: off; "
+                    f"default {d.vae_tile})")
+    up.add_argument("--prompt", default=d.prompt, help="text prompt (StableSR was trained with none)")
     up.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     up.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     up.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype (GPU: float16/bfloat16)")
@@ -429,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_train_sr_parser(train_sub) -> None:
     # Options default to None here ("not given"): a resumed run takes them from its state, a new one from
-    # train.SROptions.
+    # train.sr.SROptions, whose defaults the help states.
+    from ..train.sr import SROptions as d
     sr = train_sub.add_parser("sr", help="fine-tune the time-aware encoder and SFT layers (paper Sec. 3.1)",
                               description="Fine-tune StableSR's time-aware encoder and SFT layers on a frozen "
                                           "Stable Diffusion, on HR photos degraded on the fly (Real-ESRGAN).")
@@ -438,15 +327,17 @@ def add_train_sr_parser(train_sub) -> None:
     sr.add_argument("--out", required=True, metavar="RUN", help="run folder: last.safetensors, state.safetensors, log.jsonl")
     sr.add_argument("--steps", type=int, required=True, help="optimizer steps in total (with --resume: up to this step)")
     sr.add_argument("--config", metavar="JSON", help="model config (default: the one stored in --base)")
-    sr.add_argument("--batch-size", type=int, help="images per micro-batch (default 6, the official per-GPU batch)")
-    sr.add_argument("--gt-size", type=int, help="HR crop size in pixels (default 512)")
-    sr.add_argument("--lr", type=float, help="AdamW learning rate (default 5e-5, the official)")
-    sr.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1; official 4)")
+    sr.add_argument("--batch-size", type=int, help=f"images per micro-batch (default {d.batch_size}, the official per-GPU batch)")
+    sr.add_argument("--gt-size", type=int, help=f"HR crop size in pixels (default {d.gt_size})")
+    sr.add_argument("--lr", type=finite_float, help=f"AdamW learning rate (default {d.lr:g}, the official)")
+    sr.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step (default {d.grad_accum}; "
+                    "official 4)")
     sr.add_argument("--degradation", choices=list(ORDERS),
-                    help="second-order: Real-ESRGAN's, as StableSR trains (default); first-order: Eq. 1 once")
+                    help=f"second-order: Real-ESRGAN's, as StableSR trains; first-order: Eq. 1 once (default "
+                         f"{d.degradation})")
     sr.add_argument("--skip-small", choices=["auto", "on", "off"],
-                    help="leave out photos under 384 x 384 px or 100 KiB, as the official dataset (default auto: "
-                         "on at --gt-size 512 or more)")
+                    help=f"leave out photos under 384 x 384 px or 100 KiB, as the official dataset (default "
+                         f"{d.skip_small}: on at --gt-size 512 or more)")
     sr.add_argument("--time-blind", action="store_true", default=None,
                     help="ablation: the encoder always sees t = 0 (stored in the config, so sampling does too)")
     add_run_options(sr, "validation losses")
@@ -458,23 +349,30 @@ def add_train_sr_parser(train_sub) -> None:
 
 def add_run_options(parser, validation: str) -> None:
     """The options every training run has: seed, device, dtype, resuming, save and validation intervals."""
-    parser.add_argument("--seed", type=int, help="random seed (default 0)")
+    from ..train.engine import RunOptions as d
+
+    parser.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="autocast dtype on a GPU (default float32; weights stay float32)")
+    parser.add_argument("--dtype", choices=list(DTYPES),
+                        help=f"autocast dtype on a GPU (default {d.dtype}; weights stay float32)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
-    parser.add_argument("--save-every", type=int, help="steps between saves (default 500; 0: only at the end and on Ctrl-C, as always)")
-    parser.add_argument("--val-every", type=int, help=f"steps between {validation} (default 100; 0: never)")
+    parser.add_argument("--save-every", type=int, help=f"steps between saves (default {d.save_every}; 0: only at the "
+                        "end and on Ctrl-C or SIGTERM, as always)")
+    parser.add_argument("--val-every", type=int, help=f"steps between {validation} (default {d.val_every}; 0: never)")
 
 
 def add_torchrun_options(parser) -> None:
     """The options of a training command that runs under torchrun (train sr, train cfw)."""
+    from ..train.engine import DIST_TIMEOUT
+
     parser.add_argument("--dist-timeout", type=float, metavar="SECONDS",
-                        help="under torchrun: seconds a process waits for the others before giving up (default 600)")
+                        help=f"under torchrun: seconds a process waits for the others before giving up (default "
+                             f"{DIST_TIMEOUT:g})")
 
 
 def add_train_prior_parsers(train_sub) -> None:
-    # `train vae` and `train unet`: the tiny diffusion prior (train_prior.py). Options default to None here
-    # ("not given"): a resumed run takes them from its state, a new one from train_prior's option classes.
+    # `train vae` and `train unet`: the tiny diffusion prior (train/prior.py). Options default to None here
+    # ("not given"): a resumed run takes them from its state, a new one from train/prior.py's option classes.
     vae = train_sub.add_parser("vae", help="train the prior's VAE (AutoencoderKL: L1 + KL) on clean crops",
                                description="Train a small AutoencoderKL (the first stage of a tiny Stable Diffusion) "
                                            "with L1 + a small KL term on random crops of photos.")
@@ -483,35 +381,40 @@ def add_train_prior_parsers(train_sub) -> None:
                                             "frozen VAE, with the empty prompt through a tiny frozen text encoder; "
                                             "writes a checkpoint that `train sr --base` takes.")
     unet.add_argument("--vae", metavar="FILE", help="the VAE: `train vae`'s last.safetensors (or an SD 2.x checkpoint)")
-    for p, crop, lr in ((vae, 64, "5e-4"), (unet, 128, "2e-4")):
+    from ..train.prior import UNetOptions, VAEOptions
+
+    for p, d in ((vae, VAEOptions), (unet, UNetOptions)):
         p.add_argument("--data", nargs="+", metavar="DIR", help="folders of training photos (searched recursively)")
         p.add_argument("--out", required=True, metavar="RUN", help="run folder: last.safetensors, state.safetensors, log.jsonl")
         p.add_argument("--steps", type=int, required=True, help="optimizer steps in total (with --resume: up to this step)")
         p.add_argument("--config", metavar="JSON", help="model sizes: a config JSON whose blocks update the tiny defaults")
-        p.add_argument("--batch-size", type=int, help="crops per step (default 8)")
-        p.add_argument("--crop", type=int, help=f"crop size in pixels (default {crop})")
-        p.add_argument("--lr", type=float, help=f"AdamW learning rate (default {lr}, constant)")
+        p.add_argument("--batch-size", type=int, help=f"crops per step (default {d.batch_size})")
+        p.add_argument("--crop", type=int, help=f"crop size in pixels (default {d.crop})")
+        p.add_argument("--lr", type=finite_float, help=f"AdamW learning rate (default {d.lr:g}, constant)")
         add_run_options(p, "validation losses")
-    vae.add_argument("--kl-weight", type=float, help="weight of the KL term (default 1e-6, SD's)")
+    vae.add_argument("--kl-weight", type=finite_float, help=f"weight of the KL term (default {VAEOptions.kl_weight:g}, SD's)")
     vae.set_defaults(run=cmd_train_prior)
     unet.set_defaults(run=cmd_train_prior)
 
 
-def cmd_train_prior(args) -> None:
-    from .train_prior import run_train_unet, run_train_vae  # imported here so that other commands stay fast
+def cmd_train_prior(args) -> str:
+    from ..train.prior import run_train_unet, run_train_vae  # imported here so that other commands stay fast
 
-    (run_train_vae if args.what == "vae" else run_train_unet)(args)
+    return (run_train_vae if args.what == "vae" else run_train_unet)(args)
 
 
-def cmd_train_sr(args) -> None:
-    from .train import run_train_sr  # imported here so that other commands stay fast
+def cmd_train_sr(args) -> str:
+    from ..train.sr import run_train_sr  # imported here so that other commands stay fast
 
-    run_train_sr(args)
+    return run_train_sr(args)
 
 
 def add_train_cfw_parsers(train_sub) -> None:
     # Options a data folder or a run keeps default to None here ("not given"): a resumed one takes them from
-    # what it stored, a new one from cfw_data.GenerationOptions / train_cfw.CFWOptions.
+    # what it stored, a new one from train/cfw_data.GenerationOptions / train/cfw.CFWOptions.
+    from ..train.cfw import CFWOptions as c
+    from ..train.cfw_data import GenerationOptions as g
+
     data = train_sub.add_parser("cfw-data", help="sample the latents CFW trains on (paper Sec. 3.2)",
                                 description="Degrade HR crops (Real-ESRGAN) and sample a latent from each LR with "
                                             "a fine-tuned StableSR, as upscale does; writes lr/, gt/, latent/. "
@@ -520,14 +423,17 @@ def add_train_cfw_parsers(train_sub) -> None:
     data.add_argument("--data", nargs="+", metavar="DIR", help="folders of HR photos (searched recursively)")
     data.add_argument("--out", required=True, metavar="DATA", help="the data folder to write (or to continue)")
     data.add_argument("--count", type=int, required=True, help="samples the folder should hold in all")
-    data.add_argument("--steps", type=int, help="respaced DDPM steps (default 200, as the official)")
-    data.add_argument("--gt-size", type=int, help="HR crop size in pixels (default 512)")
-    data.add_argument("--batch-size", type=int, help="samples per network call (default 6, as the official)")
+    data.add_argument("--steps", type=int, help=f"respaced DDPM steps (default {g.steps}, as the official)")
+    data.add_argument("--gt-size", type=int, help=f"HR crop size in pixels (default {g.gt_size})")
+    data.add_argument("--batch-size", type=int, help=f"samples per network call (default {g.batch_size}, as the "
+                      "official)")
     data.add_argument("--degradation", choices=list(ORDERS),
-                      help="second-order (default) or first-order: the one `train sr` used (its --degradation)")
-    data.add_argument("--seed", type=int, help="random seed (default 0); sample i uses seeds derived from it and i")
+                      help=f"second-order or first-order: the one `train sr` used (its --degradation; default "
+                           f"{g.degradation})")
+    data.add_argument("--seed", type=int, help=f"random seed (default {g.seed}); sample i uses seeds derived from it "
+                      "and i")
     data.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
-    data.add_argument("--dtype", choices=list(DTYPES), help="network dtype on a GPU (default float32)")
+    data.add_argument("--dtype", choices=list(DTYPES), help=f"network dtype on a GPU (default {g.dtype})")
     data.set_defaults(run=cmd_train_cfw_data)
 
     cfw = train_sub.add_parser("cfw", help="train CFW's fusion layers (paper Sec. 3.2) on `train cfw-data` output",
@@ -538,31 +444,33 @@ def add_train_cfw_parsers(train_sub) -> None:
     cfw.add_argument("--data", nargs="+", metavar="DATA", help="folders written by `train cfw-data`")
     cfw.add_argument("--out", required=True, metavar="RUN", help="run folder: last.safetensors, state.safetensors, log.jsonl")
     cfw.add_argument("--steps", type=int, required=True, help="optimizer steps in total (with --resume: up to this step)")
-    cfw.add_argument("--batch-size", type=int, help="samples per step (default 8: the official 1 x 8 accumulated)")
-    cfw.add_argument("--lr", type=float, help="Adam learning rate, fusion layers and discriminator (default 5e-5)")
-    cfw.add_argument("--disc-start", type=int, help="steps before the adversarial terms start (default 501)")
+    cfw.add_argument("--batch-size", type=int, help=f"samples per step (default {c.batch_size}: the official 1 x 8 "
+                     "accumulated)")
+    cfw.add_argument("--lr", type=finite_float, help=f"Adam learning rate, fusion layers and discriminator (default "
+                     f"{c.lr:g})")
+    cfw.add_argument("--disc-start", type=int, help=f"steps before the adversarial terms start (default {c.disc_start})")
     add_run_options(cfw, "validation L1 losses (a fixed batch, w = 1)")
     add_torchrun_options(cfw)
     cfw.set_defaults(run=cmd_train_cfw)
 
 
 def cmd_train_cfw_data(args) -> None:
-    from .cfw_data import run_cfw_data  # imported here so that other commands stay fast
+    from ..train.cfw_data import run_cfw_data  # imported here so that other commands stay fast
 
     run_cfw_data(args)
 
 
-def cmd_train_cfw(args) -> None:
-    from .train_cfw import run_train_cfw
+def cmd_train_cfw(args) -> str:
+    from ..train.cfw import run_train_cfw
 
-    run_train_cfw(args)
+    return run_train_cfw(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with terminate_on_sigterm():
-            args.run(args)
+            outcome = args.run(args)  # the training commands say how they ended; the others return None
     except (UsageError, WeightsError, ImageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -572,4 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
+    # train.engine.STOPPED / TERMINATED: a training run stopped by Ctrl-C or SIGTERM, saved; --resume continues it
+    if outcome in ("stopped", "terminated"):
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one process speaks
+            print("interrupted" if outcome == "stopped" else "terminated", file=sys.stderr)
+        return 130 if outcome == "stopped" else 128 + signal.SIGTERM
     return 0

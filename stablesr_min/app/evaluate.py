@@ -19,13 +19,16 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write, check_output_folder
+from ..colorfix import METHODS as COLORFIX_METHODS
+from ..degradation import NoiseDraw, add_noise, filter2d, gaussian_kernel, jpeg, resize
+from ..devices import DTYPES, pick_device, pick_dtype
+from ..errors import UsageError
+from ..image_io import load_image, save_png_atomically, to_pil
+from ..progress import ProgressLine
+from ..train.data import find_images
 from . import metrics
-from .atomic import atomic_write
-from .cli import (DTYPES, SAMPLING_OPTIONS, ProgressLine, UsageError, check_output_folder, choose_weights,
-                  checked_config, pick_device, pick_dtype, sampling_settings)
-from .data import find_images
-from .degradation import NoiseDraw, add_noise, filter2d, gaussian_kernel, jpeg, resize
-from .image_io import load_image, save_png_atomically, to_pil
+from .settings import SAMPLING_OPTIONS, checked_config, choose_weights, sampling_settings
 
 CROP_MULTIPLE = 32  # HR crop sides: a multiple of 4 (the scale) x 8 (the VAE), so the LR and SR latents are whole
 
@@ -155,8 +158,8 @@ def load_pipeline(stablesr_paths, cfw_path, notice: str | None, args, device: to
                   steps: int, tile: int):
     """The pipeline of the chosen weights (refusing more steps than their schedule has, or tiles too small
     for them), and the files' names for the report."""
-    from .model import load_cfw, load_stablesr
-    from .pipeline import StableSRPipeline
+    from ..model import load_cfw, load_stablesr
+    from ..pipeline import StableSRPipeline
 
     cfg = checked_config(stablesr_paths, args.config, steps, tile)
     if notice:
@@ -168,7 +171,7 @@ def load_pipeline(stablesr_paths, cfw_path, notice: str | None, args, device: to
 
 
 def run_evaluate(args) -> None:
-    from .pipeline import UpscaleOptions  # imported here so that `--help` stays fast
+    from ..pipeline import UpscaleOptions  # imported here so that `--help` stays fast
 
     check_crop(args.crop)
     if args.border < 0 or 2 * args.border >= args.crop - 10:
@@ -224,7 +227,7 @@ def upscale_both_ways(pipeline, hr: torch.Tensor, opts: list, methods: list[str]
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The HR crop's LR, and from it bicubic and StableSR at every w (one sampled latent): each method's
     image, all in [0, 1]. `methods` names bicubic, then one method per entry of `opts`."""
-    from .pipeline import upsample
+    from ..pipeline import upsample
 
     lr = evaluation_lr(hr, degradation)
     results = {methods[0]: (upsample(lr * 2 - 1, degradation.scale) + 1) / 2}
@@ -270,7 +273,7 @@ def add_evaluate_parser(sub) -> None:
     ev.add_argument("--sampler", choices=["ddpm", "ddim"], help="ddpm or ddim (default: as upscale)")
     ev.add_argument("--dec-w", type=float, nargs="+", metavar="W",
                     help="CFW weights w in [0, 1], each a column, all from one sampled latent (default: as upscale)")
-    ev.add_argument("--colorfix", choices=["adain", "wavelet", "none"], help="colour correction (default: as upscale)")
+    ev.add_argument("--colorfix", choices=COLORFIX_METHODS, help="colour correction (default: as upscale)")
     ev.add_argument("--tile", type=int, help="latent tile of aggregation sampling (default: as upscale)")
     ev.add_argument("--overlap", type=int, help="latent overlap of tiles (default: as upscale)")
     ev.add_argument("--seed", type=int, default=42, help="sampling seed, the same for every image (default 42)")

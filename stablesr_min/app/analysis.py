@@ -28,15 +28,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import degradation
+from .. import degradation
+from ..image_io import load_image
+from ..model import StableSR, load_cfw, load_stablesr
+from ..objective import Denoiser, diffusion_loss, latents
+from ..pipeline import StableSRPipeline, UpscaleOptions, make_denoiser, text_context, tile_weight_map
+from ..sampler import aggregate, tile_grid, tile_starts
+from ..schedule import Schedule
+from ..tiny import find_weights, sampling_defaults
+from ..train.sr import is_trainable
+from ..unet import SFT
 from .evaluate import EvalDegradation, mean_row, score, upscale_both_ways
-from .image_io import load_image
-from .model import StableSR, find_weights, load_cfw, load_stablesr, sampling_defaults
-from .pipeline import StableSRPipeline, UpscaleOptions, make_denoiser, text_context, tile_weight_map
-from .sampler import aggregate, tile_grid, tile_starts
-from .schedule import Schedule
-from .train import Denoiser, diffusion_loss, is_trainable, latents
-from .unet import SFT
 
 # ------------------------------------------------------------------------------------------------------
 # Setup: weights, device, sizes, photos
@@ -87,7 +89,7 @@ def load_demo(device: str | torch.device | None = None, variant: str = "time_awa
     return Demo(StableSRPipeline(model, cfw), name, sampling_defaults(choice.stablesr), device)
 
 
-DATA = Path(__file__).resolve().parent.parent / "data"  # the project's CC0/public-domain photos (LICENCES.md)
+DATA = Path(__file__).resolve().parents[2] / "data"  # the project's CC0/public-domain photos (LICENCES.md)
 HELDOUT = DATA / "heldout"  # chelsea.png, coffee.png: never trained on
 TRAINING = DATA / "photos"  # what the shipped tiny model was trained on
 
@@ -271,7 +273,7 @@ def matched_noise(feature: torch.Tensor, generator: torch.Generator) -> torch.Te
 def prior_alone(model: StableSR) -> StableSR:
     """The diffusion prior without StableSR's guidance: the same frozen UNet, VAE and text encoder, built
     without SFT layers and without the time-aware encoder (`use_sft=False`), sharing `model`'s tensors.
-    What StableSR fine-tunes (`train.is_trainable`) is exactly what is left out; the copy is strict."""
+    What StableSR fine-tunes (`train.sr.is_trainable`) is exactly what is left out; the copy is strict."""
     cfg = replace(model.cfg, unet=replace(model.cfg.unet, use_sft=False))
     with torch.device("meta"):
         prior = StableSR(cfg)
@@ -378,7 +380,7 @@ def degradation_stages(hr: torch.Tensor, seed: int, order: str = "second-order"
 @torch.no_grad()
 def loss_by_timestep(model: StableSR, lr: torch.Tensor, hr: torch.Tensor, bands: list[tuple[int, int]],
                      per_band: int = 4, seed: int = 0) -> torch.Tensor:
-    """The `train sr` objective || eps - eps_theta(z_t, t, c, s(z_lr, t)) ||^2 (`train.diffusion_loss`) on LR/HR
+    """The `train sr` objective || eps - eps_theta(z_t, t, c, s(z_lr, t)) ||^2 (`objective.diffusion_loss`) on LR/HR
     pairs (B, 3, h, w) / (B, 3, 4h, 4w) in [0, 1], averaged over `per_band` evenly spaced timesteps in each
     [first, last] band: (len(bands),). Latent samples and noise come from `seed` alone, so two models
     with the same VAE (the time-aware and time-blind fine-tunes) are scored on identical inputs."""

@@ -39,19 +39,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .atomic import atomic_write
-from .cli import ProgressLine, UsageError, pick_device, pick_dtype
-from .data import DataError, TrainingPairs, read_rgb
-from .degradation import ORDERS, DegradationConfig
-from .image_io import save_png_atomically, to_pil
-from .training import check_option_ranges, continued_options, derive_seeds, format_seconds, given_options
-from .weights import WeightFiles, save_safetensors
+from ..atomic import atomic_write, check_output_folder
+from ..config import SCALE
+from ..degradation import ORDERS, DegradationConfig
+from ..devices import pick_device, pick_dtype
+from ..errors import DataError, ImageError, UsageError
+from ..image_io import image_size, save_png_atomically, to_pil
+from ..progress import ProgressLine, format_seconds
+from ..weights import WeightFiles, save_safetensors
+from .data import TrainingPairs, read_rgb
+from .engine import check_option_ranges, continued_options, derive_seeds, given_options, one_process
 
-SCALE = 4  # LR = GT / 4, as StableSR is trained and used
 LATENT_KEY = "latent"
 SCALE_FACTOR_KEY = "stablesr_min.scale_factor"
 GENERATION = "generation.json"
@@ -138,14 +139,15 @@ def run_cfw_data(args) -> None:
     """`python -m stablesr_min train cfw-data ...`: argparse's namespace (None where an option was not
     given) -> GenerationOptions -> generate. A folder that holds a generation takes its kept options from
     its record, so `--out DATA --count N` alone continues it."""
-    given = given_options(args, GenerationOptions, ("weights", "data"))
-    record = DataFolder(args.out).read_record()
-    if record is not None:
-        given = continued_options(record["options"], given, KEPT_OPTIONS)
-    elif args.weights is None or args.data is None:
-        raise UsageError("train cfw-data needs --weights FILE and --data DIR (or an --out folder it already "
-                         "generated into, to continue it)")
-    generate(GenerationOptions(**{k: v for k, v in given.items() if v is not None}))
+    with one_process("train cfw-data"):
+        given = given_options(args, GenerationOptions, ("weights", "data"))
+        record = DataFolder(args.out).read_record()
+        if record is not None:
+            given = continued_options(record["options"], given, KEPT_OPTIONS)
+        elif args.weights is None or args.data is None:
+            raise UsageError("train cfw-data needs --weights FILE and --data DIR (or an --out folder it already "
+                             "generated into, to continue it)")
+        generate(GenerationOptions(**{k: v for k, v in given.items() if v is not None}))
 
 
 def to_8bit(image: torch.Tensor) -> torch.Tensor:
@@ -154,9 +156,12 @@ def to_8bit(image: torch.Tensor) -> torch.Tensor:
 
 
 def check_sizes(opts: GenerationOptions, cfg) -> None:
-    from .train import gt_size_multiple
+    from .networks import gt_size_multiple
 
     check_option_ranges(opts, at_least_one=("count", "steps", "batch_size"))
+    if opts.steps > cfg.diffusion.timesteps:
+        raise UsageError(f"--steps {opts.steps}: the schedule has {cfg.diffusion.timesteps} steps; use at most "
+                         f"{cfg.diffusion.timesteps}")
     multiple = gt_size_multiple(cfg, SCALE)
     if opts.gt_size < multiple or opts.gt_size % multiple:
         raise UsageError(f"--gt-size {opts.gt_size}: must be a multiple of {multiple} (whole latents at every "
@@ -168,12 +173,17 @@ def check_sizes(opts: GenerationOptions, cfg) -> None:
 
 
 def generate(opts: GenerationOptions) -> None:
-    from .model import load_stablesr, resolve_config  # the models load only for generating
-    from .pipeline import StableSRPipeline, UpscaleOptions
+    from ..model import load_stablesr, resolve_config  # the models load only for generating
+    from ..pipeline import StableSRPipeline, UpscaleOptions
 
     folder = DataFolder(opts.out)
     if folder.path.exists() and not folder.path.is_dir():
         raise UsageError(f"--out {folder.path}: exists and is not a folder")
+    check_output_folder(folder.path)
+    for data in map(Path, opts.data):
+        if folder.path.resolve().is_relative_to(data.resolve()):
+            raise UsageError(f"--out {folder.path}: is inside --data {data}, so its images would become training "
+                             "photos when it continues; choose a folder outside the data")
     record = folder.read_record()
     if record is None and folder.indices():
         raise UsageError(f"--out {folder.path}: holds samples but no {GENERATION}; choose another folder")
@@ -201,7 +211,9 @@ def generate(opts: GenerationOptions) -> None:
 
     done = folder.complete_count()
     progress = GenerationProgress(opts.count, done)
-    print(f"train cfw-data: {len(pairs.files)} images; {done} of {opts.count} samples present; "
+    present = f"{done} of {opts.count} samples present" if done <= opts.count else \
+        f"{done} samples present, the {opts.count} asked for among them"
+    print(f"train cfw-data: {len(pairs.files)} images; {present}; "
           f"{opts.steps} steps at {opts.gt_size} px, batch {opts.batch_size}; {device}, {opts.dtype}",
           file=sys.stderr)
     # Samples go in fixed groups of batch_size consecutive indices, so that a continued generation computes
@@ -230,7 +242,7 @@ def generate(opts: GenerationOptions) -> None:
 def draw_inputs(pairs: TrainingPairs, latent_shape: tuple[int, ...], steps: int, seed: int):
     """Sample i's pair (from its data seed) and its sampling noises (from its sampling seed): lr (1, 3, h, w)
     and gt (1, 3, H, W) in [0, 1], rounded to 8 bits, and the Noises of one image."""
-    from .pipeline import Noises
+    from ..pipeline import Noises
 
     seeds = derive_seeds(seed, ["data", "sampling"])
     pairs.reseed(seeds["data"])
@@ -242,7 +254,7 @@ def draw_inputs(pairs: TrainingPairs, latent_shape: tuple[int, ...], steps: int,
 
 def sample_latents(pipeline, sampling, tile_weights: torch.Tensor, inputs) -> torch.Tensor:
     """One batch through `sample_latent`, each image with its own noises -> latents (B, 1, 4, h, w), float32."""
-    from .pipeline import Noises
+    from ..pipeline import Noises
 
     lr = torch.cat([lr for lr, _, _ in inputs])
     noises = [n for _, _, n in inputs]
@@ -306,13 +318,13 @@ def find_samples(folders: list[str | Path]) -> list[Sample]:
     return samples
 
 
-def image_size(path: Path) -> tuple[int, int]:
+def height_width(path: Path) -> tuple[int, int]:
     """(height, width) from the file's header."""
     try:
-        with Image.open(path) as image:
-            return image.height, image.width
-    except (OSError, ValueError):
+        w, h = image_size(path)
+    except ImageError:
         raise DataError(f"{path}: not an image that can be read; generate the sample again or remove it") from None
+    return h, w
 
 
 def latent_header(path: Path) -> tuple[list[int], float]:
@@ -340,12 +352,12 @@ class CFWSamples:
         self.batch_size, self.seed = batch_size, seed
         self.used = 0
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.int64)
-        self.gt_size = image_size(self.samples[0].gt)
+        self.gt_size = height_width(self.samples[0].gt)
         for sample in self.samples:
             self.check(sample, factor, latent_channels)
 
     def check(self, sample: Sample, factor: int, latent_channels: int) -> None:
-        (h, w), (lr_h, lr_w) = image_size(sample.gt), image_size(sample.lr)
+        (h, w), (lr_h, lr_w) = height_width(sample.gt), height_width(sample.lr)
         shape, _ = latent_header(sample.latent)
         if shape != [1, latent_channels, h / factor, w / factor]:
             raise DataError(f"{sample.latent}: latent of shape {shape} does not match its GT {sample.gt} ({w}x{h}): "

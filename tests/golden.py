@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .config import StableSRConfig
-from .weights import config_metadata, save_safetensors
+from stablesr_min.config import StableSRConfig
+from stablesr_min.weights import config_metadata, save_safetensors
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"
 

@@ -36,18 +36,18 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .atomic import atomic_write
-from .cli import ProgressLine, UsageError, pick_device
-from .data import DataError
-from .image_io import ImageError
-from .weights import WeightFiles, WeightsError, save_safetensors
+from ..atomic import atomic_write, check_output_folder
+from ..devices import pick_device
+from ..errors import DataError, ImageError, Terminated, UsageError, WeightsError
+from ..progress import ProgressLine, format_seconds
+from ..weights import WeightFiles, save_safetensors
 
 CHECKPOINT = "last.safetensors"
 STATE = "state.safetensors"
@@ -141,16 +141,72 @@ class TrainState:
 # The run folder
 
 
+HELD_LOCKS: list[tuple[int, Path, bool]] = []  # (handle, folder, made by the lock): until `release_locks`
+
+
+def lock_folder(path: Path) -> None:
+    """An exclusive lock on the folder (created if needed) until `release_locks` (which every training command
+    calls on its way out) or the end of the process; refused in one line if another process holds it. Where
+    there is no flock (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    made = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(handle)
+        raise UsageError(f"--out {path}: another training run is using this folder; wait for it to end, or "
+                         "choose another folder") from None
+    HELD_LOCKS.append((handle, path, made))
+
+
+def release_locks() -> None:
+    """Unlock every run folder this process locked; one the lock made and nothing was written to goes again
+    (a run refused before its first write leaves nothing behind)."""
+    while HELD_LOCKS:
+        handle, path, made = HELD_LOCKS.pop()
+        os.close(handle)
+        if made and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+# How a training run ends: done, or stopped and saved by Ctrl-C or by SIGTERM (the command line: exit 0, 130, 143)
+FINISHED, STOPPED, TERMINATED = "finished", "stopped", "terminated"
+
+
 class RunFolder:
-    def __init__(self, path: str | Path, resume: bool):
+    """A training run's folder: last.safetensors, state.safetensors, log.jsonl. A run exists once its state is
+    saved; files without a state (a run stopped before its first save, or a deleted state) are set aside as
+    *.old when a new run starts there. The process that writes (`writer`) holds a lock on the folder while it
+    runs, so that a second run on the same --out is refused; the system drops the lock if the process dies."""
+
+    def __init__(self, path: str | Path, resume: bool, writer: bool = True):
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"--out {self.path}: exists and is not a folder")
+        check_output_folder(self.path)
         if resume and not self.state_path.is_file():
             raise UsageError(f"--resume: {self.path} holds no run to resume (no {STATE}); start it without --resume")
-        if not resume and self.holds_run():
+        if not resume and self.state_path.is_file():
             raise UsageError(f"--out {self.path}: already holds a run; pass --resume to continue it, "
                              "or choose another folder")
+        if writer:
+            lock_folder(self.path)
+            if not resume:
+                self.set_aside_stale_files()
+
+    def set_aside_stale_files(self) -> None:
+        """What a run that never saved its state left (a log, a checkpoint) is kept as *.old, said in one line."""
+        stale = [p for p in (self.checkpoint_path, self.log_path) if p.exists()]
+        for p in stale:
+            p.replace(p.with_name(p.name + ".old"))
+        if stale:
+            print(f"note: {self.path} held {' and '.join(p.name for p in stale)} of a run without a saved state; "
+                  "kept as *.old, starting a new run", file=sys.stderr)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -163,9 +219,6 @@ class RunFolder:
     @property
     def log_path(self) -> Path:
         return self.path / LOG
-
-    def holds_run(self) -> bool:
-        return any(p.exists() for p in (self.checkpoint_path, self.state_path, self.log_path))
 
     def save(self, checkpoint: dict[str, torch.Tensor], metadata: dict[str, str], state: TrainState) -> None:
         """The complete model, then the resume state. A crash between the two leaves an older state,
@@ -184,15 +237,16 @@ class RunFolder:
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def finish(self, step: int, steps: int, announce: bool = True) -> None:
-        """Say where the checkpoint is (`announce`: only one process of a run speaks). A run stopped before
-        `steps` (Ctrl-C) ends as interrupted, and --resume continues it."""
+    def finish(self, step: int, steps: int, announce: bool = True, stopped_by: str = STOPPED) -> str:
+        """Say where the checkpoint is (`announce`: only one process of a run speaks); returns FINISHED, or
+        for a run stopped before `steps`, which --resume continues, `stopped_by` (STOPPED or TERMINATED)."""
         if announce:
             print(f"wrote {self.checkpoint_path} (step {step})")
         if step < steps:
             if announce:
                 print(f"stopped at step {step} of {steps}; continue with --resume", file=sys.stderr)
-            raise KeyboardInterrupt
+            return stopped_by
+        return FINISHED
 
     def keep_log_until(self, step: int) -> None:
         """On resume: drop log lines of steps after the saved state (they will be run again)."""
@@ -241,7 +295,7 @@ def resume_options(out: str | Path, steps: int, given: dict[str, Any],
                    kept: Iterable[str]) -> tuple[dict[str, Any], TrainState]:
     """`--resume`: the options to continue with (`continued_options`) and the run's state, which `--steps`
     must take further."""
-    state = RunFolder(out, resume=True).load_state()
+    state = RunFolder(out, resume=True, writer=False).load_state()
     if steps <= state.step:
         raise UsageError(f"--steps {steps}: the run in {out} is already at step {state.step}; "
                          "pass a larger --steps to continue it")
@@ -257,6 +311,11 @@ def command_options(args, options: type, paths: Iterable[str], kept: Iterable[st
     state = None
     if args.resume:
         given, state = resume_options(args.out, args.steps, given, kept)
+        foreign = sorted(set(state.options) - {f.name for f in dataclasses.fields(options)})
+        if foreign:  # options this command does not have: another command wrote the run
+            raise UsageError(f"--resume: {args.out} holds a run of another training command (its options include "
+                             f"{', '.join(foreign)}; `train {args.what}` has none of them); resume it with that "
+                             "command, or choose another --out")
     elif any(given[name] is None for name in required):
         raise UsageError(f"train {args.what} needs {' and '.join(required.values())} (or --resume to continue a run)")
     return options(**{k: v for k, v in given.items() if v is not None}), state
@@ -264,9 +323,10 @@ def command_options(args, options: type, paths: Iterable[str], kept: Iterable[st
 
 def check_option_ranges(opts, at_least_one: Iterable[str] = (), at_least_zero: Iterable[str] = (),
                         positive: Iterable[str] = ()) -> None:
-    """Options that must be >= 1 (steps, batch size, ...), >= 0 (intervals) or > 0 (the learning rate)."""
+    """Options that must be >= 1 (steps, batch size, ...), >= 0 (intervals) or > 0 and finite (the learning
+    rate)."""
     rules = [(at_least_one, ">= 1", lambda v: v >= 1), (at_least_zero, ">= 0", lambda v: v >= 0),
-             (positive, "> 0", lambda v: v > 0)]
+             (positive, "> 0 and finite", lambda v: 0 < v < math.inf)]
     for names, rule, ok in rules:
         for name in names:
             value = getattr(opts, name)
@@ -294,34 +354,33 @@ class TrainProgress(ProgressLine):
             self._write(text, end="\r" if self.tty and step < self.steps else "\n")
 
 
-def format_seconds(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, s = divmod(round(seconds), 60)
-    hours, m = divmod(minutes, 60)
-    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s"
-
-
 class StopRequest:
-    """The first Ctrl-C asks the loop to stop after the step under way, save and exit; a second one
-    interrupts at once (without saving)."""
+    """The first Ctrl-C (SIGINT) or SIGTERM (`kill`, `timeout`, a scheduler's stop) asks the loop to stop after
+    the step under way, save and exit; a second one ends the program at once (without saving: the run folder
+    keeps its last save)."""
 
-    def __init__(self):
-        self.requested = False
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool = True):
+        self.requested: int | None = None  # the signal that asked
+        self.announce = announce
 
     def __enter__(self) -> "StopRequest":
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this step and saving (Ctrl-C again to quit without saving)",
-              file=sys.stderr, flush=True)
+        if self.requested is not None:
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
+        self.requested = signum
+        if self.announce:
+            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            print(f"\n{name}: stopping after this step and saving (again to quit without saving)",
+                  file=sys.stderr, flush=True)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -383,22 +442,28 @@ def torchrun_processes(device_name: str | None, timeout_s: float | None) -> Iter
     """Join the run's other processes (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
     MASTER_PORT in each one's environment): NCCL between GPUs, gloo between CPUs, every collective
     operation given up after `timeout_s` (None: DIST_TIMEOUT), so that a process that died makes the others
-    exit rather than hang. Errors are said once, by rank 0; the other ranks exit with the same code, silently."""
+    exit rather than hang. A user error on rank r > 0 is printed as one line naming the rank."""
     rank = int(os.environ.get("RANK", 0))
     try:
         procs = join_processes(device_name, DIST_TIMEOUT if timeout_s is None else timeout_s)
         try:
             yield procs
         finally:
+            release_locks()
             if procs.distributed:
                 dist.destroy_process_group()
-    except USER_ERRORS:
-        if rank != 0:
+    except USER_ERRORS as e:
+        if rank != 0:  # rank 0's error is printed by the command line; the others' here, naming their rank
+            print(f"error: rank {rank}: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         raise
     except KeyboardInterrupt:
         if rank != 0:
             raise SystemExit(130) from None
+        raise
+    except Terminated:
+        if rank != 0:
+            raise SystemExit(128 + signal.SIGTERM) from None
         raise
     except RuntimeError as e:
         if not lost_a_process(e):
@@ -407,6 +472,23 @@ def torchrun_processes(device_name: str | None, timeout_s: float | None) -> Iter
         print(f"error: rank {rank}: lost the other processes of the run ({first_line}); continue from the "
               "last checkpoint with --resume", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+@contextlib.contextmanager
+def one_process(command: str) -> Iterator[None]:
+    """A command that runs as one process (`train vae`, `train unet`, `train cfw-data`): refused in one line
+    under torchrun with several (each process would do the whole job into the same folder); the run folder's
+    lock released on the way out."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1:
+        if int(os.environ.get("RANK", 0)) != 0:
+            raise SystemExit(2)  # rank 0 says it
+        raise UsageError(f"{command} runs as one process, not under torchrun with {world_size}; start it with "
+                         "python -m stablesr_min")
+    try:
+        yield
+    finally:
+        release_locks()
 
 
 def lost_a_process(error: RuntimeError) -> bool:
@@ -429,6 +511,22 @@ def join_processes(device_name: str | None, timeout_s: float) -> Processes:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=timeout_s))
     return Processes(device, dist.get_rank(), dist.get_world_size())
+
+
+def check_same_options(procs: Processes, opts: Any) -> None:
+    """Each process reads its own command line: refuse a run whose processes were given different options
+    (a different --lr or --seed on one machine would train something nobody asked for)."""
+    if not procs.distributed:
+        return
+    mine = {k: v for k, v in dataclasses.asdict(opts).items() if k != "device"}  # a device may differ per process
+    everyone: list[dict] = [{}] * procs.world_size
+    dist.all_gather_object(everyone, mine)
+    differ = [k for k in mine if any(other.get(k) != mine[k] for other in everyone)]
+    if differ:
+        name = differ[0]
+        values = ", ".join(f"rank {r}: {other.get(name)}" for r, other in enumerate(everyone))
+        raise UsageError(f"--{name.replace('_', '-')} differs between the processes of the run ({values}); give "
+                         "every process the same options")
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -464,14 +562,14 @@ def mean_over_ranks(procs: Processes, value: float) -> float:
     return total.item() / procs.world_size
 
 
-def any_rank(procs: Processes, flag: bool) -> bool:
-    """Whether `flag` holds on some rank (Ctrl-C reaches the processes at different moments): every rank
-    stops and saves at the same step."""
+def first_signal(procs: Processes, signum: int | None) -> int | None:
+    """The stop signal some rank has seen (SIGTERM if any saw one, else SIGINT), or None: every rank then
+    stops and saves at the same step, and all end alike."""
     if not procs.distributed:
-        return flag
-    count = torch.tensor([int(flag)], device=procs.device)
-    dist.all_reduce(count)
-    return count.item() > 0
+        return signum
+    seen = torch.tensor([0 if signum is None else int(signum)], device=procs.device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)  # SIGTERM (15) outranks SIGINT (2)
+    return int(seen.item()) or None
 
 
 RANK_PREFIX = re.compile(r"rank(\d+)\.")
@@ -513,41 +611,135 @@ def check_world_size(state: TrainState, procs: Processes) -> None:
 # The loop
 
 
-def run_steps(name: str, run: RunFolder, opts: Any, step: int, seconds: float, optimizer: torch.optim.Optimizer,
-              scaler: torch.amp.GradScaler, backward: Callable[[], tuple[float, dict[str, float]]],
-              val_loss: Callable[[], float] | None, save: Callable[[int, float], None], device: torch.device,
-              dtype: torch.dtype, oom_hint: str, procs: Processes | None = None, val_name: str = "val_loss") -> None:
-    """The loop every training command shares, from `step` up to `opts.steps`: each iteration, `backward()`
-    computes the gradients (returns this process's loss and any terms to log), the loss is averaged over
-    the processes and must be finite, then one optimizer step; rank 0 logs (`val_loss()` every
-    `opts.val_every` steps, under `val_name`) and shows progress; `save(step, seconds)` every
-    `opts.save_every` steps, at the end and on Ctrl-C. A run stopped early says how to continue and raises
-    KeyboardInterrupt."""
-    procs = procs or Processes(device)
-    progress = TrainProgress(name, opts.steps, step) if procs.is_main else None
-    saved_step = step if step > 0 else None  # a resumed run starts from its saved step
-    with StopRequest() as stop, out_of_memory_is_a_usage_error(device, oom_hint):
-        stopped = False
-        while step < opts.steps and not stopped:
-            started = time.monotonic()
-            optimizer.zero_grad(set_to_none=True)
-            loss, terms = backward()
-            loss = mean_over_ranks(procs, loss)
-            stop_on_non_finite(loss, step + 1, saved_step, run.checkpoint_path)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            seconds += time.monotonic() - started
+class Loop:
+    """The bookkeeping around a training loop whose body each trainer writes out itself (train/sr.py):
 
-            if procs.is_main:
-                record = {"step": step, "loss": loss, **terms, "lr": opts.lr, "seconds": round(seconds, 3)}
-                if val_loss is not None and opts.val_every and step % opts.val_every == 0:
-                    with autocast(device, dtype):
-                        record[val_name] = val_loss()
-                run.log(record)
-                progress.update(step, record["loss"])
-            stopped = any_rank(procs, stop.requested)  # Ctrl-C reaches the processes at different moments
-            if save_due(step, opts.steps, opts.save_every, stopped):
-                save(step, seconds)
-                saved_step = step
-    run.finish(step, opts.steps, announce=procs.is_main)
+        with Loop("train sr", run, opts, procs, step, seconds, oom_hint) as loop:
+            while loop.running():
+                ...                                  # zero the gradients, forward, backward
+                loss = loop.checked(loss)            # averaged over the processes; not finite: stop, unsaved
+                scaler.step(optimizer)
+                scaler.update()
+                record = loop.count_step(loss)       # the step is done: its log line
+                if loop.validation_due():
+                    record["val_loss"] = ...
+                loop.log(record)                     # rank 0 logs and shows progress; a signal is seen here
+                if loop.save_due():
+                    save(loop.step, loop.seconds)
+        return loop.outcome                          # FINISHED, or STOPPED / TERMINATED (saved; --resume)
+
+    The first Ctrl-C or SIGTERM stops the loop after the step under way (every process at the same step), which
+    is then saved; running out of memory is a one-line error naming `oom_hint`. `seconds` counts training time
+    only (not validation, logging or saving), added up across resumes."""
+
+    def __init__(self, name: str, run: RunFolder, opts: Any, procs: Processes, step: int, seconds: float,
+                 oom_hint: str):
+        self.name, self.run, self.opts, self.procs, self.oom_hint = name, run, opts, procs, oom_hint
+        self.step, self.seconds = step, seconds
+        self.saved_step = step if step > 0 else None  # a resumed run starts from its saved step
+        self.stopped, self.stopped_by = False, None
+        self.outcome: str | None = None
+        self.progress = TrainProgress(name, opts.steps, step) if procs.is_main else None
+
+    def __enter__(self) -> "Loop":
+        self._exits = contextlib.ExitStack()
+        self._stop = self._exits.enter_context(StopRequest(announce=self.procs.is_main))
+        self._exits.enter_context(out_of_memory_is_a_usage_error(self.procs.device, self.oom_hint))
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        handled = self._exits.__exit__(*exc)
+        if exc[0] is None:
+            stopped_by = TERMINATED if self.stopped_by == signal.SIGTERM else STOPPED
+            self.outcome = self.run.finish(self.step, self.opts.steps, self.procs.is_main, stopped_by)
+        return handled
+
+    def running(self) -> bool:
+        """Whether to take another step (the clock of that step starts here)."""
+        self._started = time.monotonic()
+        return self.step < self.opts.steps and not self.stopped
+
+    def checked(self, loss: float) -> float:
+        """This step's loss averaged over the processes (so all of them stop together on a non-finite one,
+        before the optimizer step and without saving it)."""
+        loss = mean_over_ranks(self.procs, loss)
+        stop_on_non_finite(loss, self.step + 1, self.saved_step, self.run.checkpoint_path)
+        return loss
+
+    def count_step(self, loss: float, **terms: float) -> dict[str, float]:
+        """The step is taken: count it and its time; its log line (the loss, `terms`, the lr, the seconds)."""
+        self.step += 1
+        self.seconds += time.monotonic() - self._started
+        return {"step": self.step, "loss": loss, **terms, "lr": self.opts.lr, "seconds": round(self.seconds, 3)}
+
+    def validation_due(self) -> bool:
+        """Every `--val-every` steps, on rank 0 (which alone logs)."""
+        return self.procs.is_main and bool(self.opts.val_every) and self.step % self.opts.val_every == 0
+
+    def log(self, record: dict[str, float]) -> None:
+        if self.procs.is_main:
+            self.run.log(record)
+            self.progress.update(self.step, record["loss"])
+        # a signal reaches the processes at different moments: all stop at the step where the first saw one
+        self.stopped_by = first_signal(self.procs, self._stop.requested)
+        self.stopped = self.stopped_by is not None
+
+    def save_due(self) -> bool:
+        """Every `--save-every` steps, at the last step, and when stopped; the caller then saves."""
+        due = save_due(self.step, self.opts.steps, self.opts.save_every, self.stopped)
+        if due:
+            self.saved_step = self.step
+        return due
+
+
+# ------------------------------------------------------------------------------------------------------
+# The state a resume needs
+
+
+def start_optimizer(trainable: dict[str, nn.Parameter], lr: float, dtype: torch.dtype, noise_seed: int,
+                    run: RunFolder, state: TrainState | None, data, procs: Processes):
+    """AdamW (PyTorch's defaults besides the lr), a loss scaler for float16 and this process's noise
+    generator, at the start of a run or, with `state`, where it stopped (this rank's data stream too, and
+    the log cut to its step). Returns (optimizer, scaler, generator, step, seconds trained)."""
+    optimizer = torch.optim.AdamW(trainable.values(), lr=lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    generator = torch.Generator().manual_seed(rank_seed(noise_seed, procs.rank))
+    step, seconds = restore(state, run, procs, trainable, optimizer, scaler, generator, data) if state else (0, 0.0)
+    return optimizer, scaler, generator, step, seconds
+
+
+def snapshot(step: int, seconds: float, options: dict, trainable: dict[str, torch.Tensor],
+             optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, generator: torch.Generator | None,
+             data, procs: Processes) -> TrainState | None:
+    """Everything a resume needs, as `restore` puts it back: every rank hands its random streams to
+    rank 0, which gets the state (the other ranks get None: they write nothing). `trainable`: the tensors
+    the state keeps, by key; `generator`: the noise stream (None: a run without one, `train cfw`)."""
+    generators = gather_ranks(procs, {"noise": generator.get_state()} if generator is not None else {})
+    data_state = gather_ranks(procs, data.state_dict())
+    if not procs.is_main:
+        return None
+    return TrainState(step, options, {k: p.detach() for k, p in trainable.items()}, optimizer.state_dict(),
+                      generators, data_state, {"seconds": seconds, "scaler": scaler.state_dict(),
+                                               "world_size": procs.world_size})
+
+
+def restore(state: TrainState, run: RunFolder, procs: Processes, trainable: dict[str, torch.Tensor],
+            optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, generator: torch.Generator | None,
+            data) -> tuple[int, float]:
+    """Put a saved state back in place (copied into the `trainable` tensors; this rank's generator and
+    data), on as many processes as it was saved from, and cut the log to its step; returns (step, seconds
+    trained)."""
+    check_world_size(state, procs)
+    if sorted(state.weights) != sorted(trainable):
+        raise UsageError("the run's state does not match its checkpoint's trainable tensors; start a new run")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(state.weights[name])
+    optimizer.load_state_dict(state.optimizer)
+    scaler.load_state_dict(state.extra["scaler"])
+    if generator is not None:
+        generator.set_state(of_rank(state.generators, procs.rank)["noise"])
+    data.load_state_dict(of_rank(state.data, procs.rank))
+    if procs.is_main:
+        run.keep_log_until(state.step)
+    return state.step, state.extra["seconds"]

@@ -26,32 +26,31 @@ from SD 2.1's VAE, which is also StableSR's (frozen) VAE.
 
     torchrun --nproc_per_node 8 -m stablesr_min train cfw ... --batch-size 1
 
-runs this file in 8 processes, as `train sr` runs (training.py): each process its own order of the
+runs this file in 8 processes, as `train sr` runs (engine.py): each process its own order of the
 samples, the fusion layers' gradients and the discriminator's averaged over the processes.
 """
 
 from __future__ import annotations
 
-import itertools
 import sys
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .cfw import CFWAutoencoder, FusionLayer, ResidualDenseBlock
+from ..cfw import CFWAutoencoder, FusionLayer, ResidualDenseBlock
+from ..config import StableSRConfig
+from ..devices import pick_dtype
+from ..errors import WeightsError
+from ..model import load_cfw, resolve_config
+from ..pipeline import upsample
+from ..vae import AutoencoderKL
+from ..weights import WeightFiles, check_keys, config_metadata, guess_kind, load_module, mismatch_message
 from .cfw_data import CFWSamples
 from .cfw_loss import CFWLoss, CFWLossConfig
-from .cli import pick_dtype
-from .config import StableSRConfig
-from .model import load_cfw, resolve_config
-from .pipeline import upsample
-from .train import restore, snapshot
-from .training import (Processes, RunFolder, RunOptions, TrainState, autocast, check_option_ranges,
-                       command_options, derive_seeds, distribute, rank_seed, run_steps, torchrun_processes)
-from .vae import AutoencoderKL
-from .weights import (WeightFiles, WeightsError, check_keys, config_metadata, guess_kind, load_module,
-                      mismatch_message)
+from .engine import (Loop, Processes, RunFolder, RunOptions, TrainState, autocast, check_option_ranges,
+                     check_same_options, command_options, derive_seeds, distribute, rank_seed, restore, snapshot,
+                     torchrun_processes)
 
 FUSION_PREFIX = "decoder.fusion_layer_"
 DISCRIMINATOR_PREFIX = "loss.discriminator."  # as the official checkpoint names it
@@ -244,25 +243,27 @@ class CFWOptions(RunOptions):  # val_every: validation L1 losses (w = 1)
 KEPT_OPTIONS = ("cfw_base", "data", "batch_size", "lr", "disc_start", "seed")
 
 
-def run_train_cfw(args) -> None:
+def run_train_cfw(args) -> str:
     """`python -m stablesr_min train cfw ...` (or `torchrun ... -m stablesr_min train cfw ...`): argparse's
     namespace (None where an option was not given) -> CFWOptions -> train_cfw, in every process of the run.
     A resumed run takes its kept options from its state."""
     required = {"cfw_base": "--cfw-base FILE", "data": "--data DIR"}
     with torchrun_processes(args.device, args.dist_timeout) as procs:
         opts, state = command_options(args, CFWOptions, ("cfw_base", "data"), KEPT_OPTIONS, required)
-        train_cfw(opts, procs, state)
+        check_same_options(procs, opts)
+        return train_cfw(opts, procs, state)
 
 
 def check_options(opts: CFWOptions) -> None:
     check_option_ranges(opts, ("steps", "batch_size"), ("disc_start", "save_every", "val_every"), ("lr",))
 
 
-def train_cfw(opts: CFWOptions, procs: Processes, state: TrainState | None = None) -> None:
+def train_cfw(opts: CFWOptions, procs: Processes, state: TrainState | None = None) -> str:
     """Train the fusion layers for `opts.steps` steps in all, in this process of the run; with `state` (and
-    `opts.resume`), continue that run."""
+    `opts.resume`), continue that run. Returns how it ended: engine.FINISHED, STOPPED or TERMINATED (stopped by
+    a signal, and saved)."""
     check_options(opts)
-    run = RunFolder(opts.out, resume=opts.resume)
+    run = RunFolder(opts.out, resume=opts.resume, writer=procs.is_main)
     device = procs.device
     dtype = pick_dtype(opts.dtype, device)
     seeds = derive_seeds(opts.seed, ["data", "init", "discriminator"])
@@ -306,7 +307,7 @@ def train_cfw(opts: CFWOptions, procs: Processes, state: TrainState | None = Non
         print(f"train cfw: {len(samples.samples)} samples of {samples.gt_size[1]}x{samples.gt_size[0]}; "
               f"{n_trainable / 1e6:.2f} M trainable parameters, {n_frozen / 1e6:.2f} M frozen; global batch "
               f"{opts.batch_size * procs.world_size} = {opts.batch_size} per process x {procs.world_size} "
-              f"process(es); adversarial from step {opts.disc_start}; {device}, {opts.dtype}; "
+              f"process(es); adversarial from step {opts.disc_start + 1} of the log; {device}, {opts.dtype}; "
               f"steps {step} -> {opts.steps}", file=sys.stderr)
 
     def save(step: int, seconds: float) -> None:
@@ -316,16 +317,23 @@ def train_cfw(opts: CFWOptions, procs: Processes, state: TrainState | None = Non
         if procs.is_main:  # the checkpoint carries D as the official one does (`loss.` keys, which loading ignores)
             run.save(cfw.state_dict() | trained, config_metadata(cfg.to_json()), state)
 
-    steps_taken = itertools.count(step)  # before the step under way: disc_start counts them
-
-    def backward() -> tuple[float, dict[str, float]]:
-        return step_gradients(reconstruction, discriminator, loss, optimizer, scaler, samples.next_batch(),
-                              next(steps_taken), device, dtype)
-
-    val_l1 = (lambda: validation_l1(cfw, validation, device)) if validation is not None else None
-    hint = "lower --batch-size, or use --dtype bfloat16"
-    run_steps("train cfw", run, opts, step, seconds, optimizer, scaler, backward, val_l1, save, device, dtype, hint,
-              procs, val_name="val_l1")
+    # The loop (Sec. 3.2): a batch of (LR, GT, sampled latent), L_G (and L_D from disc_start), one Adam step
+    with Loop("train cfw", run, opts, procs, step, seconds, "lower --batch-size, or use --dtype bfloat16") as loop:
+        while loop.running():
+            optimizer.zero_grad(set_to_none=True)
+            g_loss, terms = step_gradients(reconstruction, discriminator, loss, optimizer, scaler,
+                                           samples.next_batch(), loop.step, device, dtype)
+            g_loss = loop.checked(g_loss)
+            scaler.step(optimizer)
+            scaler.update()
+            record = loop.count_step(g_loss, **terms)
+            if loop.validation_due():
+                with autocast(device, dtype):
+                    record["val_l1"] = validation_l1(cfw, validation, device)
+            loop.log(record)
+            if loop.save_due():
+                save(loop.step, loop.seconds)
+    return loop.outcome
 
 
 @torch.no_grad()

@@ -19,28 +19,26 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from .degradation import (DegradationConfig, PairPool, chance, clean_lr, degrade, draw_image_kernels,
-                          paired_random_crop, usm_sharpen)
-from .image_io import ImageError, load_image
+from ..degradation import (DegradationConfig, PairPool, chance, clean_lr, degrade, draw_image_kernels,
+                           paired_random_crop, usm_sharpen)
+from ..errors import DataError, ImageError
+from ..image_io import image_size, load_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
-class DataError(ValueError):
-    """Training data that cannot be used: the message is one line a user can act on."""
-
-
 def find_images(folders: list[str | os.PathLike], what: str = "training") -> list[Path]:
-    """Every image file under the folders (recursively, by suffix), sorted within each folder; `what`
-    kind of images they are, for messages."""
+    """Every image file under the folders (recursively, by suffix), sorted within each folder, each file once
+    (a folder given twice, or inside another one given, adds nothing: a note says so); `what` kind of
+    images they are, for messages."""
     if not folders:
         raise DataError(f"no {what} folders given")
-    files = []
+    files, seen, repeated = [], set(), 0
     for folder in map(Path, folders):
         if not folder.exists():
             raise DataError(f"{folder}: no such folder")
@@ -49,7 +47,15 @@ def find_images(folders: list[str | os.PathLike], what: str = "training") -> lis
         found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not found:
             raise DataError(f"{folder}: no images found ({', '.join(IMAGE_SUFFIXES)}, in it or its subfolders)")
-        files += found
+        for path in found:
+            if path.resolve() in seen:
+                repeated += 1
+            else:
+                seen.add(path.resolve())
+                files.append(path)
+    if repeated:
+        print(f"note: {repeated} image(s) found through more than one of the folders given; each is used once",
+              file=sys.stderr)
     return files
 
 
@@ -60,17 +66,16 @@ SMALL_KIB = 100  # file size in KiB
 
 def is_small(path: Path) -> bool:
     """Whether the official dataset would skip this photo: fewer pixels than 384 x 384, or under 100 KiB."""
-    with Image.open(path) as image:
-        w, h = image.size
+    w, h = image_size(path)
     return w * h < SMALL_AREA or path.stat().st_size / 1024 < SMALL_KIB
 
 
 def check_readable(path: Path) -> None:
-    """Open the file's header (cheap): a file that is no image fails before training starts."""
+    """Open the file's header (cheap): a file that is no image fails before training starts. Photos of any
+    size are read (`image_io`: no decompression-bomb limit; a crop is all that is kept of each)."""
     try:
-        with Image.open(path) as image:
-            image.size
-    except (OSError, ValueError):
+        image_size(path)
+    except ImageError:
         raise DataError(f"{path}: not an image that can be read; fix or remove it") from None
 
 
@@ -239,14 +244,14 @@ class TrainingPairs(ShuffledImages):
         if self.batch_size < 1:
             raise DataError(f"batch size {self.batch_size}: must be at least 1")
         if self.gt_size % self.scale:
-            raise DataError(f"gt_size {self.gt_size} is not a multiple of the scale {self.scale}")
+            raise DataError(f"--gt-size {self.gt_size} is not a multiple of the scale {self.scale}")
         smallest = smallest_gt_size(self.cfg, self.scale)
         if self.gt_size < smallest:
-            raise DataError(f"gt_size {self.gt_size} is too small for the {max(self.cfg.kernel_sizes)}x"
+            raise DataError(f"--gt-size {self.gt_size} is too small for the {max(self.cfg.kernel_sizes)}x"
                             f"{max(self.cfg.kernel_sizes)} blur kernels; use at least {smallest}")
         if self.crop_size < self.gt_size or self.crop_size % self.scale:
             raise DataError(f"crop_size {self.crop_size} must be a multiple of {self.scale} and at least "
-                            f"gt_size {self.gt_size}")
+                            f"--gt-size {self.gt_size}")
         if self.cfg.queue_size % self.batch_size:
             raise DataError(f"the pair pool's queue_size {self.cfg.queue_size} is not a multiple of the batch "
                             f"size {self.batch_size}; choose a batch size that divides it")
@@ -279,6 +284,6 @@ class TrainingPairs(ShuffledImages):
         super().load_state_dict(state)
         saved = state["sizes"].tolist()
         if saved != [self.gt_size, self.batch_size, self.scale, self.crop_size]:
-            raise DataError(f"the saved training state used gt_size {saved[0]}, batch size {saved[1]}, "
+            raise DataError(f"the saved training state used --gt-size {saved[0]}, batch size {saved[1]}, "
                             f"scale {saved[2]}, crop size {saved[3]}; resume with the same settings")
         self.pool.load_state_dict(state)

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .degradation import grouped_conv, opencv_gaussian_kernel
+from ..degradation import grouped_conv, opencv_gaussian_kernel
 
 PEAK = 255.0  # L, the dynamic range of 8-bit levels
 SSIM_WINDOW = 11  # the Gaussian window of Wang et al. (Sec. III-C): 11 x 11 ...

@@ -27,7 +27,7 @@ Stage 2, the latent diffusion UNet (`unet.UNet`, no SFT), on the frozen VAE's la
 
     L_LDM = E_{z = E(x), c, eps ~ N(0, I), t} [ || eps - eps_theta(z_t, t, tau(c)) ||_2^2 ]
 
-the same objective and 1000-step schedule as SD (`train.diffusion_loss`, `schedule.Schedule`). It is
+the same objective and 1000-step schedule as SD (`objective.diffusion_loss`, `schedule.Schedule`). It is
 unconditional in practice: c is always the empty prompt, and tau, the text encoder (`text.TextEncoder`, tiny),
 keeps seeded random weights and is frozen, so tau("") is one fixed context tensor that the UNet learns to
 take as given. StableSR encodes the same empty prompt with the same weights (they are in the checkpoint),
@@ -54,59 +54,23 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .cli import UsageError, pick_device, pick_dtype
-from .config import StableSRConfig, UNetConfig
-from .model import StableSR, load_stablesr, load_vae, resolve_config
-from .pipeline import draw, text_context
-from .schedule import Schedule
-from .text import TextEncoder
-from .train import (Denoiser, Validation, default_init, encode, gt_size_multiple, random_timestep_loss, snapshot,
-                    start_optimizer, warn_time_blind, zero_init_like_official)
-from .training import (Processes, RunFolder, RunOptions, TrainState, autocast, check_option_ranges,
-                       command_options, derive_seeds, run_steps)
-from .unet import UNet
-from .vae import AutoencoderKL, DiagonalGaussian
-from .weights import KIND_HINTS, WeightFiles, WeightsError, config_metadata, guess_kind
+from ..config import TINY_SIZES, StableSRConfig, matching_time_encoder
+from ..devices import pick_device, pick_dtype
+from ..errors import UsageError, WeightsError
+from ..model import StableSR, load_stablesr, load_vae, resolve_config
+from ..objective import Denoiser, Validation, posterior_latent, random_timestep_loss
+from ..pipeline import draw, text_context
+from ..schedule import Schedule
+from ..text import TextEncoder
+from ..unet import UNet
+from ..vae import AutoencoderKL, DiagonalGaussian
+from ..weights import KIND_HINTS, WeightFiles, config_metadata, guess_kind
+from .engine import (Loop, Processes, RunFolder, RunOptions, TrainState, autocast, check_option_ranges, command_options,
+                     derive_seeds, one_process, snapshot, start_optimizer)
+from .networks import default_init, gt_size_multiple, warn_time_blind, zero_init_like_official
 
 # ------------------------------------------------------------------------------------------------------
-# The tiny sizes
-
-# Overrides of the official sizes (config.py). Every width is a multiple of the networks' GroupNorm groups.
-# Chosen to train in tens of minutes on a 2-core CPU (README, "Training a tiny prior"):
-TINY_SIZES = {
-    # VAE: 3 levels, so 4x down (SD: 8x) with 4 latent channels: 48 values per latent cell -> 4 (SD: 192 -> 4).
-    # A tiny decoder trained for minutes cannot invent the detail that 8x would throw away (LDM's
-    # autoencoder zoo, Table 8: reconstructions worsen as the factor grows); widths 32, 64, 64, one residual
-    # block per level.
-    # 8 GroupNorm groups: 4 channels per group as SD's VAE has at width 128 (32 groups at width 32 would
-    # normalise each channel on its own, erasing its mean: the decoder then loses a crop's colour).
-    "vae": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "norm_groups": 8},
-    # UNet: widths 32, 64, 64, one residual block per level, attention below the top level (SD: 320 ... 1280,
-    # two blocks, attention at every level); heads of 32 channels.
-    # 8 GroupNorm groups, for the same reason and one more: a ResBlock adds the time embedding per channel just
-    # before a GroupNorm, and with one channel per group (32 groups at width 32) the norm subtracts it again,
-    # so the UNet and the time-aware encoder could not see t (`model.time_blind_layers`; MODEL_CARD.md).
-    "unet": {"model_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": 1, "attention_resolutions": [2, 4],
-             "num_head_channels": 32, "context_dim": 32, "semb_channels": 32, "use_sft": False, "norm_groups": 8},
-    # CFW fusion layers (added by `train cfw`): the official sizes, two RRDBs of growth 32. At this model's
-    # sizes CFW is its path to fidelity; one RRDB of growth 16 (a third of the parameters, twice as fast)
-    # scored 0.05 dB lower on the training crops (tiny/MODEL_CARD.md).
-    "cfw": {"num_fuse_block": 2, "num_grow_ch": 32},
-    # Text encoder: width 32, 2 blocks (the penultimate one's output is used, as SD 2.x), the BPE vocabulary
-    # and 77 tokens as CLIP's.
-    "text": {"width": 32, "heads": 2, "layers": 2, "embed_dim": 32},
-}
-
-
-def matching_time_encoder(unet: UNetConfig) -> dict[str, Any]:
-    """The time-aware encoder that `train sr` will add, sized to the UNet as the official one is to SD's:
-    one level per UNet level (so it has a feature for every UNet resolution), half the UNet's multipliers
-    ((1, 2, 4, 4) -> (1, 1, 2, 2)), attention where the UNet has it, and features of the SFT input width."""
-    return {"model_channels": unet.model_channels, "out_channels": unet.semb_channels,
-            "channel_mult": [max(1, m // 2) for m in unet.channel_mult],
-            "num_res_blocks": unet.num_res_blocks, "attention_resolutions": list(unet.attention_resolutions),
-            "norm_groups": unet.norm_groups}
-
+# The tiny sizes (`config.TINY_SIZES`), changed by --config
 
 def prior_config(path: str | None) -> StableSRConfig:
     """The tiny sizes, each block updated by the `--config` JSON's (a StableSRConfig JSON: only the blocks
@@ -231,7 +195,7 @@ def prior_loss(model: StableSR, schedule: Schedule, context: torch.Tensor, image
                generator: torch.Generator) -> torch.Tensor:
     """One draw of L_LDM on a batch of images in [0, 1]: a posterior sample, t ~ U{0..T-1}, eps ~ N(0, I)."""
     with torch.no_grad():
-        z = encode(model, images * 2 - 1, generator)
+        z = posterior_latent(model, images * 2 - 1, generator)
     return random_timestep_loss(Denoiser(model), schedule, context, None, z, generator)
 
 
@@ -242,7 +206,7 @@ def prior_loss(model: StableSR, schedule: Schedule, context: torch.Tensor, image
 @dataclass
 class PriorOptions(RunOptions):
     data: list[str] | None = None  # folders of photos
-    config: str | None = None  # config JSON over the tiny sizes (TINY_SIZES)
+    config: str | None = None  # config JSON over the tiny sizes (config.TINY_SIZES)
     batch_size: int = 8  # crops per step
     crop: int = 64  # crop size in pixels
     lr: float = 2e-4  # AdamW learning rate, constant
@@ -268,15 +232,17 @@ STORED = ("dtype", "save_every", "val_every")
 PATH_OPTIONS = ("data", "config")  # options naming files or folders: stored resolved
 
 
-def run_train_vae(args) -> None:
+def run_train_vae(args) -> str:
     """`python -m stablesr_min train vae ...`"""
-    train_vae(*command_options(args, VAEOptions, PATH_OPTIONS, VAE_KEPT, {"data": "--data DIR"}))
+    with one_process("train vae"):
+        return train_vae(*command_options(args, VAEOptions, PATH_OPTIONS, VAE_KEPT, {"data": "--data DIR"}))
 
 
-def run_train_unet(args) -> None:
+def run_train_unet(args) -> str:
     """`python -m stablesr_min train unet ...`"""
-    train_unet(*command_options(args, UNetOptions, PATH_OPTIONS + ("vae",), UNET_KEPT,
-                                {"vae": "--vae FILE", "data": "--data DIR"}))
+    with one_process("train unet"):
+        return train_unet(*command_options(args, UNetOptions, PATH_OPTIONS + ("vae",), UNET_KEPT,
+                                           {"vae": "--vae FILE", "data": "--data DIR"}))
 
 
 def check_prior_options(opts: PriorOptions, multiple: int) -> None:
@@ -286,7 +252,7 @@ def check_prior_options(opts: PriorOptions, multiple: int) -> None:
                          "networks is whole")
 
 
-def train_vae(opts: VAEOptions, state: TrainState | None = None) -> None:
+def train_vae(opts: VAEOptions, state: TrainState | None = None) -> str:
     """Train the VAE for `opts.steps` steps in all; with `state` (and `opts.resume`), continue that run."""
     from .data import CleanCrops  # the data pipeline loads only for training
 
@@ -294,7 +260,7 @@ def train_vae(opts: VAEOptions, state: TrainState | None = None) -> None:
     if opts.resume and state is None:
         state = run.load_state()
     cfg = resolve_config(WeightFiles([run.checkpoint_path]), None) if state else prior_config(opts.config)
-    check_prior_options(opts, 2 ** (len(cfg.vae.ch_mult) - 1))
+    check_prior_options(opts, cfg.vae.downscale)
     if not opts.kl_weight >= 0:
         raise UsageError(f"--kl-weight must be >= 0, got {opts.kl_weight}")
     device = pick_device(opts.device)
@@ -322,11 +288,11 @@ def train_vae(opts: VAEOptions, state: TrainState | None = None) -> None:
     n = sum(p.numel() for p in trainable.values())
     summary = (f"train vae: {len(crops.files)} images; {n / 1e6:.2f} M parameters, {vae.downscale}x down to "
                f"{cfg.vae.embed_dim} channels; batch {opts.batch_size} at {opts.crop} px")
-    fit("train vae", opts, VAE_KEPT, run, state, trainable, crops, loss, lambda: validation.loss(vae), checkpoint,
+    return fit("train vae", opts, VAE_KEPT, run, state, trainable, crops, loss, lambda: validation.loss(vae), checkpoint,
         seeds, device, dtype, summary)
 
 
-def train_unet(opts: UNetOptions, state: TrainState | None = None) -> None:
+def train_unet(opts: UNetOptions, state: TrainState | None = None) -> str:
     """Train the UNet for `opts.steps` steps in all on the frozen VAE; with `state`, continue that run."""
     from .data import CleanCrops  # the data pipeline loads only for training
 
@@ -359,7 +325,7 @@ def train_unet(opts: UNetOptions, state: TrainState | None = None) -> None:
         context = text_context(model, "", opts.batch_size)
         val_images = CleanCrops(opts.data, opts.crop, opts.batch_size, seed=seeds["validation"]).next_batch()
         val_generator = torch.Generator().manual_seed(seeds["validation"])
-        validation = Validation(None, encode(model, val_images.to(device) * 2 - 1, val_generator), val_generator,
+        validation = Validation(None, posterior_latent(model, val_images.to(device) * 2 - 1, val_generator), val_generator,
                                 len(schedule))
 
     def loss(images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
@@ -373,30 +339,37 @@ def train_unet(opts: UNetOptions, state: TrainState | None = None) -> None:
     summary = (f"train unet: {len(crops.files)} images; {n / 1e6:.2f} M trainable parameters; latents "
                f"{opts.crop // model.vae.downscale} x {opts.crop // model.vae.downscale} x {cfg.vae.embed_dim}, "
                f"scale_factor {cfg.diffusion.scale_factor:.4f}; batch {opts.batch_size}")
-    fit("train unet", opts, UNET_KEPT, run, state, trainable, crops, loss,
+    return fit("train unet", opts, UNET_KEPT, run, state, trainable, crops, loss,
         lambda: validation.loss(Denoiser(model), schedule, context), checkpoint, seeds, device, dtype, summary)
 
 
 def fit(name: str, opts: PriorOptions, kept: tuple[str, ...], run: RunFolder, state: TrainState | None,
         trainable: dict[str, nn.Parameter], crops, loss: Callable, val_loss: Callable[[], float],
-        checkpoint: Callable, seeds: dict[str, int], device: torch.device, dtype: torch.dtype, summary: str) -> None:
-    """What both stages share: AdamW (constant lr) on the trainable tensors, restoring a resumed run, and
-    `training.run_steps` with one batch of crops per step. `loss(images, generator)` -> (loss, terms to
-    log); `checkpoint()` -> the complete model's tensors and metadata."""
+        checkpoint: Callable, seeds: dict[str, int], device: torch.device, dtype: torch.dtype, summary: str) -> str:
+    """What both stages share: AdamW (constant lr) on the trainable tensors, restoring a resumed run, and the
+    loop over batches of crops. `loss(images, generator)` -> (loss, terms to log); `val_loss()` -> a float;
+    `checkpoint()` -> the complete model's tensors and metadata. Returns engine.FINISHED, STOPPED or
+    TERMINATED."""
     procs = Processes(device)  # one process: the tiny prior trains on one CPU or GPU
     optimizer, scaler, generator, step, seconds = start_optimizer(trainable, opts.lr, dtype, seeds["noise"], run,
                                                                   state, crops, procs)
     print(f"{summary}; {device}, {opts.dtype}; steps {step} -> {opts.steps}", file=sys.stderr)
-
-    def save(step: int, seconds: float) -> None:
-        options = {k: getattr(opts, k) for k in kept + STORED}
-        run.save(*checkpoint(), snapshot(step, seconds, options, trainable, optimizer, scaler, generator, crops, procs))
-
-    def backward() -> tuple[float, dict[str, float]]:
-        with autocast(device, dtype):
-            value, terms = loss(crops.next_batch().to(device), generator)
-        scaler.scale(value).backward()
-        return value.item(), terms
-
-    hint = "lower --batch-size or --crop, or use --dtype bfloat16"
-    run_steps(name, run, opts, step, seconds, optimizer, scaler, backward, val_loss, save, device, dtype, hint)
+    with Loop(name, run, opts, procs, step, seconds, "lower --batch-size or --crop, or use --dtype bfloat16") as loop:
+        while loop.running():
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, dtype):
+                value, terms = loss(crops.next_batch().to(device), generator)
+            scaler.scale(value).backward()
+            mean_loss = loop.checked(value.item())
+            scaler.step(optimizer)
+            scaler.update()
+            record = loop.count_step(mean_loss, **terms)
+            if loop.validation_due():
+                with autocast(device, dtype):
+                    record["val_loss"] = val_loss()
+            loop.log(record)
+            if loop.save_due():
+                options = {k: getattr(opts, k) for k in kept + STORED}
+                run.save(*checkpoint(), snapshot(loop.step, loop.seconds, options, trainable, optimizer, scaler,
+                                                 generator, crops, procs))
+    return loop.outcome

@@ -1,0 +1,264 @@
+"""Fine-tuning StableSR: the time-aware encoder and the SFT layers learn, Stable Diffusion stays frozen (Sec. 3.1).
+
+    python -m stablesr_min train sr --base v2-1_512-ema-pruned.safetensors --data photos/ --out runs/sr --steps N
+
+One step of the loop below (`train_sr`), as the official trainer takes it: an HR crop, degraded by the
+Real-ESRGAN pipeline (degradation.py, data.py) into an LR image 4x smaller; the latent diffusion objective
+of Sec. 3.1 on the pair (objective.py: || eps - eps_theta(z_t, t, c, s(z_lr, t)) ||^2 at a random t);
+backward; one AdamW step.
+
+Trainable: every `.spade.` parameter of the UNet and the whole time-aware encoder; the VAE, the text
+encoder and the rest of the UNet are frozen (no gradients, eval mode). AdamW with the official settings
+(lr 5e-5, PyTorch's default betas (0.9, 0.999) and weight decay 0.01; constant lr). The official run
+used batch 6 per GPU x 8 GPUs x 4 accumulated batches (`--grad-accum`):
+
+    torchrun --nproc_per_node 8 -m stablesr_min train sr ... --batch-size 6 --grad-accum 4
+
+runs this file in 8 processes; what they share (joining, seeds per rank, rank 0 writing, averaging the
+gradients), with saving, resuming and Ctrl-C, is in engine.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import SCALE, StableSRConfig
+from ..devices import pick_dtype
+from ..errors import WeightsError
+from ..model import StableSR, load_stablesr, resolve_config
+from ..objective import Denoiser, Validation, latents, sample_loss
+from ..pipeline import text_context
+from ..schedule import Schedule
+from ..unet import SFT
+from ..weights import KIND_HINTS, WeightFiles, config_metadata, guess_kind
+from .engine import (Loop, Processes, RunFolder, RunOptions, TrainState, autocast, check_option_ranges,
+                     check_same_options, command_options, derive_seeds, distribute, gradient_sync, rank_seed, snapshot,
+                     start_optimizer, torchrun_processes)
+from .networks import check_gt_size, default_init, warn_time_blind, zero_init_like_official
+
+# ------------------------------------------------------------------------------------------------------
+# What trains
+
+
+def is_trainable(key: str) -> bool:
+    """Every `.spade.` parameter of the UNet and the whole time-aware encoder train."""
+    return key.startswith("structcond_stage_model.") or ".spade." in key
+
+
+def trainable_parameters(model: StableSR) -> dict[str, nn.Parameter]:
+    """The trainable parameters by checkpoint key, sorted."""
+    return {name: p for name, p in sorted(model.named_parameters()) if is_trainable(name)}
+
+
+def prepare_for_finetuning(model: StableSR) -> dict[str, nn.Parameter]:
+    """Freeze everything but the trainable parameters; the official trainer keeps the frozen networks
+    in eval mode and the time-aware encoder in train mode (neither has dropout, so it changes nothing)."""
+    model.requires_grad_(False).eval()
+    trainable = trainable_parameters(model)
+    for p in trainable.values():
+        p.requires_grad_(True)
+    model.time_encoder.train()
+    return trainable
+
+
+# ------------------------------------------------------------------------------------------------------
+# The model to start from
+
+
+def base_config(paths: list[str], config: str | None, time_aware: bool) -> StableSRConfig:
+    """The config of the model to train from a StableSR or SD 2.x base file; other files are refused."""
+    files = WeightFiles(paths)
+    kind = guess_kind(files.keys())
+    if kind not in ("stablesr", "sd2"):
+        raise WeightsError(f"{files.describe()}: --base needs a StableSR or Stable Diffusion 2.x checkpoint, "
+                           f"but this is {KIND_HINTS[kind].split(':')[0]}")
+    cfg = StableSRConfig.from_dict(resolve_config(files, config).to_dict())  # a copy we may change
+    cfg.unet.use_sft = True
+    cfg.time_encoder.time_aware = time_aware
+    return cfg
+
+
+def load_base(paths: list[str], cfg: StableSRConfig, seed: int) -> StableSR:
+    """A StableSR checkpoint (continue fine-tuning) or a Stable Diffusion 2.x one (start the new layers)."""
+    if guess_kind(WeightFiles(paths).keys()) == "stablesr":
+        return load_stablesr(paths, cfg)
+    return stablesr_from_sd2(paths, cfg, seed)
+
+
+def stablesr_from_sd2(paths: list[str], cfg: StableSRConfig, seed: int) -> StableSR:
+    """SD 2.x weights for the VAE, text encoder and UNet; the time-aware encoder and the SFT layers at
+    PyTorch's default initialisation (seeded), as the official run starts them."""
+    prior_cfg = StableSRConfig.from_dict(cfg.to_dict())
+    prior_cfg.unet.use_sft = False
+    prior = load_stablesr(paths, prior_cfg)  # strict: the whole SD 2.x tree
+    with torch.device("meta"):
+        model = StableSR(cfg)
+    missing, unexpected = model.load_state_dict(prior.state_dict(), strict=False, assign=True)
+    new_modules = [model.time_encoder] + [m for m in model.unet.modules() if isinstance(m, SFT)]
+    new_keys = {k for k in model.state_dict() if is_trainable(k)}
+    assert not unexpected and set(missing) == new_keys, "the SD 2.x tree and StableSR's differ beyond the new layers"
+    for module in new_modules:
+        module.to_empty(device="cpu")
+    default_init(new_modules, seed)
+    zero_init_like_official(model.time_encoder)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------------
+# The command
+
+
+@dataclass
+class SROptions(RunOptions):
+    base: list[str] | None = None  # StableSR or SD 2.x safetensors
+    data: list[str] | None = None  # folders of HR photos
+    config: str | None = None  # model config JSON (default: the one stored in --base)
+    batch_size: int = 6  # per optimizer micro-step (official: 6 per GPU)
+    gt_size: int = 512  # HR crop size (official: 512)
+    lr: float = 5e-5  # AdamW learning rate (official: 5e-5, constant)
+    grad_accum: int = 1  # micro-batches per optimizer step (official: 4)
+    time_blind: bool = False  # the ablation: the encoder always sees t = 0
+    degradation: str = "second-order"  # Real-ESRGAN's (official); "first-order": Eq. 1 once (degradation.py)
+    checkpointing: bool = False  # recompute the UNet's blocks in the backward pass: less memory, ~1/3 slower
+    skip_small: str = "auto"  # "on": leave out photos under 384 x 384 px or 100 KiB, as the official dataset;
+    #                           "auto": on at the official crop size (gt_size >= 512), off below (small photos padded)
+
+
+# Options a resumed run keeps from its start; it also keeps STORED_OPTIONS unless they are given again
+# (the rest, --steps and --device, are given anew).
+KEPT_OPTIONS = ("base", "data", "config", "batch_size", "gt_size", "lr", "grad_accum", "time_blind", "degradation",
+                "skip_small", "seed")
+STORED_OPTIONS = KEPT_OPTIONS + ("dtype", "save_every", "val_every", "checkpointing")
+
+
+def run_train_sr(args) -> str:
+    """`python -m stablesr_min train sr ...` (or `torchrun ... -m stablesr_min train sr ...`): argparse's
+    namespace (None where an option was not given) -> SROptions -> train_sr, in every process of the run.
+    A resumed run takes its kept options from its state."""
+    required = {"base": "--base FILE", "data": "--data DIR"}
+    with torchrun_processes(args.device, args.dist_timeout) as procs:
+        opts, state = command_options(args, SROptions, ("base", "data", "config"), KEPT_OPTIONS, required)
+        check_same_options(procs, opts)
+        return train_sr(opts, procs, state)
+
+
+def check_options(opts: SROptions) -> None:
+    check_option_ranges(opts, ("steps", "batch_size", "grad_accum"), ("save_every", "val_every"), ("lr",))
+
+
+def train_sr(opts: SROptions, procs: Processes, state: TrainState | None = None) -> str:
+    """Fine-tune for `opts.steps` steps in all, in this process of the run; with `state` (and
+    `opts.resume`), continue that run. Returns how it ended: engine.FINISHED, STOPPED or TERMINATED (stopped by
+    a signal, and saved)."""
+    from .data import TrainingPairs, smallest_gt_size  # the data pipeline loads only for training
+    from ..degradation import ORDERS, DegradationConfig
+
+    check_options(opts)
+    run = RunFolder(opts.out, resume=opts.resume, writer=procs.is_main)
+    device = procs.device
+    dtype = pick_dtype(opts.dtype, device)
+    seeds = derive_seeds(opts.seed, ["data", "noise", "init", "validation"])
+    if opts.resume and state is None:
+        state = run.load_state()
+
+    # The model's config (the model itself loads once the data is found): the run's last checkpoint's, or
+    # the base file's
+    if state:
+        cfg = resolve_config(WeightFiles([run.checkpoint_path]), None)
+    else:
+        cfg = base_config(opts.base, opts.config, time_aware=not opts.time_blind)
+    degradation = DegradationConfig(order=ORDERS[opts.degradation])
+    check_gt_size(opts.gt_size, opts.batch_size, cfg, at_least=smallest_gt_size(degradation, SCALE))
+
+    # The data (each rank its own stream of the same photos), the model (frozen but for the new layers),
+    # the empty prompt's context
+    skip_small = opts.skip_small == "on" or (opts.skip_small == "auto" and opts.gt_size >= 512)
+    pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=degradation,
+                          seed=rank_seed(seeds["data"], procs.rank), scale=SCALE, skip_small=skip_small)
+    if pairs.skipped and procs.is_main:
+        print(f"train sr: left out {len(pairs.skipped)} of {len(pairs.skipped) + len(pairs.files)} photos under 384 x "
+              "384 px or 100 KiB, as the official dataset does (--skip-small off keeps them)", file=sys.stderr)
+    model = load_stablesr([run.checkpoint_path]) if state else load_base(opts.base, cfg, seeds["init"])
+    trainable = prepare_for_finetuning(model)
+    model.unet.checkpointing = opts.checkpointing
+    with torch.no_grad():
+        context = text_context(model, "", opts.batch_size).to(device)  # once, on the CPU
+    move_step_networks(model, device)
+    denoiser = Denoiser(model)
+    network = distribute(denoiser, procs)
+    schedule = Schedule.from_config(model.cfg.diffusion)
+
+    # AdamW with PyTorch's defaults besides the lr, as the official trainer
+    optimizer, scaler, generator, step, seconds = start_optimizer(trainable, opts.lr, dtype, seeds["noise"], run,
+                                                                  state, pairs, procs)
+
+    # A fixed batch for val_loss, from its own seeded pipeline (rank 0 measures it)
+    validation = None
+    if opts.val_every and procs.is_main:
+        val_pairs = TrainingPairs(opts.data, opts.gt_size, opts.batch_size, cfg=degradation,
+                                  seed=seeds["validation"], scale=SCALE, skip_small=skip_small)
+        with autocast(device, dtype):
+            validation = sr_validation(model, val_pairs, seeds["validation"], len(schedule), device)
+
+    warn_time_blind(model.cfg, procs.is_main)
+    n_trainable = sum(p.numel() for p in trainable.values())
+    n_frozen = sum(p.numel() for p in model.parameters()) - n_trainable
+    if procs.is_main:
+        print(f"train sr: {len(pairs.files)} images; {n_trainable / 1e6:.2f} M trainable parameters, "
+              f"{n_frozen / 1e6:.2f} M frozen; global batch {opts.batch_size * procs.world_size * opts.grad_accum} "
+              f"= {opts.batch_size} per process x {procs.world_size} process(es) x {opts.grad_accum} accumulated, "
+              f"at {opts.gt_size} px; "
+              f"{'time-aware' if model.cfg.time_encoder.time_aware else 'TIME-BLIND (t = 0)'} encoder; "
+              f"{device}, {opts.dtype}; steps {step} -> {opts.steps}", file=sys.stderr)
+
+    def save(step: int, seconds: float) -> None:
+        state = snapshot(step, seconds, {k: getattr(opts, k) for k in STORED_OPTIONS}, trainable, optimizer, scaler,
+                         generator, pairs, procs)
+        if procs.is_main:
+            run.save(model.state_dict(), config_metadata(model.cfg.to_json()), state)
+
+    # The loop (Sec. 3.1): degraded pairs, the objective at a random t, backward, one AdamW step
+    hint = ("lower --batch-size or --gt-size (--grad-accum keeps the effective batch), use --checkpointing, "
+            "or use --dtype bfloat16")
+    with Loop("train sr", run, opts, procs, step, seconds, hint) as loop:
+        while loop.running():
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for micro_batch in range(opts.grad_accum):  # the gradients are all-reduced once, after the last
+                lr, gt = pairs.next_batch()
+                with gradient_sync(network, last_micro_batch=micro_batch == opts.grad_accum - 1):
+                    with autocast(device, dtype):
+                        loss = sample_loss(model, network, schedule, context, lr.to(device), gt.to(device), generator)
+                    scaler.scale(loss / opts.grad_accum).backward()
+                loss_sum += loss.item()
+            mean_loss = loop.checked(loss_sum / opts.grad_accum)
+            scaler.step(optimizer)
+            scaler.update()
+            record = loop.count_step(mean_loss)
+            if loop.validation_due():
+                with autocast(device, dtype):
+                    record["val_loss"] = validation.loss(denoiser, schedule, context)
+            loop.log(record)
+            if loop.save_due():
+                save(loop.step, loop.seconds)
+    return loop.outcome
+
+
+def move_step_networks(model: StableSR, device: torch.device) -> None:
+    """What a training step runs goes to the device: the UNet, the time-aware encoder and the VAE's
+    encoder. The text encoder (its context is computed once) and the VAE's decoder (training never
+    decodes) stay on the CPU."""
+    for part in (model.unet, model.time_encoder, model.vae.encoder, model.vae.quant_conv):
+        part.to(device)
+
+
+def sr_validation(model: StableSR, pairs, seed: int, timesteps: int, device: torch.device) -> Validation:
+    """The validation of `train sr`: one batch of LR/GT pairs, and posterior samples of their latents."""
+    generator = torch.Generator().manual_seed(seed)
+    lr, gt = pairs.next_batch()
+    z_lr, z = latents(model, lr.to(device), gt.to(device), generator)
+    return Validation(z_lr, z, generator, timesteps)

@@ -18,6 +18,9 @@ class ImageError(ValueError):
     """An input image that cannot be used: the message is one line a user can act on."""
 
 
+USER_ERRORS = (UsageError, WeightsError, DataError, ImageError)  # each printed as one line, exit code 2
+
+
 class Terminated(BaseException):
     """SIGTERM, raised where the program is, so that `finally` blocks (temp files) run on the way out;
     the command line ends with "terminated", exit code 143."""

@@ -32,7 +32,7 @@ from ..atomic import check_output_file, check_output_folder
 from ..colorfix import METHODS as COLORFIX_METHODS
 from ..degradation import ORDERS
 from ..devices import DTYPES, pick_device, pick_dtype
-from ..errors import DataError, ImageError, Terminated, UsageError, WeightsError
+from ..errors import USER_ERRORS, Terminated, UsageError
 from ..image_io import image_size, load_image, save_png_atomically, to_pil
 from ..progress import ProgressLine
 from ..weights import guess_kind
@@ -161,7 +161,6 @@ def warn_unused_guidance(opts) -> None:
 
 
 def cmd_upscale(args) -> None:
-    # Imported here so that `convert` and `--help` stay fast.
     from ..model import load_cfw, load_stablesr
     from ..pipeline import StableSRPipeline, UpscaleOptions, official_size
 
@@ -398,13 +397,13 @@ def add_train_prior_parsers(train_sub) -> None:
 
 
 def cmd_train_prior(args) -> str:
-    from ..train.prior import run_train_unet, run_train_vae  # imported here so that other commands stay fast
+    from ..train.prior import run_train_unet, run_train_vae
 
     return (run_train_vae if args.what == "vae" else run_train_unet)(args)
 
 
 def cmd_train_sr(args) -> str:
-    from ..train.sr import run_train_sr  # imported here so that other commands stay fast
+    from ..train.sr import run_train_sr
 
     return run_train_sr(args)
 
@@ -455,7 +454,7 @@ def add_train_cfw_parsers(train_sub) -> None:
 
 
 def cmd_train_cfw_data(args) -> None:
-    from ..train.cfw_data import run_cfw_data  # imported here so that other commands stay fast
+    from ..train.cfw_data import run_cfw_data
 
     run_cfw_data(args)
 
@@ -467,22 +466,24 @@ def cmd_train_cfw(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..train.engine import STOPPED, TERMINATED  # how a training run may end (the parser loaded train/)
+
     args = build_parser().parse_args(argv)
+    endings = {STOPPED: ("interrupted", 130), TERMINATED: ("terminated", 128 + signal.SIGTERM)}
+    speak = os.environ.get("RANK", "0") == "0"  # a training run under torchrun: one process says how it ended
     try:
         with terminate_on_sigterm():
-            outcome = args.run(args)  # the training commands say how they ended; the others return None
-    except (UsageError, WeightsError, ImageError, DataError) as e:
+            outcome = args.run(args)  # the training commands say how they ended (saved); the others return None
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
+        outcome, speak = STOPPED, True
     except Terminated:
-        print("terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    # train.engine.STOPPED / TERMINATED: a training run stopped by Ctrl-C or SIGTERM, saved; --resume continues it
-    if outcome in ("stopped", "terminated"):
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, one process speaks
-            print("interrupted" if outcome == "stopped" else "terminated", file=sys.stderr)
-        return 130 if outcome == "stopped" else 128 + signal.SIGTERM
-    return 0
+        outcome, speak = TERMINATED, True
+    if outcome not in endings:
+        return 0
+    word, code = endings[outcome]
+    if speak:
+        print(word, file=sys.stderr)
+    return code

@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..atomic import atomic_write, check_output_folder
 from ..devices import pick_device
-from ..errors import DataError, ImageError, Terminated, UsageError, WeightsError
+from ..errors import USER_ERRORS, Terminated, UsageError
 from ..progress import ProgressLine, format_seconds
 from ..weights import WeightFiles, save_safetensors
 
@@ -417,7 +417,6 @@ def stop_on_non_finite(loss: float, step: int, saved_step: int | None, checkpoin
 # Several processes (torchrun)
 
 DIST_TIMEOUT = 600.0  # seconds a collective operation waits for the other processes (--dist-timeout)
-USER_ERRORS = (UsageError, WeightsError, ImageError, DataError)  # what `main` prints as one line, exit code 2
 
 
 @dataclass
@@ -637,7 +636,7 @@ class Loop:
         self.name, self.run, self.opts, self.procs, self.oom_hint = name, run, opts, procs, oom_hint
         self.step, self.seconds = step, seconds
         self.saved_step = step if step > 0 else None  # a resumed run starts from its saved step
-        self.stopped, self.stopped_by = False, None
+        self.stopped_by: int | None = None  # the signal that stopped the run (every process alike)
         self.outcome: str | None = None
         self.progress = TrainProgress(name, opts.steps, step) if procs.is_main else None
 
@@ -682,7 +681,10 @@ class Loop:
             self.progress.update(self.step, record["loss"])
         # a signal reaches the processes at different moments: all stop at the step where the first saw one
         self.stopped_by = first_signal(self.procs, self._stop.requested)
-        self.stopped = self.stopped_by is not None
+
+    @property
+    def stopped(self) -> bool:
+        return self.stopped_by is not None
 
     def save_due(self) -> bool:
         """Every `--save-every` steps, at the last step, and when stopped; the caller then saves."""

@@ -6,7 +6,7 @@
 Every stage is one of the package's own training commands, run in order (StableSR sits on a Stable
 Diffusion prior, and none small enough to ship exists, so the recipe trains that first):
 
-    1. vae            `train vae`       the autoencoder (4x down), L1 + KL
+    1. vae            `train vae`       the autoencoder (4x down), L1 + KL, half its crops hue-rotated
     2. unet           `train unet`      the latent diffusion UNet on the frozen VAE (empty prompt)
     3. sr, sr_blind   `train sr`        StableSR's time-aware encoder and SFT layers on the frozen prior, and
                                         the ablation `--time-blind`; with them, both again at the other
@@ -62,6 +62,8 @@ PHOTOS = ROOT / "data" / "photos"
 @dataclass
 class Recipe:
     vae_steps: int = 4000  # batch 8 of 64 px crops
+    vae_hue_rotation: float = 0.5  # half the VAE's crops turned to a random hue: 4 of the 9 photos are grey, and
+    #                                a VAE trained on their own colours alone turned a green iris amber (MODEL_CARD.md)
     unet_steps: int = 3000  # batch 8 of 128 px crops (32 x 32 latents)
     sr_steps: int = 2500  # batch 4 of 128 px HR crops, each run on one core
     cfw_samples: int = 512  # (LR, GT, latent) triples of 128 px
@@ -104,7 +106,8 @@ def stage_commands(r: Recipe, runs: Path) -> list[tuple[str, ...]]:
                      f"sr_blind_seed{seed}", [*other, "--out", str(runs / f"sr_blind_seed{seed}"), "--time-blind"]]
     return [
         ("vae", ["train", "vae", *data, "--out", str(runs / "vae"), "--steps", str(r.vae_steps),
-                 "--batch-size", "8", "--crop", "64", "--lr", "5e-4", *common]),
+                 "--batch-size", "8", "--crop", "64", "--lr", "5e-4", "--hue-rotation", str(r.vae_hue_rotation),
+                 *common]),
         ("unet", ["train", "unet", "--vae", str(runs / "vae" / "last.safetensors"), *data, "--out",
                   str(runs / "unet"), "--steps", str(r.unet_steps), "--batch-size", "8", "--crop", "128",
                   "--lr", "2e-4", *common]),

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from stablesr_min import degradation as realesrgan
 from stablesr_min import objective
 from stablesr_min.app.analysis import (HELDOUT, Demo, color_shift, degradation_stages, heldout_crops, heldout_scores,
-                                       jump_profile, laplacian_variance, load_demo, load_photo, log_snr_timesteps,
+                                       hue_round_trip_error, jump_profile, laplacian_variance, load_demo, load_photo, log_snr_timesteps,
                                        loss_by_timestep, matched_noise, prior_alone, sample_with_previews,
                                        seam_strength, sft_feature_similarity, snr, tile_borders, timestep_at_snr,
                                        to_numpy_image)
@@ -110,6 +110,34 @@ def test_color_shift_is_the_per_channel_mean_difference():
     output = torch.nn.functional.interpolate(reference, scale_factor=4, mode="nearest")
     output = output + torch.tensor([0.1, -0.2, 0.0], dtype=torch.float64).view(1, 3, 1, 1)
     assert color_shift(output, reference)[0].tolist() == pytest.approx([0.1, -0.2, 0.0], abs=1e-12)
+
+
+class StubVAE(torch.nn.Module):
+    """An "autoencoder" whose latent is the image and whose decoder applies `decode` to it."""
+
+    def __init__(self, decode):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # a parameter, for the device
+        self.decoder = decode
+
+    def encode(self, x):
+        return type("Posterior", (), {"mean": x})()
+
+    def decode(self, z):
+        return self.decoder(z)
+
+
+def test_hue_round_trip_error_is_zero_for_a_perfect_autoencoder_and_the_same_at_every_angle_for_a_grey_one():
+    red = torch.zeros(2, 3, 16, 16)
+    red[:, 0] = 1
+    assert hue_round_trip_error(StubVAE(lambda z: z), red) == {0: 0.0, 120: 0.0, 240: 0.0}
+    # a decoder that drops colour: pure red, green or blue against grey 85 (rounded from 255/3) in every block:
+    # (|255 - 85| + 85 + 85) / 3 = 113.33 levels at every angle
+    grey = hue_round_trip_error(StubVAE(lambda z: z.mean(dim=1, keepdim=True).expand_as(z)), red)
+    assert grey == pytest.approx({0: 340 / 3, 120: 340 / 3, 240: 340 / 3})
+    # a decoder that knows one colour only (red) is right at 0 degrees and wrong at the others
+    only_red = hue_round_trip_error(StubVAE(lambda z: torch.zeros_like(z).index_fill(1, torch.tensor([0]), 1.0) * 2 - 1), red)
+    assert only_red[0] == 0 and only_red[120] == pytest.approx(170) and only_red[240] == pytest.approx(170)
 
 
 # ------------------------------------------------------------------------------------------------------

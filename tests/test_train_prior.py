@@ -4,6 +4,7 @@ Runs here are 32 px crops, batch 2, a few steps, at the default tiny sizes.
 """
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,11 @@ from PIL import Image
 from stablesr_min.app.cli import main
 from stablesr_min.config import StableSRConfig
 from stablesr_min.config import TINY_SIZES
+from stablesr_min.errors import DataError
 from stablesr_min.model import StableSR, load_stablesr, load_vae
 from stablesr_min.text import TextEncoder
 from stablesr_min.train import engine as training
-from stablesr_min.train.data import CleanCrops
+from stablesr_min.train.data import CleanCrops, hue_rotate
 from stablesr_min.train.engine import derive_seeds
 from stablesr_min.train.networks import default_init
 from stablesr_min.train.prior import init_text_encoder, prior_config
@@ -65,6 +67,36 @@ def test_clean_crops_are_flipped_crops_in_0_1(photos):
     assert batch.min() >= 0 and batch.max() <= 1
 
 
+def test_hue_rotate_turns_colours_about_the_grey_axis():
+    pixels = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.5], [0.2, 0.3, 0.4]]).T.reshape(3, 2, 2)
+    turned = hue_rotate(pixels, 2 * math.pi / 3).reshape(3, 4).T
+    expected = torch.tensor([[0, 1, 0], [0, 0, 1], [0.5, 0.5, 0.5], [0.4, 0.2, 0.3]])  # (r, g, b) -> (b, r, g)
+    assert torch.allclose(turned, expected, atol=1e-6)
+    assert torch.allclose(hue_rotate(pixels, 2 * math.pi), pixels, atol=1e-6)
+    muted = torch.tensor([0.2, 0.3, 0.4]).view(3, 1, 1)
+    quarter = hue_rotate(muted, math.pi / 2)  # nothing clipped: the grey component (the channels' sum) stays
+    assert torch.allclose(quarter.sum(0), muted.sum(0), atol=1e-6) and not torch.allclose(quarter, muted, atol=0.05)
+
+
+def test_clean_crops_turn_hues_with_the_given_probability_only(photos, tmp_path):
+    (tmp_path / "rocket.jpg").write_bytes((photos / "rocket_96x72.jpg").read_bytes())  # the colour photo alone
+    plain = CleanCrops([tmp_path], 32, 2, seed=3).next_batch()
+    assert torch.equal(CleanCrops([tmp_path], 32, 2, seed=3, hue_rotation=0.0).next_batch(), plain)  # no draw at 0
+    turned = CleanCrops([tmp_path], 32, 2, seed=3, hue_rotation=1.0).next_batch()
+    # the first crop is cut from the same place (the hue draws come after it), in other colours
+    assert not torch.allclose(turned[0], plain[0], atol=0.02)
+    unclipped = (turned[0] > 0.01).all(0) & (turned[0] < 0.99).all(0)
+    assert unclipped.float().mean() > 0.5
+    assert torch.allclose(turned[0].sum(0)[unclipped], plain[0].sum(0)[unclipped], atol=1e-5)
+    with pytest.raises(DataError, match="hue rotation probability 1.5: must be in"):
+        CleanCrops([photos], 32, 2, hue_rotation=1.5)
+
+
+def test_train_vae_refuses_a_hue_rotation_that_is_not_a_probability(photos, tmp_path, capsys):
+    assert train("vae", "--data", photos, "--out", tmp_path / "r", "--steps", 1, "--hue-rotation", 2) == 2
+    assert capsys.readouterr().err == "error: --hue-rotation is a probability: it must be in [0, 1], got 2.0\n"
+
+
 def test_train_vae_writes_a_loadable_vae_and_every_parameter_trains(vae_run):
     assert sorted(p.name for p in vae_run.iterdir()) == ["last.safetensors", "log.jsonl", "state.safetensors"]
     records = log(vae_run)
@@ -83,7 +115,7 @@ def test_train_vae_writes_a_loadable_vae_and_every_parameter_trains(vae_run):
 
     state = training.TrainState.from_file(vae_run / "state.safetensors")
     assert sorted(state.weights) == sorted(tensors(vae_run / "last.safetensors"))
-    assert state.options["crop"] == 32 and state.options["kl_weight"] == 1e-6
+    assert state.options["crop"] == 32 and state.options["kl_weight"] == 1e-6 and state.options["hue_rotation"] == 0
 
 
 def test_a_vae_run_stopped_by_ctrl_c_and_resumed_equals_an_uninterrupted_one(vae_run, photos, tmp_path,

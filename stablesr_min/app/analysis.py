@@ -9,7 +9,7 @@ so the tests of this module (`tests/test_analysis.py`) cover every number they s
                              relative_change, t_sensitivity; prior_alone (the UNet without guidance)
     Sec. 3.2 CFW trade-off   laplacian_variance (fidelity: evaluate.evaluation_lr and evaluate.score)
     Sec. 3.3 aggregation     flat_weights, tile_borders, jump_profile, seam_strength
-    Sec. 3.4 colour          color_shift
+    Sec. 3.4 colour          color_shift, hue_round_trip_error (the tiny VAE's colours)
     training, ablation       degradation_stages, loss_by_timestep, heldout_scores (and tiny.training_logs)
 
 Images are (B, 3, H, W) tensors. Photos, degradations and metrics use [0, 1], the range of the pipeline's
@@ -36,9 +36,12 @@ from ..pipeline import StableSRPipeline, UpscaleOptions, make_denoiser, text_con
 from ..sampler import aggregate, tile_grid, tile_starts
 from ..schedule import Schedule
 from ..tiny import find_weights, sampling_defaults
+from ..train.data import hue_rotate
 from ..train.sr import is_trainable
 from ..unet import SFT
+from ..vae import AutoencoderKL
 from .evaluate import EvalDegradation, mean_row, score, upscale_both_ways
+from .metrics import lowpass_colour_error, to_levels
 
 # ------------------------------------------------------------------------------------------------------
 # Setup: weights, device, sizes, photos
@@ -351,6 +354,22 @@ def t_sensitivity(model: StableSR, z_lr: torch.Tensor, timesteps: Iterable[int] 
 
 # ------------------------------------------------------------------------------------------------------
 # Sec. 3.4: colour correction
+
+
+@torch.no_grad()
+def hue_round_trip_error(vae: AutoencoderKL, images: torch.Tensor, degrees: Iterable[float] = (0, 120, 240)
+                         ) -> dict[float, float]:
+    """How well the autoencoder keeps colours its training photos may lack: `images` (B, 3, H, W) in [0, 1]
+    turned by each hue angle (`data.hue_rotate`), encoded (posterior mean), decoded, and scored against the
+    turned image by `metrics.lowpass_colour_error` in 8-bit levels, averaged over the batch: {degrees: levels}.
+    An autoencoder that keeps every colour scores about the same at every angle."""
+    device = next(vae.parameters()).device
+    errors = {}
+    for angle in degrees:
+        turned = torch.stack([hue_rotate(image, math.radians(angle)) for image in images]).to(device)
+        decoded = ((vae.decode(vae.encode(turned * 2 - 1).mean).float() + 1) / 2).clamp(0, 1)
+        errors[angle] = lowpass_colour_error(to_levels(decoded), to_levels(turned)).mean().item()
+    return errors
 
 
 def color_shift(output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -392,6 +392,9 @@ def add_train_prior_parsers(train_sub) -> None:
         p.add_argument("--lr", type=finite_float, help=f"AdamW learning rate (default {d.lr:g}, constant)")
         add_run_options(p, "validation losses")
     vae.add_argument("--kl-weight", type=finite_float, help=f"weight of the KL term (default {VAEOptions.kl_weight:g}, SD's)")
+    vae.add_argument("--hue-rotation", type=finite_float, metavar="P",
+                     help="probability of turning a crop's colours by a random angle about the grey axis, so that "
+                          "the VAE learns hues its photos lack (default 0: the photos' own colours)")
     vae.set_defaults(run=cmd_train_prior)
     unet.set_defaults(run=cmd_train_prior)
 

@@ -18,6 +18,7 @@ other one; here every image found is used (small ones padded) unless `skip_small
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..degradation import (DegradationConfig, PairPool, chance, clean_lr, degrade, draw_image_kernels,
-                           paired_random_crop, usm_sharpen)
+                           paired_random_crop, uniform, usm_sharpen)
 from ..errors import DataError, ImageError
 from ..image_io import image_size, load_image
 
@@ -98,6 +99,16 @@ def augment(img: torch.Tensor, gen: torch.Generator, hflip: bool, rot: bool) -> 
     if rot and chance(gen, 0.5):
         img = img.transpose(-2, -1)
     return img
+
+
+def hue_rotate(img: torch.Tensor, angle: float) -> torch.Tensor:
+    """The colours of `img` (3, H, W) in [0, 1] turned by `angle` radians about the grey axis k = (1, 1, 1)/sqrt(3)
+    of RGB, by Rodrigues' rotation R = cos(a) I + sin(a) [k]x + (1 - cos(a)) k k^T, then clipped to [0, 1]: greys
+    stay grey, and 120 degrees sends red to green, green to blue, blue to red."""
+    c, s = math.cos(angle), math.sin(angle)
+    cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]]) / math.sqrt(3)  # [k]x
+    rotation = c * torch.eye(3) + s * cross + (1 - c) / 3 * torch.ones(3, 3)
+    return torch.einsum("ij,jhw->ihw", rotation.to(img), img).clamp(0, 1)
 
 
 def reflect_101_index(length: int, size: int) -> torch.Tensor:
@@ -187,26 +198,35 @@ class ShuffledImages:
 
 class CleanCrops(ShuffledImages):
     """Clean batches for training the prior (the VAE, the latent diffusion UNet): each image a horizontal
-    flip with probability 1/2, reflect-padded if smaller, and a random crop; nothing degraded.
+    flip with probability 1/2, reflect-padded if smaller, and a random crop; nothing degraded. With
+    `hue_rotation` p > 0, each crop's colours are turned by a uniform random angle (`hue_rotate`) with
+    probability p: an autoencoder that has seen every hue can encode colours its few photos lack.
 
     `next_batch()` -> (B, 3, crop_size, crop_size), float32 in [0, 1]. Decoded photos are kept in memory
     (the `cache` most recently used ones): the prior trains on a handful of photos, thousands of times each.
     """
 
     def __init__(self, folders: list[str | os.PathLike], crop_size: int, batch_size: int, seed: int = 0,
-                 cache: int = 64):
+                 cache: int = 64, hue_rotation: float = 0.0):
         if batch_size < 1:
             raise DataError(f"batch size {batch_size}: must be at least 1")
         if crop_size < 1:
             raise DataError(f"crop size {crop_size}: must be at least 1")
+        if not 0 <= hue_rotation <= 1:
+            raise DataError(f"hue rotation probability {hue_rotation}: must be in [0, 1]")
         super().__init__(folders, batch_size, seed)
         self.crop_size = crop_size
+        self.hue_rotation = hue_rotation
         self.read = functools.lru_cache(maxsize=cache)(read_rgb)
 
     def next_batch(self) -> torch.Tensor:
-        crops = [pad_and_crop(augment(self.read(path), self.gen, hflip=True, rot=False), self.crop_size, self.gen)
-                 for path in self.next_files()]
-        return torch.stack(crops)
+        return torch.stack([self.crop(path) for path in self.next_files()])
+
+    def crop(self, path: Path) -> torch.Tensor:
+        crop = pad_and_crop(augment(self.read(path), self.gen, hflip=True, rot=False), self.crop_size, self.gen)
+        if self.hue_rotation > 0 and chance(self.gen, self.hue_rotation):  # (p = 0 draws nothing)
+            crop = hue_rotate(crop, uniform(self.gen, 0.0, 2 * math.pi))
+        return crop
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return super().state_dict() | {"sizes": torch.tensor([self.crop_size, self.batch_size])}

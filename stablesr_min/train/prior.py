@@ -217,6 +217,8 @@ class VAEOptions(PriorOptions):
     lr: float = 5e-4  # higher than LDM's 4.5e-6 x batch: a tiny model, minutes of training (and AdamW with
     #                   PyTorch's betas, as every command here; LDM's Adam betas (0.5, 0.9) suit its GAN term)
     kl_weight: float = 1e-6  # SD's VAE (kl-f8)
+    hue_rotation: float = 0.0  # probability of turning a crop's colours by a random angle (data.hue_rotate);
+    #                            SD's VAE saw billions of photos, a tiny one sees a few and their few hues
 
 
 @dataclass
@@ -227,7 +229,7 @@ class UNetOptions(PriorOptions):
 
 # Options a resumed run keeps from its start; it also keeps STORED unless they are given again.
 KEPT = ("data", "config", "batch_size", "crop", "lr", "seed")
-VAE_KEPT, UNET_KEPT = KEPT + ("kl_weight",), KEPT + ("vae",)
+VAE_KEPT, UNET_KEPT = KEPT + ("kl_weight", "hue_rotation"), KEPT + ("vae",)
 STORED = ("dtype", "save_every", "val_every")
 PATH_OPTIONS = ("data", "config")  # options naming files or folders: stored resolved
 
@@ -263,11 +265,13 @@ def train_vae(opts: VAEOptions, state: TrainState | None = None) -> str:
     check_prior_options(opts, cfg.vae.downscale)
     if not opts.kl_weight >= 0:
         raise UsageError(f"--kl-weight must be >= 0, got {opts.kl_weight}")
+    if not 0 <= opts.hue_rotation <= 1:
+        raise UsageError(f"--hue-rotation is a probability: it must be in [0, 1], got {opts.hue_rotation}")
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.dtype, device)
     seeds = derive_seeds(opts.seed, ["data", "noise", "init", "validation"])
 
-    crops = CleanCrops(opts.data, opts.crop, opts.batch_size, seed=seeds["data"])
+    crops = CleanCrops(opts.data, opts.crop, opts.batch_size, seed=seeds["data"], hue_rotation=opts.hue_rotation)
     if state:
         vae = load_vae(run.checkpoint_path)
     else:
@@ -287,7 +291,8 @@ def train_vae(opts: VAEOptions, state: TrainState | None = None) -> str:
     warn_time_blind(sr_config(cfg))  # the UNet and encoder that later stages will build on this config
     n = sum(p.numel() for p in trainable.values())
     summary = (f"train vae: {len(crops.files)} images; {n / 1e6:.2f} M parameters, {vae.downscale}x down to "
-               f"{cfg.vae.embed_dim} channels; batch {opts.batch_size} at {opts.crop} px")
+               f"{cfg.vae.embed_dim} channels; batch {opts.batch_size} at {opts.crop} px"
+               + (f"; hue rotation p = {opts.hue_rotation:g}" if opts.hue_rotation else ""))
     return fit("train vae", opts, VAE_KEPT, run, state, trainable, crops, loss, lambda: validation.loss(vae), checkpoint,
         seeds, device, dtype, summary)
 

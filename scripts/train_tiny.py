@@ -222,7 +222,8 @@ def ship(runs: Path, dest: Path, recipe: Recipe, commands: list, minutes: dict[s
         sys.exit("train_tiny: the two SR runs changed their frozen prior differently; they must share it")
     for config in (aware_cfg, blind_cfg):
         refuse_time_blind(StableSRConfig.from_json(config), "ship")
-    save_safetensors(fp16(frozen), dest / TINY_FILES["prior"], {"stablesr_min.part": "prior"})
+    save_safetensors(fp16(frozen), dest / TINY_FILES["prior"], {"stablesr_min.part": "prior",
+                                                                CONFIG_METADATA_KEY: prior_config_json(aware_cfg)})
     save_safetensors(fp16(aware), dest / TINY_FILES["sr"], {CONFIG_METADATA_KEY: aware_cfg, **sampling})
     save_safetensors(fp16(blind), dest / TINY_FILES["sr_time_blind"], {CONFIG_METADATA_KEY: blind_cfg, **sampling})
     cfw = WeightFiles([runs / "cfw" / "last.safetensors"])
@@ -244,6 +245,13 @@ def ship(runs: Path, dest: Path, recipe: Recipe, commands: list, minutes: dict[s
     (dest / "recipe.json").write_text(json.dumps(record, indent=1) + "\n")
     for path in [*(dest / name for name in TINY_FILES.values()), dest / "recipe.json", *sorted((dest / "logs").iterdir())]:
         print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+def prior_config_json(sr_config_json: str) -> str:
+    """The prior's own config: the model's without SFT (so that `train sr --base` and `train cfw --cfw-base` take
+    the shipped prior as they take `train unet`'s checkpoint; loaded with sr.safetensors, the pair has SFT)."""
+    cfg = json.loads(sr_config_json)
+    return StableSRConfig.from_dict({**cfg, "unet": {**cfg["unet"], "use_sft": False}}).to_json()
 
 
 def refuse_time_blind(cfg: StableSRConfig, what: str) -> None:

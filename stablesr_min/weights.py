@@ -54,10 +54,13 @@ class WeightFiles:
         self._handles = {}
         self.key_to_path: dict[str, Path] = {}
         self.metadata: dict[str, str] = {}
+        self._configs: dict[Path, str] = {}  # each file's stored config
         for path in self.paths:
             handle = _open_safetensors(path)
             self._handles[path] = handle
             self.metadata.update(handle.metadata() or {})
+            if CONFIG_METADATA_KEY in (handle.metadata() or {}):
+                self._configs[path] = handle.metadata()[CONFIG_METADATA_KEY]
             for key in handle.keys():
                 if key in self.key_to_path:
                     raise WeightsError(
@@ -75,8 +78,26 @@ class WeightFiles:
         return self._handles[self.key_to_path[key]].get_tensor(key)
 
     def config_json(self) -> str | None:
-        """The config this project writes into files it makes (tiny weights, converted files)."""
-        return self.metadata.get(CONFIG_METADATA_KEY)
+        """The config this project writes into files it makes (tiny weights, converted files). Files loaded
+        together must carry one model's config; the one exception is a prior (`unet.use_sft` false) with the
+        SFT layers and time-aware encoder trained on it: their configs agree but for those two, and the pair
+        is the model with SFT (the SR file's config)."""
+        configs = {path: json.loads(text) for path, text in self._configs.items()}
+        sr = [path for path, c in configs.items() if c.get("unet", {}).get("use_sft")]
+
+        def comparable(path: Path) -> dict:  # a prior's config has no say on what it does not hold
+            c = configs[path]
+            if sr and path not in sr:
+                c = {**configs[sr[0]], **{k: v for k, v in c.items() if k not in ("unet", "time_encoder")},
+                     "unet": {**c.get("unet", {}), "use_sft": True}}
+            return c
+
+        for path in configs:
+            if comparable(path) != comparable(next(iter(configs))):
+                raise WeightsError(f"{next(iter(configs))} and {path} carry the configs of two different models; "
+                                   "load the files of one model together")
+        chosen = sr[0] if sr else next(iter(configs), None)
+        return self._configs[chosen] if chosen else None
 
     def describe(self) -> str:
         return ", ".join(str(p) for p in self.paths)

@@ -45,6 +45,9 @@ def test_quick_recipe_writes_loadable_files(quick_recipe):
     assert next(aware.parameters()).dtype == torch.float32
     sampling = json.loads(WeightFiles([ship / TINY_FILES["sr"]]).metadata[SAMPLING_METADATA_KEY])
     assert set(sampling) == {"sampler", "steps", "tile", "overlap", "dec_w", "colorfix"}
+    # the prior carries its own config (without SFT), so that `train sr --base` takes it alone
+    prior = load_stablesr([ship / TINY_FILES["prior"]])
+    assert not prior.cfg.unet.use_sft and prior.cfg.vae == aware.cfg.vae and prior.cfg.unet.model_channels == 32
 
 
 def test_quick_recipe_records_every_stage(quick_recipe):

@@ -103,6 +103,31 @@ def test_weights_split_over_two_files_load(tmp_path):
     assert torch.equal(vae.decoder.conv_out.weight, state["first_stage_model.decoder.conv_out.weight"])
 
 
+def test_files_loaded_together_carry_one_models_config_or_a_prior_and_its_sft_parts(tmp_path):
+    from stablesr_min.config import StableSRConfig
+    from stablesr_min.train.prior import prior_config, sr_config
+    from stablesr_min.weights import CONFIG_METADATA_KEY
+
+    def file(name, cfg):
+        save_file({name: torch.zeros(1)}, tmp_path / name, metadata={CONFIG_METADATA_KEY: cfg.to_json()})
+        return tmp_path / name
+
+    prior = prior_config(None)
+    aware = sr_config(prior)
+    blind = StableSRConfig.from_dict({**aware.to_dict(), "time_encoder": {**aware.to_dict()["time_encoder"],
+                                                                          "time_aware": False}})
+    for files in (["p", "sr"], ["sr", "p"]):  # either order: the pair is the model with SFT
+        paths = [file(n, prior if n == "p" else aware) for n in files]
+        assert StableSRConfig.from_json(WeightFiles(paths).config_json()) == aware
+    assert StableSRConfig.from_json(WeightFiles([file("p", prior), file("b", blind)]).config_json()) == blind
+    assert StableSRConfig.from_json(WeightFiles([file("p", prior)]).config_json()) == prior
+    with pytest.raises(WeightsError, match="carry the configs of two different models; load the files of one model"):
+        WeightFiles([file("sr", aware), file("b", blind)]).config_json()
+    wider = StableSRConfig.from_dict({**prior.to_dict(), "vae": {**prior.to_dict()["vae"], "ch": 64}})
+    with pytest.raises(WeightsError, match="two different models"):
+        WeightFiles([file("w", wider), file("sr", aware)]).config_json()
+
+
 def test_a_ckpt_passed_as_safetensors_says_convert(tmp_path):
     torch.save({"state_dict": vae_state()}, tmp_path / "model.ckpt")
     with pytest.raises(WeightsError, match="convert it first"):

@@ -26,19 +26,24 @@ def log(run: Path) -> list[dict]:
 
 
 @contextlib.contextmanager
-def ctrl_c_after_step_1(monkeypatch, signum: int = signal.SIGINT):
-    """A context in which a training run gets Ctrl-C (or `signum`: SIGTERM, as a scheduler sends) right
-    after its first step."""
+def signals_after_step(monkeypatch, step: int, *signums: int):
+    """A context in which a training run gets these signals (Ctrl-C is SIGINT; a scheduler sends SIGTERM), one
+    after another, right after its step `step`."""
     update = training.TrainProgress.update
 
-    def update_then_interrupt(self, step, loss):
-        update(self, step, loss)
-        if step == 1:
-            signal.raise_signal(signum)
+    def update_then_interrupt(self, done, loss):
+        update(self, done, loss)
+        if done == step:
+            for signum in signums:
+                signal.raise_signal(signum)
 
     with monkeypatch.context() as m:
         m.setattr(training.TrainProgress, "update", update_then_interrupt)
         yield
+
+
+def ctrl_c_after_step_1(monkeypatch, signum: int = signal.SIGINT):
+    return signals_after_step(monkeypatch, 1, signum)
 
 
 def assert_same_run(ours: Path, theirs: Path) -> None:

@@ -5,6 +5,7 @@ The objective itself is checked number by number against the official trainer in
 (`test_train_step`). Runs here are 64 px crops, batch 2, a few steps.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from stablesr_min.train.sr import base_config, is_trainable, load_base
 from stablesr_min.unet import SFT, ResBlock, timestep_embedding
 from stablesr_min.weights import config_metadata, save_safetensors
 
-from run_files import assert_same_run, ctrl_c_after_step_1, log, metadata, tensors
+from run_files import assert_same_run, ctrl_c_after_step_1, log, metadata, signals_after_step, tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ARGS = ["--batch-size", "2", "--gt-size", "64", "--seed", "0"]
@@ -289,6 +290,58 @@ def test_a_folder_a_run_left_without_a_state_starts_a_new_run_keeping_the_old_fi
     assert "kept as *.old, starting a new run" in capsys.readouterr().err
     assert (out / "log.jsonl.old").read_text() == '{"step": 1, "loss": 1.0}\n' and len(log(out)) == 1
     assert (out / "last.safetensors.old").read_bytes() == (run_a / "last.safetensors").read_bytes()
+
+
+# How a run can stop: (signals after a step, or a non-finite loss at a step; --save-every), the exit code, and the way
+# out its last line names: "--resume", "again" (the same command without --resume) or "new" (another --out)
+STOPS = {
+    "SIGTERM": ((signal.SIGTERM,), 1, 500, 143, "continue with --resume", "--resume"),
+    "double Ctrl-C after a save": ((signal.SIGINT, signal.SIGINT), 2, 1, 130,
+                                   "quit without saving: {out}/last.safetensors keeps the last save; continue with "
+                                   "--resume", "--resume"),
+    "double SIGTERM before any save": ((signal.SIGTERM, signal.SIGTERM), 1, 500, 143,
+                                       "quit without saving: no step was saved; run the command again without "
+                                       "--resume", "again"),
+    "NaN before any save": ("nan", 1, 500, 2, "no step had been saved yet; start again, with a lower --lr", "again"),
+    "NaN after a save": ("nan", 2, 1, 2, "{out}/last.safetensors keeps step 1; start a new run (another --out), "
+                                         "with a lower --lr", "new"),
+}
+
+
+@pytest.mark.parametrize("case", list(STOPS))
+def test_every_way_a_run_stops_leaves_a_folder_that_its_printed_way_out_continues(case, run_a, base, photos, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """No dead ends: after each kind of stop, what the last lines say to do works; and a resume after a
+    stop is bit-identical to the run that never stopped."""
+    stop, at_step, save_every, code, says, way_out = STOPS[case]
+    out = tmp_path / "run"
+    command = ["--base", base, "--data", photos, "--out", out, "--steps", 3, *RUN_ARGS, "--val-every", 2]
+    with monkeypatch.context() as m:
+        if stop == "nan":
+            real, calls = train_module.sample_loss, []
+
+            def nan_at_step(*args):
+                calls.append(1)
+                return real(*args) * (float("nan") if len(calls) == at_step else 1.0)
+
+            m.setattr(train_module, "sample_loss", nan_at_step)
+            context = contextlib.nullcontext()
+        else:
+            context = signals_after_step(m, at_step, *stop)
+        with context:
+            assert train(*command, "--save-every", save_every) == code
+    assert says.format(out=out) in capsys.readouterr().err
+    if way_out == "--resume":
+        assert train("--out", out, "--steps", 3, "--resume") == 0
+        assert_same_run(out, run_a)
+    elif way_out == "again":
+        assert train("--out", out, "--steps", 3, "--resume") == 2  # nothing to resume, and it says the same way out
+        assert "start it without --resume" in capsys.readouterr().err
+        assert train(*command) == 0
+        assert_same_run(out, run_a)
+    else:
+        assert train(*[tmp_path / "new" if arg == out else arg for arg in command]) == 0
+        assert_same_run(tmp_path / "new", run_a)
 
 
 def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path):

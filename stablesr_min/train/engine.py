@@ -407,7 +407,8 @@ def stop_on_non_finite(loss: float, step: int, saved_step: int | None, checkpoin
     the run folder keeps its last good checkpoint."""
     if math.isfinite(loss):
         return
-    kept = (f"{checkpoint} keeps step {saved_step}; continue from it with --resume" if saved_step is not None
+    # not "--resume": it would repeat this step with the same data and noise, and the run keeps its --lr
+    kept = (f"{checkpoint} keeps step {saved_step}; start a new run (another --out)" if saved_step is not None
             else "no step had been saved yet; start again")
     raise UsageError(f"step {step}: the loss is {loss} (not finite); stopped without saving this step. {kept}, "
                      "with a lower --lr (or --dtype bfloat16 rather than float16)")
@@ -648,6 +649,10 @@ class Loop:
 
     def __exit__(self, *exc) -> bool:
         handled = self._exits.__exit__(*exc)
+        if exc[0] in (KeyboardInterrupt, Terminated) and self.procs.is_main:  # a second signal: no save
+            way = (f"{self.run.checkpoint_path} keeps the last save; continue with --resume"
+                   if self.saved_step is not None else "no step was saved; run the command again without --resume")
+            print(f"\nquit without saving: {way}", file=sys.stderr, flush=True)
         if exc[0] is None:
             stopped_by = TERMINATED if self.stopped_by == signal.SIGTERM else STOPPED
             self.outcome = self.run.finish(self.step, self.opts.steps, self.procs.is_main, stopped_by)

@@ -7,6 +7,7 @@ and a crash in the middle of a save leaves the previous checkpoint whole.
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -255,31 +256,45 @@ def test_gradient_checkpointing_gives_the_same_gradients(base):
 # torchrun
 
 
-def torchrun(what: str, *args) -> subprocess.CompletedProcess:
+def torchrun(what: str, *args, sigterm_after_step_1: bool = False) -> subprocess.CompletedProcess:
     """`torchrun ... -m stablesr_min train <what> ...` on 2 CPU processes, in a session (process group) of its
     own, so that no signal its launcher sends while stopping its workers can reach the test process. (A stray
     SIGTERM once ended an in-process Ctrl-C test of CI's run with 143; where it came from was not found, and this
-    is a guard against one likely source, not a proven fix.)"""
+    is a guard against one likely source, not a proven fix.) With `sigterm_after_step_1`, SIGTERM goes to the whole
+    process group once the run's log has its first line."""
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
                "-m", "stablesr_min", "train", what, "--device", "cpu", *map(str, args)]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=os.environ | {"OMP_NUM_THREADS": "1"}, start_new_session=True)
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"}, start_new_session=True)
+    log = Path(args[list(args).index("--out") + 1]) / "log.jsonl"
+    while sigterm_after_step_1 and proc.poll() is None:
+        if log.is_file() and log.read_text().strip():
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def test_torchrun_with_2_processes_writes_one_run_that_resumes_and_upscales(base, photos, golden_weights,
                                                                              tmp_path):
     out, stopped = tmp_path / "run", tmp_path / "stopped"
     options = ["--base", base, "--data", photos, "--batch-size", 1, "--gt-size", 128, "--val-every", 1]
-    done = torchrun("sr", "--out", out, "--steps", 2, *options)
+    done = torchrun("sr", "--out", out, "--steps", 3, *options)
     assert done.returncode == 0, done.stderr
     assert "global batch 2 = 1 per process x 2 process(es) x 1 accumulated" in done.stderr
-    assert done.stderr.count("train sr: step 2/2") == 1  # rank 0 alone reports
+    assert done.stderr.count("train sr: step 3/3") == 1  # rank 0 alone reports
     assert sorted(p.name for p in out.iterdir()) == ["last.safetensors", "log.jsonl", "state.safetensors"]
-    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    assert len((out / "log.jsonl").read_text().splitlines()) == 3
 
-    # a run of 1 step resumed to 2 on 2 processes: every rank continues its own streams
-    assert torchrun("sr", "--out", stopped, "--steps", 1, *options).returncode == 0
-    assert torchrun("sr", "--out", stopped, "--steps", 2, "--resume").returncode == 0
+    # SIGTERM to the whole job (as a scheduler sends it; torchrun forwards it to its workers too) after step 1:
+    # every rank finishes the step under way and the run saves; resumed on 2 processes, every rank continues its
+    # own streams, bit-identically
+    stop = torchrun("sr", "--out", stopped, "--steps", 3, *options, sigterm_after_step_1=True)
+    saved = json.loads((stopped / "log.jsonl").read_text().splitlines()[-1])["step"]
+    assert saved < 3 and f"stopped at step {saved} of 3; continue with --resume" in stop.stderr, stop.stderr
+    assert "quit without saving:" not in stop.stderr and stop.stderr.count("terminated\n") == 1
+    assert torchrun("sr", "--out", stopped, "--steps", 3, "--resume").returncode == 0
     for name in ("last.safetensors", "state.safetensors"):
         ours, theirs = tensors(stopped / name), tensors(out / name)
         assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours), name

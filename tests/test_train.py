@@ -344,6 +344,18 @@ def test_every_way_a_run_stops_leaves_a_folder_that_its_printed_way_out_continue
         assert_same_run(tmp_path / "new", run_a)
 
 
+def test_a_second_signal_within_a_second_is_the_same_stop_and_a_later_one_quits():
+    """torchrun forwards the stop that reached the whole job to its workers: that second signal must not make
+    them quit without saving. A person's second Ctrl-C, later, does."""
+    with training.StopRequest(announce=False) as stop:
+        stop._handle(signal.SIGTERM, None)
+        stop._handle(signal.SIGTERM, None)  # forwarded at once: the same stop
+        assert stop.requested == signal.SIGTERM
+        stop.requested_at -= training.StopRequest.SAME_STOP_WITHIN_S
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGINT, None)
+
+
 def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path):
     from stablesr_min.errors import UsageError
 

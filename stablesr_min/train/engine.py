@@ -360,9 +360,13 @@ class StopRequest:
     keeps its last save)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    # A signal this soon after the first is the same stop: a launcher forwards the stop to its workers (torchrun
+    # sends SIGTERM, or SIGINT, to each when the terminal's Ctrl-C or a scheduler's SIGTERM reached them all).
+    SAME_STOP_WITHIN_S = 1.0
 
     def __init__(self, announce: bool = True):
         self.requested: int | None = None  # the signal that asked
+        self.requested_at = 0.0  # when (time.monotonic())
         self.announce = announce
 
     def __enter__(self) -> "StopRequest":
@@ -375,8 +379,10 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.requested is not None:
+            if time.monotonic() - self.requested_at < self.SAME_STOP_WITHIN_S:
+                return
             raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
-        self.requested = signum
+        self.requested, self.requested_at = signum, time.monotonic()
         if self.announce:
             name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
             print(f"\n{name}: stopping after this step and saving (again to quit without saving)",

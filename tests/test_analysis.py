@@ -1,6 +1,7 @@
 """The notebooks' measurements (stablesr_min/app/analysis.py), each checked against numbers worked out by hand."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -344,3 +345,16 @@ def test_heldout_scores_are_evaluate_scores(pipe):
     (name, hr), = crops.items()
     assert images[name]["sr"].shape == hr.shape and images[name]["lr"].shape == (1, 3, 16, 16)
     assert means["sr"] == score(images[name]["sr"], hr, 0) and means["bicubic"] == score(images[name]["bicubic"], hr, 0)
+
+
+def test_the_vae_hue_check_uses_fifteen_training_crops_and_no_held_out_photo():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "vae_hue_check.py"
+    spec = importlib.util.spec_from_file_location("vae_hue_check", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    crops = script.training_crops()
+    assert crops.shape == (15, 3, 128, 128) and 0 <= crops.min() and crops.max() <= 1
+    assert not set(script.COLOUR_PHOTOS) & {p.name for p in HELDOUT.iterdir()}
+    assert all(crop.std(dim=0).mean() > 0.01 for crop in crops)  # colour photos: the channels differ

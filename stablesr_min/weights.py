@@ -82,22 +82,21 @@ class WeightFiles:
         together must carry one model's config; the one exception is a prior (`unet.use_sft` false) with the
         SFT layers and time-aware encoder trained on it: their configs agree but for those two, and the pair
         is the model with SFT (the SR file's config)."""
+        if not self._configs:
+            return None
         configs = {path: json.loads(text) for path, text in self._configs.items()}
-        sr = [path for path, c in configs.items() if c.get("unet", {}).get("use_sft")]
+        with_sft = [path for path, c in configs.items() if c.get("unet", {}).get("use_sft")]
+        chosen = with_sft[0] if with_sft else next(iter(configs))
 
-        def comparable(path: Path) -> dict:  # a prior's config has no say on what it does not hold
-            c = configs[path]
-            if sr and path not in sr:
-                c = {**configs[sr[0]], **{k: v for k, v in c.items() if k not in ("unet", "time_encoder")},
-                     "unet": {**c.get("unet", {}), "use_sft": True}}
-            return c
+        def prior_part(c: dict) -> dict:  # what a prior's config has a say on: not the parts it does not hold
+            return {**{k: v for k, v in c.items() if k != "time_encoder"}, "unet": {**c.get("unet", {}), "use_sft": None}}
 
-        for path in configs:
-            if comparable(path) != comparable(next(iter(configs))):
-                raise WeightsError(f"{next(iter(configs))} and {path} carry the configs of two different models; "
-                                   "load the files of one model together")
-        chosen = sr[0] if sr else next(iter(configs), None)
-        return self._configs[chosen] if chosen else None
+        for path, c in configs.items():
+            same = c == configs[chosen] if path in with_sft else prior_part(c) == prior_part(configs[chosen])
+            if not same:
+                raise WeightsError(f"{chosen} and {path} carry the configs of two different models; load the files "
+                                   "of one model together")
+        return self._configs[chosen]
 
     def describe(self) -> str:
         return ", ".join(str(p) for p in self.paths)

@@ -49,8 +49,7 @@ from ..weights import WeightFiles, check_keys, config_metadata, guess_kind, load
 from .cfw_data import CFWSamples
 from .cfw_loss import CFWLoss, CFWLossConfig
 from .engine import (Loop, Processes, RunFolder, RunOptions, TrainState, autocast, check_option_ranges,
-                     check_same_options, command_options, derive_seeds, distribute, rank_seed, restore, snapshot,
-                     torchrun_processes)
+                     derive_seeds, distribute, rank_seed, restore, run_in_processes, snapshot)
 
 FUSION_PREFIX = "decoder.fusion_layer_"
 DISCRIMINATOR_PREFIX = "loss.discriminator."  # as the official checkpoint names it
@@ -244,14 +243,9 @@ KEPT_OPTIONS = ("cfw_base", "data", "batch_size", "lr", "disc_start", "seed")
 
 
 def run_train_cfw(args) -> str:
-    """`python -m stablesr_min train cfw ...` (or `torchrun ... -m stablesr_min train cfw ...`): argparse's
-    namespace (None where an option was not given) -> CFWOptions -> train_cfw, in every process of the run.
-    A resumed run takes its kept options from its state."""
-    required = {"cfw_base": "--cfw-base FILE", "data": "--data DIR"}
-    with torchrun_processes(args.device, args.dist_timeout) as procs:
-        opts, state = command_options(args, CFWOptions, ("cfw_base", "data"), KEPT_OPTIONS, required)
-        check_same_options(procs, opts)
-        return train_cfw(opts, procs, state)
+    """`python -m stablesr_min train cfw ...` (or `torchrun ... -m stablesr_min train cfw ...`)."""
+    return run_in_processes(args, CFWOptions, ("cfw_base", "data"), KEPT_OPTIONS,
+                            {"cfw_base": "--cfw-base FILE", "data": "--data DIR"}, train_cfw)
 
 
 def check_options(opts: CFWOptions) -> None:

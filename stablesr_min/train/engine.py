@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -319,6 +319,17 @@ def command_options(args, options: type, paths: Iterable[str], kept: Iterable[st
     elif any(given[name] is None for name in required):
         raise UsageError(f"train {args.what} needs {' and '.join(required.values())} (or --resume to continue a run)")
     return options(**{k: v for k, v in given.items() if v is not None}), state
+
+
+def run_in_processes(args, options: type, paths: Iterable[str], kept: Iterable[str], required: dict[str, str],
+                     train: Callable) -> str:
+    """A torchrun-ready command: argparse's namespace (None where an option was not given) -> `options`
+    (`command_options`; a resumed run takes its kept options from its state), the same in every process
+    (checked) -> `train(opts, procs, state)`, in every process of the run; returns how the run ended."""
+    with torchrun_processes(args.device, args.dist_timeout) as procs:
+        opts, state = command_options(args, options, paths, kept, required)
+        check_same_options(procs, opts)
+        return train(opts, procs, state)
 
 
 def check_option_ranges(opts, at_least_one: Iterable[str] = (), at_least_zero: Iterable[str] = (),

@@ -36,8 +36,7 @@ from ..schedule import Schedule
 from ..unet import SFT
 from ..weights import KIND_HINTS, WeightFiles, config_metadata, guess_kind
 from .engine import (Loop, Processes, RunFolder, RunOptions, TrainState, autocast, check_option_ranges,
-                     check_same_options, command_options, derive_seeds, distribute, gradient_sync, rank_seed, snapshot,
-                     start_optimizer, torchrun_processes)
+                     derive_seeds, distribute, gradient_sync, rank_seed, run_in_processes, snapshot, start_optimizer)
 from .networks import check_gt_size, default_init, warn_time_blind, zero_init_like_official
 
 # ------------------------------------------------------------------------------------------------------
@@ -136,14 +135,9 @@ STORED_OPTIONS = KEPT_OPTIONS + ("dtype", "save_every", "val_every", "checkpoint
 
 
 def run_train_sr(args) -> str:
-    """`python -m stablesr_min train sr ...` (or `torchrun ... -m stablesr_min train sr ...`): argparse's
-    namespace (None where an option was not given) -> SROptions -> train_sr, in every process of the run.
-    A resumed run takes its kept options from its state."""
-    required = {"base": "--base FILE", "data": "--data DIR"}
-    with torchrun_processes(args.device, args.dist_timeout) as procs:
-        opts, state = command_options(args, SROptions, ("base", "data", "config"), KEPT_OPTIONS, required)
-        check_same_options(procs, opts)
-        return train_sr(opts, procs, state)
+    """`python -m stablesr_min train sr ...` (or `torchrun ... -m stablesr_min train sr ...`)."""
+    return run_in_processes(args, SROptions, ("base", "data", "config"), KEPT_OPTIONS,
+                            {"base": "--base FILE", "data": "--data DIR"}, train_sr)
 
 
 def check_options(opts: SROptions) -> None:

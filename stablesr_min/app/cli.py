@@ -323,8 +323,7 @@ def add_train_sr_parser(train_sub) -> None:
                                           "Stable Diffusion, on HR photos degraded on the fly (Real-ESRGAN).")
     sr.add_argument("--base", nargs="+", metavar="FILE", help="StableSR (continue) or SD 2.x safetensors to start from")
     sr.add_argument("--data", nargs="+", metavar="DIR", help="folders of HR training photos (searched recursively)")
-    sr.add_argument("--out", required=True, metavar="RUN", help="run folder: last.safetensors, state.safetensors, log.jsonl")
-    sr.add_argument("--steps", type=int, required=True, help="optimizer steps in total (with --resume: up to this step)")
+    add_run_folder(sr)
     sr.add_argument("--config", metavar="JSON", help="model config (default: the one stored in --base)")
     sr.add_argument("--batch-size", type=int, help=f"images per micro-batch (default {d.batch_size}, the official per-GPU batch)")
     sr.add_argument("--gt-size", type=int, help=f"HR crop size in pixels (default {d.gt_size})")
@@ -344,6 +343,12 @@ def add_train_sr_parser(train_sub) -> None:
                     help="recompute the UNet's blocks in the backward pass (gradient checkpointing): less memory")
     add_torchrun_options(sr)
     sr.set_defaults(run=cmd_train_sr)
+
+
+def add_run_folder(parser) -> None:
+    """Where a training run writes, and how far it goes."""
+    parser.add_argument("--out", required=True, metavar="RUN", help="run folder: last.safetensors, state.safetensors, log.jsonl")
+    parser.add_argument("--steps", type=int, required=True, help="optimizer steps in total (with --resume: up to this step)")
 
 
 def add_run_options(parser, validation: str) -> None:
@@ -384,8 +389,7 @@ def add_train_prior_parsers(train_sub) -> None:
 
     for p, d in ((vae, VAEOptions), (unet, UNetOptions)):
         p.add_argument("--data", nargs="+", metavar="DIR", help="folders of training photos (searched recursively)")
-        p.add_argument("--out", required=True, metavar="RUN", help="run folder: last.safetensors, state.safetensors, log.jsonl")
-        p.add_argument("--steps", type=int, required=True, help="optimizer steps in total (with --resume: up to this step)")
+        add_run_folder(p)
         p.add_argument("--config", metavar="JSON", help="model sizes: a config JSON whose blocks update the tiny defaults")
         p.add_argument("--batch-size", type=int, help=f"crops per step (default {d.batch_size})")
         p.add_argument("--crop", type=int, help=f"crop size in pixels (default {d.crop})")
@@ -444,8 +448,7 @@ def add_train_cfw_parsers(train_sub) -> None:
     cfw.add_argument("--cfw-base", metavar="FILE", help="a CFW .safetensors (continue), or a VAE or SD 2.x one "
                                                         "(new fusion layers)")
     cfw.add_argument("--data", nargs="+", metavar="DATA", help="folders written by `train cfw-data`")
-    cfw.add_argument("--out", required=True, metavar="RUN", help="run folder: last.safetensors, state.safetensors, log.jsonl")
-    cfw.add_argument("--steps", type=int, required=True, help="optimizer steps in total (with --resume: up to this step)")
+    add_run_folder(cfw)
     cfw.add_argument("--batch-size", type=int, help=f"samples per step (default {c.batch_size}: the official 1 x 8 "
                      "accumulated)")
     cfw.add_argument("--lr", type=finite_float, help=f"Adam learning rate, fusion layers and discriminator (default "

@@ -124,6 +124,28 @@ def test_a_vae_run_stopped_by_ctrl_c_and_resumed_equals_an_uninterrupted_one(vae
     assert_same_run(out, vae_run)
 
 
+def test_decayed_lr_is_constant_then_falls_linearly_over_the_last_steps():
+    assert [training.decayed_lr(1.0, s, 10, 4) for s in range(10)] == [1, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    assert [training.decayed_lr(1.0, s, 3, 0) for s in range(3)] == [1, 1, 1]  # 0: constant
+    assert training.decayed_lr(1.0, 0, 3, 6) == 0.5  # longer than the run: it starts lower
+
+
+def test_lr_decay_takes_the_last_steps_down_and_a_resumed_run_keeps_it(vae_run, photos, tmp_path, monkeypatch):
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert train("vae", "--data", photos, "--out", whole, "--steps", 3, *RUN_ARGS, "--val-every", 2,
+                 "--lr-decay", 2) == 0
+    assert [r["lr"] for r in log(whole)] == [5e-4, 5e-4, 2.5e-4]
+    assert training.TrainState.from_file(whole / "state.safetensors").options["lr_decay"] == 2
+    ours, constant = tensors(whole / "last.safetensors"), tensors(vae_run / "last.safetensors")
+    assert any(not torch.equal(ours[k], constant[k]) for k in ours)  # the last step's smaller lr mattered
+
+    with ctrl_c_after_step_1(monkeypatch):
+        assert train("vae", "--data", photos, "--out", stopped, "--steps", 3, *RUN_ARGS, "--val-every", 2,
+                     "--lr-decay", 2) == 130
+    assert train("vae", "--out", stopped, "--steps", 3, "--resume") == 0  # the stored --lr-decay
+    assert_same_run(stopped, whole)
+
+
 def test_train_unet_writes_the_sd2_tree_with_the_vae_and_text_encoder_untouched(unet_run, vae_run):
     checkpoint = tensors(unet_run / "last.safetensors")
     cfg = StableSRConfig.from_json(metadata(unet_run / "last.safetensors")["stablesr_min.config"])
@@ -195,6 +217,7 @@ BAD_INPUTS = {
     "vae: no data": ("vae", {"--data": None}, "error: train vae needs --data DIR (or --resume to continue a run)"),
     "vae: crop": ("vae", {"--crop": "30"}, "error: --crop 30: must be a multiple of 4, so that every level of "
                                            "the networks is whole"),
+    "vae: lr decay": ("vae", {"--lr-decay": "-1"}, "error: --lr-decay must be >= 0, got -1"),
     "vae: hue rotation": ("vae", {"--hue-rotation": "2"}, "error: --hue-rotation is a probability: it must be in "
                                                           "[0, 1], got 2.0"),
     "unet: no images": ("unet", {"--data": "{empty}"}, "error: {empty}: no images found"),

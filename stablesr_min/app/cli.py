@@ -393,7 +393,9 @@ def add_train_prior_parsers(train_sub) -> None:
         p.add_argument("--config", metavar="JSON", help="model sizes: a config JSON whose blocks update the tiny defaults")
         p.add_argument("--batch-size", type=int, help=f"crops per step (default {d.batch_size})")
         p.add_argument("--crop", type=int, help=f"crop size in pixels (default {d.crop})")
-        p.add_argument("--lr", type=finite_float, help=f"AdamW learning rate (default {d.lr:g}, constant)")
+        p.add_argument("--lr", type=finite_float, help=f"AdamW learning rate (default {d.lr:g})")
+        p.add_argument("--lr-decay", type=int, metavar="N", help="take the lr linearly down toward 0 over the last N "
+                                                                 "steps before --steps (default 0: constant)")
         add_run_options(p, "validation losses")
     vae.add_argument("--kl-weight", type=finite_float, help=f"weight of the KL term (default {VAEOptions.kl_weight:g}, SD's)")
     vae.add_argument("--hue-rotation", type=finite_float, metavar="P",

@@ -687,11 +687,13 @@ class Loop:
         stop_on_non_finite(loss, self.step + 1, self.saved_step, self.run.checkpoint_path)
         return loss
 
-    def count_step(self, loss: float, **terms: float) -> dict[str, float]:
-        """The step is taken: count it and its time; its log line (the loss, `terms`, the lr, the seconds)."""
+    def count_step(self, loss: float, lr: float | None = None, **terms: float) -> dict[str, float]:
+        """The step is taken: count it and its time; its log line (the loss, `terms`, the lr it took, by
+        default --lr, and the seconds)."""
         self.step += 1
         self.seconds += time.monotonic() - self._started
-        return {"step": self.step, "loss": loss, **terms, "lr": self.opts.lr, "seconds": round(self.seconds, 3)}
+        lr = self.opts.lr if lr is None else lr
+        return {"step": self.step, "loss": loss, **terms, "lr": lr, "seconds": round(self.seconds, 3)}
 
     def validation_due(self) -> bool:
         """Every `--val-every` steps, on rank 0 (which alone logs)."""
@@ -730,6 +732,18 @@ def start_optimizer(trainable: dict[str, nn.Parameter], lr: float, dtype: torch.
     generator = torch.Generator().manual_seed(rank_seed(noise_seed, procs.rank))
     step, seconds = restore(state, run, procs, trainable, optimizer, scaler, generator, data) if state else (0, 0.0)
     return optimizer, scaler, generator, step, seconds
+
+
+def decayed_lr(lr: float, step: int, steps: int, decay: int) -> float:
+    """The lr of the step after `step` steps of `steps`: `lr`, then over the last `decay` steps linearly down
+    toward 0 (the last step takes lr / decay). A run continued to a larger --steps decays at its new end."""
+    return lr * min(1.0, (steps - step) / decay) if decay else lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def snapshot(step: int, seconds: float, options: dict, trainable: dict[str, torch.Tensor],

@@ -66,7 +66,7 @@ from ..unet import UNet
 from ..vae import AutoencoderKL, DiagonalGaussian
 from ..weights import KIND_HINTS, WeightFiles, config_metadata, guess_kind
 from .engine import (Loop, Processes, RunFolder, RunOptions, TrainState, autocast, check_option_ranges, command_options,
-                     derive_seeds, one_process, snapshot, start_optimizer)
+                     decayed_lr, derive_seeds, one_process, set_lr, snapshot, start_optimizer)
 from .networks import default_init, gt_size_multiple, warn_time_blind, zero_init_like_official
 
 # ------------------------------------------------------------------------------------------------------
@@ -209,7 +209,8 @@ class PriorOptions(RunOptions):
     config: str | None = None  # config JSON over the tiny sizes (config.TINY_SIZES)
     batch_size: int = 8  # crops per step
     crop: int = 64  # crop size in pixels
-    lr: float = 2e-4  # AdamW learning rate, constant
+    lr: float = 2e-4  # AdamW learning rate
+    lr_decay: int = 0  # the last N steps before --steps take the lr linearly down toward 0 (0: constant)
 
 
 @dataclass
@@ -230,7 +231,7 @@ class UNetOptions(PriorOptions):
 # Options a resumed run keeps from its start; it also keeps STORED unless they are given again.
 KEPT = ("data", "config", "batch_size", "crop", "lr", "seed")
 VAE_KEPT, UNET_KEPT = KEPT + ("kl_weight", "hue_rotation"), KEPT + ("vae",)
-STORED = ("dtype", "save_every", "val_every")
+STORED = ("dtype", "save_every", "val_every", "lr_decay")
 PATH_OPTIONS = ("data", "config")  # options naming files or folders: stored resolved
 
 
@@ -248,7 +249,7 @@ def run_train_unet(args) -> str:
 
 
 def check_prior_options(opts: PriorOptions, multiple: int) -> None:
-    check_option_ranges(opts, ("steps", "batch_size"), ("save_every", "val_every"), ("lr",))
+    check_option_ranges(opts, ("steps", "batch_size"), ("save_every", "val_every", "lr_decay"), ("lr",))
     if opts.crop < multiple or opts.crop % multiple:
         raise UsageError(f"--crop {opts.crop}: must be a multiple of {multiple}, so that every level of the "
                          "networks is whole")
@@ -351,7 +352,7 @@ def train_unet(opts: UNetOptions, state: TrainState | None = None) -> str:
 def fit(name: str, opts: PriorOptions, kept: tuple[str, ...], run: RunFolder, state: TrainState | None,
         trainable: dict[str, nn.Parameter], crops, loss: Callable, val_loss: Callable[[], float],
         checkpoint: Callable, seeds: dict[str, int], device: torch.device, dtype: torch.dtype, summary: str) -> str:
-    """What both stages share: AdamW (constant lr) on the trainable tensors, restoring a resumed run, and the
+    """What both stages share: AdamW (its lr constant, or decayed at the end: --lr-decay) on the trainable tensors, restoring a resumed run, and the
     loop over batches of crops. `loss(images, generator)` -> (loss, terms to log); `val_loss()` -> a float;
     `checkpoint()` -> the complete model's tensors and metadata. Returns engine.FINISHED, STOPPED or
     TERMINATED."""
@@ -366,9 +367,10 @@ def fit(name: str, opts: PriorOptions, kept: tuple[str, ...], run: RunFolder, st
                 value, terms = loss(crops.next_batch().to(device), generator)
             scaler.scale(value).backward()
             mean_loss = loop.checked(value.item())
+            lr = set_lr(optimizer, decayed_lr(opts.lr, loop.step, opts.steps, opts.lr_decay))
             scaler.step(optimizer)
             scaler.update()
-            record = loop.count_step(mean_loss, **terms)
+            record = loop.count_step(mean_loss, lr, **terms)
             if loop.validation_due():
                 with autocast(device, dtype):
                     record["val_loss"] = val_loss()

@@ -32,7 +32,7 @@ from stablesr_min.train import sr as train_module
 from stablesr_min.train.cfw import Reconstruction, load_cfw_base, new_loss, prepare_for_training, step_gradients
 from stablesr_min.train.cfw_data import CFWSamples
 from stablesr_min.train.cfw_loss import CFWLossConfig
-from stablesr_min.train.engine import (STATE_METADATA_KEY, Processes, TrainState, check_same_options,
+from stablesr_min.train.engine import (STATE_METADATA_KEY, Processes, StopRequest, TrainState, check_same_options,
                                        check_world_size, distribute, mean_over_ranks, torchrun_processes)
 from stablesr_min.train.sr import is_trainable, prepare_for_finetuning
 from stablesr_min.weights import save_safetensors
@@ -256,24 +256,44 @@ def test_gradient_checkpointing_gives_the_same_gradients(base):
 # torchrun
 
 
-def torchrun(what: str, *args, sigterm_after_step_1: bool = False) -> subprocess.CompletedProcess:
+def torchrun(what: str, *args, stop: str | None = None) -> subprocess.CompletedProcess:
     """`torchrun ... -m stablesr_min train <what> ...` on 2 CPU processes, in a session (process group) of its
     own, so that no signal its launcher sends while stopping its workers can reach the test process. (A stray
     SIGTERM once ended an in-process Ctrl-C test of CI's run with 143; where it came from was not found, and this
-    is a guard against one likely source, not a proven fix.) With `sigterm_after_step_1`, SIGTERM goes to the whole
-    process group once the run's log has its first line."""
-    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-               "-m", "stablesr_min", "train", what, "--device", "cpu", *map(str, args)]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"OMP_NUM_THREADS": "1"}, start_new_session=True)
-    log = Path(args[list(args).index("--out") + 1]) / "log.jsonl"
-    while sigterm_after_step_1 and proc.poll() is None:
-        if log.is_file() and log.read_text().strip():
-            os.killpg(proc.pid, signal.SIGTERM)
-            break
-        time.sleep(0.05)
+    is a guard against one likely source, not a proven fix.) Signals go to the whole process group, as a
+    scheduler or a terminal sends them, once the run's log has its first line: `stop="sigterm"` sends SIGTERM;
+    `stop="ctrl_c_twice"` sends SIGINT, then SIGINT again after the first stop has reached every worker
+    (run by tests/torchrun_slow_stop.py, which holds the save back) and more than a second after the first."""
+    workers = [str(Path(__file__).parent / "torchrun_slow_stop.py")] if stop == "ctrl_c_twice" else ["-m", "stablesr_min"]
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", *workers,
+               "train", what, "--device", "cpu", *map(str, args)]
+    out = Path(args[list(args).index("--out") + 1])
+    markers = out.parent / f"{out.name}.stopping"
+    markers.mkdir(exist_ok=True)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "STOP_MARKERS": str(markers)}
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    if stop:
+        wait_for(lambda: (out / "log.jsonl").is_file() and (out / "log.jsonl").read_text().strip(), proc)
+        os.killpg(proc.pid, signal.SIGTERM if stop == "sigterm" else signal.SIGINT)
+    if stop == "ctrl_c_twice":
+        first = time.monotonic()
+        wait_for(lambda: len(list(markers.iterdir())) == 2
+                 and time.monotonic() - first > StopRequest.SAME_STOP_WITHIN_S + 0.2, proc)
+        os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def assert_same_tensors(ours: Path, theirs: Path) -> None:
+    for name in ("last.safetensors", "state.safetensors"):
+        a, b = tensors(ours / name), tensors(theirs / name)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def wait_for(condition, proc: subprocess.Popen) -> None:
+    while proc.poll() is None and not condition():
+        time.sleep(0.05)
 
 
 def test_torchrun_with_2_processes_writes_one_run_that_resumes_and_upscales(base, photos, golden_weights,
@@ -290,14 +310,26 @@ def test_torchrun_with_2_processes_writes_one_run_that_resumes_and_upscales(base
     # SIGTERM to the whole job (as a scheduler sends it; torchrun forwards it to its workers too) after step 1:
     # every rank finishes the step under way and the run saves; resumed on 2 processes, every rank continues its
     # own streams, bit-identically
-    stop = torchrun("sr", "--out", stopped, "--steps", 3, *options, sigterm_after_step_1=True)
+    stop = torchrun("sr", "--out", stopped, "--steps", 3, *options, stop="sigterm")
     saved = json.loads((stopped / "log.jsonl").read_text().splitlines()[-1])["step"]
     assert saved < 3 and f"stopped at step {saved} of 3; continue with --resume" in stop.stderr, stop.stderr
     assert "quit without saving:" not in stop.stderr and stop.stderr.count("terminated\n") == 1
     assert torchrun("sr", "--out", stopped, "--steps", 3, "--resume").returncode == 0
-    for name in ("last.safetensors", "state.safetensors"):
-        ours, theirs = tensors(stopped / name), tensors(out / name)
-        assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert_same_tensors(stopped, out)
+
+    # Ctrl-C twice, the second while the first stop waits to be saved: nothing more is saved, rank 0 prints the
+    # way out (resume from the last save, or run again if none was made yet), and following it continues the run
+    # bit-identically
+    twice = tmp_path / "twice"
+    stop = torchrun("sr", "--out", twice, "--steps", 3, *options, "--save-every", 1, stop="ctrl_c_twice")
+    assert stop.returncode != 0 and stop.stderr.count("\nquit without saving: ") == 1, stop.stderr
+    if f"quit without saving: {twice / 'last.safetensors'} keeps the last save; continue with --resume" in stop.stderr:
+        again = torchrun("sr", "--out", twice, "--steps", 3, "--resume")
+    else:
+        assert "quit without saving: no step was saved; run the command again without --resume" in stop.stderr
+        again = torchrun("sr", "--out", twice, "--steps", 3, *options, "--save-every", 1)
+    assert again.returncode == 0, again.stderr
+    assert_same_tensors(twice, out)
 
     # every rank's random streams are in the one state file
     state = tensors(out / "state.safetensors")

@@ -61,7 +61,9 @@ PHOTOS = ROOT / "data" / "photos"
 
 @dataclass
 class Recipe:
-    vae_steps: int = 4000  # batch 8 of 64 px crops
+    vae_steps: int = 10000  # batch 8 of 64 px crops
+    vae_lr_decay: int = 2000  # the lr falls linearly toward 0 over the last 2000 steps: with it constant the VAE's
+    #                           colour error swung 2x between checkpoints (MODEL_CARD.md, Colour)
     vae_hue_rotation: float = 0.5  # half the VAE's crops turned to a random hue: 4 of the 9 photos are grey, and
     #                                a VAE trained on their own colours alone turned a green iris amber (MODEL_CARD.md)
     unet_steps: int = 3000  # batch 8 of 128 px crops (32 x 32 latents)
@@ -78,8 +80,8 @@ class Recipe:
     ablation_seeds: tuple[int, ...] = (1,)  # more training seeds of both SR arms (scripts/ablation.py)
 
 
-QUICK = Recipe(vae_steps=2, unet_steps=2, sr_steps=2, cfw_samples=2, cfw_sample_steps=2, cfw_steps=2,
-               cfw_disc_start=2, save_every=0, val_every=1)
+QUICK = Recipe(vae_steps=2, vae_lr_decay=1, unet_steps=2, sr_steps=2, cfw_samples=2, cfw_sample_steps=2,
+               cfw_steps=2, cfw_disc_start=2, save_every=0, val_every=1)
 
 # What `upscale` and `evaluate` use with the shipped model unless told otherwise (stored in sr*.safetensors).
 SAMPLING_DEFAULTS = {
@@ -106,7 +108,8 @@ def stage_commands(r: Recipe, runs: Path) -> list[tuple[str, ...]]:
                      f"sr_blind_seed{seed}", [*other, "--out", str(runs / f"sr_blind_seed{seed}"), "--time-blind"]]
     return [
         ("vae", ["train", "vae", *data, "--out", str(runs / "vae"), "--steps", str(r.vae_steps),
-                 "--batch-size", "8", "--crop", "64", "--lr", "5e-4", "--hue-rotation", str(r.vae_hue_rotation),
+                 "--batch-size", "8", "--crop", "64", "--lr", "5e-4", "--lr-decay", str(r.vae_lr_decay),
+                 "--hue-rotation", str(r.vae_hue_rotation),
                  *common]),
         ("unet", ["train", "unet", "--vae", str(runs / "vae" / "last.safetensors"), *data, "--out",
                   str(runs / "unet"), "--steps", str(r.unet_steps), "--batch-size", "8", "--crop", "128",

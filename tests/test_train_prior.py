@@ -266,3 +266,7 @@ def test_an_out_folder_that_cannot_be_written_is_refused_before_any_work(photos,
     blocker.write_text("")
     assert main(["train", "vae", "--data", str(photos), "--out", str(blocker / "run"), "--steps", "1"]) == 2
     assert capsys.readouterr().err == f"error: --out {blocker / 'run'}: {blocker} is a file, not a folder; choose another folder\n"
+    for command in (["vae", "--data", str(photos), "--steps", "1"], ["cfw-data", "--weights", "w.safetensors", "--data",
+                                                                      str(photos), "--count", "1"]):
+        assert main(["train", *command, "--out", str(blocker)]) == 2  # --out itself a file
+        assert capsys.readouterr().err == f"error: --out {blocker}: {blocker} is a file, not a folder; choose another folder\n"

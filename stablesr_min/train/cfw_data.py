@@ -177,8 +177,6 @@ def generate(opts: GenerationOptions) -> None:
     from ..pipeline import StableSRPipeline, UpscaleOptions
 
     folder = DataFolder(opts.out)
-    if folder.path.exists() and not folder.path.is_dir():
-        raise UsageError(f"--out {folder.path}: exists and is not a folder")
     check_output_folder(folder.path)
     for data in map(Path, opts.data):
         if folder.path.resolve().is_relative_to(data.resolve()):

@@ -186,8 +186,6 @@ class RunFolder:
 
     def __init__(self, path: str | Path, resume: bool, writer: bool = True):
         self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise UsageError(f"--out {self.path}: exists and is not a folder")
         check_output_folder(self.path)
         if resume and not self.state_path.is_file():
             raise UsageError(f"--resume: {self.path} holds no run to resume (no {STATE}); start it without --resume")

@@ -260,7 +260,9 @@ def torchrun(what: str, *args, stop: str | None = None) -> subprocess.CompletedP
     """`torchrun ... -m stablesr_min train <what> ...` on 2 CPU processes, in a session (process group) of its
     own, so that no signal its launcher sends while stopping its workers can reach the test process. (A stray
     SIGTERM once ended an in-process Ctrl-C test of CI's run with 143; where it came from was not found, and this
-    is a guard against one likely source, not a proven fix.) Signals go to the whole process group, as a
+    is a guard against one likely source, not a proven fix.) MKL_CBWR is left out of the environment, so that the
+    package's own setting is under test: without it, one thread per process made MKL's products depend on their
+    operands' memory alignment, and a resumed run drifted from an uninterrupted one. Signals go to the whole process group, as a
     scheduler or a terminal sends them, once the run's log has its first line: `stop="sigterm"` sends SIGTERM;
     `stop="ctrl_c_twice"` sends SIGINT, then SIGINT again after the first stop has reached every worker
     (run by tests/torchrun_slow_stop.py, which holds the save back) and more than a second after the first."""
@@ -270,7 +272,8 @@ def torchrun(what: str, *args, stop: str | None = None) -> subprocess.CompletedP
     out = Path(args[list(args).index("--out") + 1])
     markers = out.parent / f"{out.name}.stopping"
     markers.mkdir(exist_ok=True)
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "STOP_MARKERS": str(markers)}
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"} | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+                                                                      "STOP_MARKERS": str(markers)}
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     if stop:

@@ -6,10 +6,7 @@ The objective itself is checked number by number against the official trainer in
 """
 
 import contextlib
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -257,23 +254,6 @@ def test_bad_input_is_one_line_and_exit_code_2(case, base, photos, golden_weight
     assert code == 2
     assert err.startswith(expected.format(**names)) and len(err.splitlines()) == 1, err
     assert not (tmp_path / "new").exists(), "a refused run writes nothing"
-
-
-def test_a_resume_at_one_thread_per_process_is_bit_identical(base, photos, tmp_path):
-    """One thread per process (torchrun's default) is where MKL's products used to depend on their operands'
-    memory alignment, so a run resumed in a new process drifted from an uninterrupted one; the package asks
-    MKL for bit-reproducible products (MKL_CBWR, stablesr_min/__init__.py). Each run in its own process."""
-    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"} | {"OMP_NUM_THREADS": "1"}
-
-    def run(out, *args):
-        command = [sys.executable, "-m", "stablesr_min", "train", "sr", "--base", str(base), "--data", str(photos),
-                   "--out", str(out), *RUN_ARGS, "--val-every", "0", *map(str, args)]
-        assert subprocess.run(command, cwd=ROOT, env=env, capture_output=True).returncode == 0
-
-    run(tmp_path / "a", "--steps", 2)
-    run(tmp_path / "b", "--steps", 1)
-    run(tmp_path / "b", "--steps", 2, "--resume")
-    assert_same_run(tmp_path / "b", tmp_path / "a")
 
 
 def test_a_folder_a_run_left_without_a_state_starts_a_new_run_keeping_the_old_files(run_a, base, photos, tmp_path,

@@ -1,6 +1,6 @@
 """Train the tiny StableSR that stablesr-min ships, from a fresh clone, on a CPU.
 
-    python scripts/train_tiny.py                 # the full recipe (about 2 hours on 2 CPU cores)
+    python scripts/train_tiny.py                 # the full recipe (about 3.5 hours on 2 CPU cores)
     python scripts/train_tiny.py --quick --runs /tmp/q --ship /tmp/q/ship   # a few steps per stage (a test)
 
 Every stage is one of the package's own training commands, run in order (StableSR sits on a Stable

@@ -445,8 +445,8 @@ def training(check: Check) -> dict:
     from train_tiny import Recipe, stage_commands  # beside this file: scripts/ is on sys.path when it runs
 
     n = check.sizes.train_steps
-    recipe = Recipe(vae_steps=n, vae_lr_decay=0, unet_steps=n, sr_steps=n, cfw_samples=8, cfw_sample_steps=2, cfw_steps=n,
-                    save_every=0, val_every=0, ablation_seeds=())
+    recipe = Recipe(vae_steps=n, vae_lr_decay=0, unet_steps=n, sr_steps=n, cfw_samples=8, cfw_sample_steps=2,
+                    cfw_steps=n, save_every=0, val_every=0, ablation_seeds=())
     wanted = ("vae", "unet", "sr") if check.small else ("vae", "unet", "sr", "cfw_data", "cfw")
     rows, failed = [], None
     with tempfile.TemporaryDirectory(prefix="gpu_check_train_") as runs:

@@ -89,7 +89,8 @@ class WeightFiles:
         chosen = with_sft[0] if with_sft else next(iter(configs))
 
         def prior_part(c: dict) -> dict:  # what a prior's config has a say on: not the parts it does not hold
-            return {**{k: v for k, v in c.items() if k != "time_encoder"}, "unet": {**c.get("unet", {}), "use_sft": None}}
+            return {**{k: v for k, v in c.items() if k != "time_encoder"},
+                    "unet": {**c.get("unet", {}), "use_sft": None}}
 
         for path, c in configs.items():
             same = c == configs[chosen] if path in with_sft else prior_part(c) == prior_part(configs[chosen])

@@ -738,10 +738,9 @@ def decayed_lr(lr: float, step: int, steps: int, decay: int) -> float:
     return lr * min(1.0, (steps - step) / decay) if decay else lr
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-    return lr
 
 
 def snapshot(step: int, seconds: float, options: dict, trainable: dict[str, torch.Tensor],

@@ -352,10 +352,10 @@ def train_unet(opts: UNetOptions, state: TrainState | None = None) -> str:
 def fit(name: str, opts: PriorOptions, kept: tuple[str, ...], run: RunFolder, state: TrainState | None,
         trainable: dict[str, nn.Parameter], crops, loss: Callable, val_loss: Callable[[], float],
         checkpoint: Callable, seeds: dict[str, int], device: torch.device, dtype: torch.dtype, summary: str) -> str:
-    """What both stages share: AdamW (its lr constant, or decayed at the end: --lr-decay) on the trainable tensors, restoring a resumed run, and the
-    loop over batches of crops. `loss(images, generator)` -> (loss, terms to log); `val_loss()` -> a float;
-    `checkpoint()` -> the complete model's tensors and metadata. Returns engine.FINISHED, STOPPED or
-    TERMINATED."""
+    """What both stages share: AdamW (its lr constant, or decayed at the end: --lr-decay) on the trainable
+    tensors, restoring a resumed run, and the loop over batches of crops. `loss(images, generator)` -> (loss,
+    terms to log); `val_loss()` -> a float; `checkpoint()` -> the complete model's tensors and metadata. Returns
+    engine.FINISHED, STOPPED or TERMINATED."""
     procs = Processes(device)  # one process: the tiny prior trains on one CPU or GPU
     optimizer, scaler, generator, step, seconds = start_optimizer(trainable, opts.lr, dtype, seeds["noise"], run,
                                                                   state, crops, procs)
@@ -367,7 +367,8 @@ def fit(name: str, opts: PriorOptions, kept: tuple[str, ...], run: RunFolder, st
                 value, terms = loss(crops.next_batch().to(device), generator)
             scaler.scale(value).backward()
             mean_loss = loop.checked(value.item())
-            lr = set_lr(optimizer, decayed_lr(opts.lr, loop.step, opts.steps, opts.lr_decay))
+            lr = decayed_lr(opts.lr, loop.step, opts.steps, opts.lr_decay)
+            set_lr(optimizer, lr)
             scaler.step(optimizer)
             scaler.update()
             record = loop.count_step(mean_loss, lr, **terms)

@@ -38,7 +38,7 @@ from stablesr_min.train.sr import is_trainable, prepare_for_finetuning
 from stablesr_min.weights import save_safetensors
 
 from golden import relative_error
-from run_files import tensors
+from run_files import assert_same_run, tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -262,18 +262,22 @@ def torchrun(what: str, *args, stop: str | None = None) -> subprocess.CompletedP
     SIGTERM once ended an in-process Ctrl-C test of CI's run with 143; where it came from was not found, and this
     is a guard against one likely source, not a proven fix.) MKL_CBWR is left out of the environment, so that the
     package's own setting is under test: without it, one thread per process made MKL's products depend on their
-    operands' memory alignment, and a resumed run drifted from an uninterrupted one. Signals go to the whole process group, as a
-    scheduler or a terminal sends them, once the run's log has its first line: `stop="sigterm"` sends SIGTERM;
-    `stop="ctrl_c_twice"` sends SIGINT, then SIGINT again after the first stop has reached every worker
-    (run by tests/torchrun_slow_stop.py, which holds the save back) and more than a second after the first."""
-    workers = [str(Path(__file__).parent / "torchrun_slow_stop.py")] if stop == "ctrl_c_twice" else ["-m", "stablesr_min"]
+    operands' memory alignment, and a resumed run drifted from an uninterrupted one.
+    Signals go to torchrun's process group once the run's log has its first line, as a scheduler or a terminal
+    sends them (torchrun starts its workers in sessions of their own and forwards the signal to them):
+    `stop="sigterm"` sends SIGTERM; `stop="ctrl_c_twice"` sends SIGINT, then SIGINT again after the first stop has
+    reached every worker (run by tests/torchrun_slow_stop.py, which holds the save back) and more than a second
+    after the first."""
+    out = Path(args[list(args).index("--out") + 1])
+    markers = out.parent / f"{out.name}.stopping"  # where tests/torchrun_slow_stop.py says a worker holds the save
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"} | {"OMP_NUM_THREADS": "1"}
+    workers = ["-m", "stablesr_min"]
+    if stop == "ctrl_c_twice":
+        markers.mkdir()
+        env |= {"PYTHONPATH": str(ROOT), "STOP_MARKERS": str(markers)}
+        workers = [str(Path(__file__).parent / "torchrun_slow_stop.py")]
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", *workers,
                "train", what, "--device", "cpu", *map(str, args)]
-    out = Path(args[list(args).index("--out") + 1])
-    markers = out.parent / f"{out.name}.stopping"
-    markers.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"} | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-                                                                      "STOP_MARKERS": str(markers)}
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     if stop:
@@ -286,12 +290,6 @@ def torchrun(what: str, *args, stop: str | None = None) -> subprocess.CompletedP
         os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
-
-
-def assert_same_tensors(ours: Path, theirs: Path) -> None:
-    for name in ("last.safetensors", "state.safetensors"):
-        a, b = tensors(ours / name), tensors(theirs / name)
-        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def wait_for(condition, proc: subprocess.Popen) -> None:
@@ -318,7 +316,7 @@ def test_torchrun_with_2_processes_writes_one_run_that_resumes_and_upscales(base
     assert saved < 3 and f"stopped at step {saved} of 3; continue with --resume" in stop.stderr, stop.stderr
     assert "quit without saving:" not in stop.stderr and stop.stderr.count("terminated\n") == 1
     assert torchrun("sr", "--out", stopped, "--steps", 3, "--resume").returncode == 0
-    assert_same_tensors(stopped, out)
+    assert_same_run(stopped, out)
 
     # Ctrl-C twice, the second while the first stop waits to be saved: nothing more is saved, rank 0 prints the
     # way out (resume from the last save, or run again if none was made yet), and following it continues the run
@@ -332,7 +330,7 @@ def test_torchrun_with_2_processes_writes_one_run_that_resumes_and_upscales(base
         assert "quit without saving: no step was saved; run the command again without --resume" in stop.stderr
         again = torchrun("sr", "--out", twice, "--steps", 3, *options, "--save-every", 1)
     assert again.returncode == 0, again.stderr
-    assert_same_tensors(twice, out)
+    assert_same_run(twice, out)
 
     # every rank's random streams are in the one state file
     state = tensors(out / "state.safetensors")

@@ -144,3 +144,16 @@ def test_highfreq_spectrum_distance_on_known_cases():
     assert metrics.highfreq_spectrum_distance(noisy, levels).item() > 0.1
     bicubic = F.interpolate(F.interpolate(hr, scale_factor=0.25, mode="area"), scale_factor=4, mode="bicubic")
     assert metrics.highfreq_spectrum_distance(metrics.to_levels(bicubic), levels).item() > d1
+
+
+def test_mean_hue_on_known_colours():
+    rgb = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 1, 1], [0, 0, 1], [1, 0, 1], [0.5, 0.25, 0], [1, 0, 0.5]],
+                       dtype=torch.float64)
+    images = rgb[:, :, None, None].expand(-1, -1, 4, 4)
+    assert metrics.mean_hue(images).tolist() == pytest.approx([0, 60, 120, 180, 240, 300, 30, 330])
+    assert metrics.mean_hue(255 * images).tolist() == pytest.approx([0, 60, 120, 180, 240, 300, 30, 330])
+    assert metrics.mean_hue(torch.full((1, 3, 2, 2), 0.4)).isnan().all()  # grey has no hue
+    # the hue of the mean colour, not the mean of the hues: half red, half green averages to olive (60 degrees)
+    half = torch.zeros(1, 3, 2, 2)
+    half[0, 0, :, 0], half[0, 1, :, 1] = 1, 1
+    assert metrics.mean_hue(half).item() == pytest.approx(60)

@@ -119,6 +119,18 @@ def lowpass_colour_error(a: torch.Tensor, b: torch.Tensor, block: int = 16) -> t
     return (means_a - means_b).abs().mean(dim=(1, 2, 3))
 
 
+def mean_hue(image: torch.Tensor) -> torch.Tensor:
+    """Where each image's mean colour lies on the colour wheel: the HSV hue of its mean RGB, in degrees in
+    [0, 360) (0 red, 60 yellow, 120 green, 180 cyan, 240 blue, 300 magenta); NaN where the mean is grey. Any
+    value range (levels or [0, 1]): the hue does not depend on it."""
+    r, g, b = image.double().mean(dim=(2, 3)).unbind(dim=1)
+    top, bottom = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
+    chroma = top - bottom
+    sector = torch.where(top == r, ((g - b) / chroma) % 6,
+                         torch.where(top == g, (b - r) / chroma + 2, (r - g) / chroma + 4))
+    return torch.where(chroma > 0, 60 * sector, torch.nan)
+
+
 def radial_power_spectrum(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The grey image's (mean of its channels) power spectrum averaged over rings of equal spatial frequency:
     (frequencies in cycles per pixel, (B, R) mean power per ring), rings 1 / min(H, W) wide from 0 to 0.5.

@@ -53,7 +53,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def measure(pipe: StableSRPipeline, crops: dict, sampling: dict, seeds: list[int]) -> dict:
+def measure(pipe: StableSRPipeline, crops: dict, sampling: dict, seeds: list[int], per_band: int) -> dict:
     """Per sampling seed: mean over crops of PSNR/SSIM/colour error at w = 1 and w = 0; and the loss per band."""
     degradation = EvalDegradation()
     opts = {w: UpscaleOptions(scale=degradation.scale, **{**sampling, "dec_w": w}) for w in (1.0, 0.0)}
@@ -71,7 +71,7 @@ def measure(pipe: StableSRPipeline, crops: dict, sampling: dict, seeds: list[int
                          for name, rs in rows.items()})
     lrs = torch.cat([evaluation_lr(hr, degradation) for hr in crops.values()])
     hrs = torch.cat(list(crops.values()))
-    losses = torch.stack([loss_by_timestep(pipe.model, lrs, hrs, BANDS, per_band=8, seed=s) for s in seeds])
+    losses = torch.stack([loss_by_timestep(pipe.model, lrs, hrs, BANDS, per_band=per_band, seed=s) for s in seeds])
     return {"per_sampling_seed": per_seed, "loss_by_band": losses.mean(0).tolist()}
 
 
@@ -159,7 +159,11 @@ def main() -> None:
     parser.add_argument("--sampling-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--crop", type=int, default=256, help="held-out centre crop size (evaluate's default)")
     parser.add_argument("--cfw", default=None, help="the CFW file (default: the recipe's, RUNS/cfw/last.safetensors)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the shipped model's)")
+    parser.add_argument("--per-band", type=int, default=8, help="timesteps drawn per band and crop for the loss")
     args = parser.parse_args()
+    if (args.steps is not None and not 1 <= args.steps <= 1000) or args.per_band < 1:
+        sys.exit("ablation: --steps must be 1 to 1000 and --per-band at least 1")
     runs = Path(args.runs)
     out = Path(args.out)
     needed = [runs / run_name(a, s) / "last.safetensors" for a in ARMS for s in args.training_seeds]
@@ -170,6 +174,8 @@ def main() -> None:
         sys.exit(f"ablation: {', '.join(missing)} missing; run scripts/train_tiny.py first")
     from train_tiny import SAMPLING_DEFAULTS  # the shipped model's sampling settings
 
+    sampling = {**SAMPLING_DEFAULTS, "steps": args.steps or SAMPLING_DEFAULTS["steps"]}
+
     crops = {str(p): hr for p, hr in read_hr_crops([str(HELDOUT)], args.crop).items()}
     cfw = load_cfw(cfw_path)
     results = {}
@@ -178,14 +184,15 @@ def main() -> None:
             name = run_name(arm, ts)
             started = time.monotonic()
             pipe = StableSRPipeline(load_stablesr([runs / name / "last.safetensors"]), cfw)
-            results[name] = measure(pipe, crops, SAMPLING_DEFAULTS, args.sampling_seeds)
+            results[name] = measure(pipe, crops, sampling, args.sampling_seeds, args.per_band)
             print(f"{name}: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     summary = summarise(results, args.training_seeds)
     bicubic_row = bicubic(crops)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"crops": [from_root(c) for c in crops], "cfw": from_root(cfw_path), "sampling": SAMPLING_DEFAULTS,
+    record = {"crops": [from_root(c) for c in crops], "cfw": from_root(cfw_path), "sampling": sampling,
               "training_seeds": args.training_seeds,
-              "sampling_seeds": args.sampling_seeds, "bands": BANDS, "results": results, "bicubic": bicubic_row,
+              "sampling_seeds": args.sampling_seeds, "bands": BANDS, "per_band": args.per_band, "results": results,
+              "bicubic": bicubic_row,
               "summary": summary}
     (out / "ablation.json").write_text(json.dumps(record, indent=1) + "\n")
     table = markdown(summary, bicubic_row, args.training_seeds, args.sampling_seeds)

@@ -69,8 +69,9 @@ class TextEncoder(nn.Module):
         if cfg.layer not in self.LAYERS:
             raise ValueError(f"text layer must be one of {self.LAYERS}, got {cfg.layer!r}")
         self.cfg = cfg
-        # Parameters are created as zeros: every value comes from the checkpoint.
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        # Parameters are created as zeros: every value comes from the checkpoint. (`nn.Embedding(n, d)` would
+        # draw a normal init, which on the meta device the loaders build on costs PyTorch ~2 s of imports.)
+        self.token_embedding = nn.Embedding.from_pretrained(torch.zeros(cfg.vocab_size, cfg.width), freeze=False)
         self.positional_embedding = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
         blocks = [ResidualAttentionBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers)]
         self.transformer = nn.ModuleDict({"resblocks": nn.ModuleList(blocks)})

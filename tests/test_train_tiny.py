@@ -67,14 +67,16 @@ def test_quick_recipe_run_again_skips_finished_stages(quick_recipe):
 
 
 def test_the_ablation_script_measures_both_arms_at_every_seed(quick_recipe, tmp_path):
-    """scripts/ablation.py on the quick recipe's runs: 2 arms x 2 training seeds x 2 sampling seeds, small crops."""
+    """scripts/ablation.py on the quick recipe's runs: 2 arms x 2 training seeds x 2 sampling seeds, small crops,
+    few sampling steps and timesteps per band."""
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "ablation.py"), "--runs", str(quick_recipe), "--out",
-                           str(tmp_path), "--sampling-seeds", "0", "1", "--crop", "64"],
+                           str(tmp_path), "--sampling-seeds", "0", "1", "--crop", "64", "--steps", "4", "--per-band", "2"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "ablation.json").read_text())
     assert sorted(record["results"]) == ["sr", "sr_blind", "sr_blind_seed1", "sr_seed1"]
     assert all(len(r["per_sampling_seed"]) == 2 and len(r["loss_by_band"]) == 5 for r in record["results"].values())
+    assert record["sampling"]["steps"] == 4 and record["per_band"] == 2
     cell = record["summary"]["w=1 psnr"]
     assert len(cell["time-aware"]["training_seed_means"]) == 2 and cell["aware_minus_blind"]["n"] == 4
     # the paired difference is the mean of the per-pair differences

@@ -1,5 +1,8 @@
 """Train the tiny StableSR that stablesr-min ships, from a fresh clone, on a CPU.
 
+The recipe here is the fourth: its model was evaluated and not shipped (the shipped third version's commands are
+in stablesr_min/tiny/recipe.json; MODEL_CARD.md says why). Give --ship DIR to keep the shipped files.
+
     python scripts/train_tiny.py                 # the full recipe (about 2 hours on 2 CPU cores)
     python scripts/train_tiny.py --quick --runs /tmp/q --ship /tmp/q/ship   # a few steps per stage (a test)
 

@@ -30,9 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from stablesr_min.app import metrics  # noqa: E402
 from stablesr_min.app.analysis import loss_by_timestep  # noqa: E402
-from stablesr_min.app.evaluate import EvalDegradation, evaluation_lr, read_hr_crops, score  # noqa: E402
+from stablesr_min.app.evaluate import MEASURES, EvalDegradation, evaluation_lr, read_hr_crops, score  # noqa: E402
 from stablesr_min.model import load_cfw, load_stablesr  # noqa: E402
 from stablesr_min.pipeline import StableSRPipeline, UpscaleOptions, upsample  # noqa: E402
 
@@ -64,10 +63,8 @@ def measure(pipe: StableSRPipeline, crops: dict, sampling: dict, seeds: list[int
             lr = evaluation_lr(hr, degradation)
             sampled = pipe.sample_latent(lr * 2 - 1, opts[1.0], generator=torch.Generator().manual_seed(seed))
             for w, o in opts.items():
-                out = pipe.finish(sampled, o).float().cpu()
-                colour = metrics.lowpass_colour_error(metrics.to_levels(out), metrics.to_levels(hr)).item()
-                rows[f"w={w:g}"].append({**score(out, hr, 0), "colour": colour})
-        per_seed.append({name: {k: math.fsum(r[k] for r in rs) / len(rs) for k in ("psnr", "ssim", "colour")}
+                rows[f"w={w:g}"].append(score(pipe.finish(sampled, o).float().cpu(), hr, 0))
+        per_seed.append({name: {k: math.fsum(r[k] for r in rs) / len(rs) for k in MEASURES}
                          for name, rs in rows.items()})
     lrs = torch.cat([evaluation_lr(hr, degradation) for hr in crops.values()])
     hrs = torch.cat(list(crops.values()))
@@ -80,10 +77,8 @@ def bicubic(crops: dict) -> dict:
     degradation = EvalDegradation()
     rows = []
     for hr in crops.values():
-        out = (upsample(evaluation_lr(hr, degradation) * 2 - 1, degradation.scale) + 1) / 2
-        colour = metrics.lowpass_colour_error(metrics.to_levels(out), metrics.to_levels(hr)).item()
-        rows.append({**score(out, hr, 0), "colour": colour})
-    return {k: math.fsum(r[k] for r in rows) / len(rows) for k in ("psnr", "ssim", "colour")}
+        rows.append(score((upsample(evaluation_lr(hr, degradation) * 2 - 1, degradation.scale) + 1) / 2, hr, 0))
+    return {k: math.fsum(r[k] for r in rows) / len(rows) for k in MEASURES}
 
 
 def summarise(results: dict, training_seeds: list[int]) -> dict:
@@ -92,7 +87,7 @@ def summarise(results: dict, training_seeds: list[int]) -> dict:
     difference with its spread, and whether it is outside the noise."""
     summary = {}
     for setting in ("w=1", "w=0"):
-        for key in ("psnr", "ssim", "colour"):
+        for key in MEASURES:
             cell = {}
             for arm in ARMS:
                 by_training = [[s[setting][key] for s in results[run_name(arm, ts)]["per_sampling_seed"]]

@@ -72,22 +72,22 @@ def test_writes_both_tables_with_the_right_rows(evaluated):
     for row in report["images"]:
         assert sorted(row["scores"]) == sorted(methods)
         for s in row["scores"].values():
-            assert math.isfinite(s["psnr"]) and 0 < s["psnr"] < 60 and -1 <= s["ssim"] <= 1
+            assert math.isfinite(s["psnr"]) and 0 < s["psnr"] < 60 and -1 <= s["ssim"] <= 1 and 0 <= s["colour"] < 255
     for m in methods:
-        for k in ("psnr", "ssim"):
+        for k in ("psnr", "ssim", "colour"):
             assert report["mean"][m][k] == pytest.approx(np.mean([r["scores"][m][k] for r in report["images"]]), abs=1e-12)
     # w enters only at the decode, and changes it
     assert report["images"][0]["scores"]["StableSR w=0"] != report["images"][0]["scores"]["StableSR w=1"]
 
     table = (out / "metrics.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert rows[0] == ("| image | bicubic PSNR | bicubic SSIM | StableSR w=0 PSNR | StableSR w=0 SSIM | "
-                       "StableSR w=1 PSNR | StableSR w=1 SSIM |")
+    assert rows[0] == ("| image | bicubic PSNR | bicubic SSIM | bicubic colour | StableSR w=0 PSNR | StableSR w=0 SSIM | "
+                       "StableSR w=0 colour | StableSR w=1 PSNR | StableSR w=1 SSIM | StableSR w=1 colour |")
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| chelsea.png", "| coffee.png", "| mean (2 images)"]
     bicubic = report["images"][1]["scores"]["bicubic"]
-    assert rows[2].startswith(f"| coffee.png | {bicubic['psnr']:.2f} | {bicubic['ssim']:.4f} |")
+    assert rows[2].startswith(f"| coffee.png | {bicubic['psnr']:.2f} | {bicubic['ssim']:.4f} | {bicubic['colour']:.2f} |")
     heading, printed = table.split("\n\n")
-    assert heading.startswith("PSNR (dB) / SSIM against 64x64 HR centre crops; LR: Gaussian blur sigma 1.2")
+    assert heading.startswith("PSNR (dB) / SSIM / colour error (levels) against 64x64 HR centre crops; LR: Gaussian blur sigma 1.2")
     assert stdout == printed and len(printed.splitlines()) == 5  # the table, printed
     assert "[1/2] chelsea.png: bicubic" in stderr and "[2/2] coffee.png: bicubic" in stderr
     assert not list(out.rglob("*.tmp"))
@@ -110,6 +110,7 @@ def test_bicubic_row_is_recomputable(evaluated, hr_folder):
         a, b = metrics.to_levels(bicubic), metrics.to_levels(hr)
         assert row["scores"]["bicubic"]["psnr"] == metrics.psnr(a, b).item()
         assert row["scores"]["bicubic"]["ssim"] == metrics.ssim(a, b).item()
+        assert row["scores"]["bicubic"]["colour"] == metrics.lowpass_colour_error(a, b).item()
         sr = metrics.to_levels(read_png(out / "images" / f"{stem}_sr_w1.png"))
         assert row["scores"]["StableSR w=1"]["psnr"] == metrics.psnr(sr, b).item()
 

@@ -2,6 +2,7 @@
 schedule, resuming, and one clear line for each bad input."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from stablesr_min.errors import WeightsError
 from stablesr_min.train.cfw import (FUSION_PREFIX, Reconstruction, discriminator_from, load_cfw_base, new_loss,
                                     prepare_for_training, step_gradients)
 from stablesr_min.train.cfw_data import CFWSamples, DataFolder
+from stablesr_min.train.data import hue_rotate
 from stablesr_min.train.cfw_loss import CFWLossConfig, PatchDiscriminator
 from stablesr_min.weights import WeightFiles
 
@@ -98,6 +100,29 @@ def test_samples_come_in_a_seeded_order_that_resumes(data):
     lr, gt, latent, scale_factor = first[0]
     assert lr.shape == (3, 3, 16, 16) and gt.shape == (3, 3, 64, 64) and latent.shape == (3, 4, 8, 8)
     assert scale_factor.flatten().tolist() == pytest.approx([0.18215] * 3)
+
+
+def test_hue_rotation_turns_lr_and_gt_by_one_angle_and_leaves_the_latent(data):
+    plain = CFWSamples([data], 3, seed=5, factor=8, latent_channels=4).next_batch()
+    unturned = CFWSamples([data], 3, seed=5, factor=8, latent_channels=4, hue_rotation=0.0).next_batch()
+    assert all(torch.equal(x, y) for x, y in zip(plain, unturned))  # p = 0: the batches as before
+    turned = CFWSamples([data], 3, seed=5, factor=8, latent_channels=4, hue_rotation=1.0)
+    lr, gt, latent, scale_factor = turned.next_batch()
+    assert torch.equal(latent, plain[2]) and torch.equal(scale_factor, plain[3])  # same samples, latents as sampled
+    for b in range(3):
+        angle = turned.position(b)[1]
+        assert 0 < angle < 2 * math.pi
+        assert torch.equal(lr[b], hue_rotate(plain[0][b], angle)) and torch.equal(gt[b], hue_rotate(plain[1][b], angle))
+        assert not torch.allclose(gt[b], plain[1][b], atol=1e-2)  # the colours did turn
+    assert len({turned.position(b)[1] for b in range(3)}) == 3  # an angle per sample
+    resumed = CFWSamples([data], 3, seed=5, factor=8, latent_channels=4, hue_rotation=1.0)
+    resumed.load_state_dict(turned.state_dict())
+    again = CFWSamples([data], 3, seed=5, factor=8, latent_channels=4, hue_rotation=1.0)
+    again.next_batch()
+    assert all(torch.equal(x, y) for x, y in zip(resumed.next_batch(), again.next_batch()))  # resumes exactly
+    half = CFWSamples([data], 4, seed=5, factor=8, latent_channels=4, hue_rotation=0.5)
+    angles = [half.position(i)[1] for i in range(400)]  # 100 epochs of 4 samples
+    assert 0.35 < sum(a > 0 for a in angles) / 400 < 0.65
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -249,6 +274,9 @@ def test_bad_input_ends_in_one_clear_line(golden_weights, data, tmp_path):
         f"{stablesr}: is a StableSR checkpoint, which goes to `train cfw-data --weights`; --cfw-base takes a CFW "
         "checkpoint (to continue) or a VAE or SD 2.x checkpoint":
             ["train", "cfw", "--cfw-base", stablesr, "--data", data, "--out", tmp_path / "r3", "--steps", 1],
+        "--hue-rotation must be a probability in [0, 1], got -0.5":
+            ["train", "cfw", "--cfw-base", cfw, "--data", data, "--out", tmp_path / "r4", "--steps", 1,
+             "--hue-rotation", -0.5],
         "--degradation first-order: this run was started with second-order, and a resumed run keeps its options; "
         "leave --degradation out or start a new run":
             ["train", "cfw-data", "--out", bad, "--count", 5, "--degradation", "first-order"],

@@ -456,6 +456,9 @@ def add_train_cfw_parsers(train_sub) -> None:
     cfw.add_argument("--lr", type=finite_float, help=f"Adam learning rate, fusion layers and discriminator (default "
                      f"{c.lr:g})")
     cfw.add_argument("--disc-start", type=int, help=f"steps before the adversarial terms start (default {c.disc_start})")
+    cfw.add_argument("--hue-rotation", type=finite_float, metavar="P",
+                     help="probability of turning a sample's LR and GT, not its latent, by a random angle about the "
+                          "grey axis, so that the fusion layers take colour from the LR (default 0, as the official)")
     add_run_options(cfw, "validation L1 losses (a fixed batch, w = 1)")
     add_torchrun_options(cfw)
     cfw.set_defaults(run=cmd_train_cfw)

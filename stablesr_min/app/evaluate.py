@@ -122,23 +122,29 @@ def method_names(dec_ws: list[float]) -> list[str]:
     return ["bicubic"] + [f"StableSR w={w:g}" for w in dec_ws]
 
 
+MEASURES = ("psnr", "ssim", "colour")
+
+
 def score(result: torch.Tensor, hr: torch.Tensor, border: int) -> dict[str, float]:
-    """PSNR and SSIM of a [0, 1] image against the HR crop, both as 8-bit levels."""
+    """PSNR and SSIM of a [0, 1] image against the HR crop (without `border` pixels at each edge), and the colour
+    error (`metrics.lowpass_colour_error`, 16 px blocks of the whole crop), all on 8-bit levels."""
     a, b = metrics.to_levels(result), metrics.to_levels(hr)
-    return {"psnr": metrics.psnr(a, b, border).item(), "ssim": metrics.ssim(a, b, border).item()}
+    return {"psnr": metrics.psnr(a, b, border).item(), "ssim": metrics.ssim(a, b, border).item(),
+            "colour": metrics.lowpass_colour_error(a, b).item()}
 
 
 def mean_row(rows: list[dict], methods: list[str]) -> dict[str, dict[str, float]]:
-    return {m: {k: metrics.mean([row["scores"][m][k] for row in rows]) for k in ("psnr", "ssim")} for m in methods}
+    return {m: {k: metrics.mean([row["scores"][m][k] for row in rows]) for k in MEASURES} for m in methods}
 
 
 def markdown_table(rows: list[dict], mean: dict, methods: list[str]) -> str:
-    """PSNR in dB with 2 decimals, SSIM with 4; the last row is the mean over images."""
-    header = ["image"] + [f"{m} {k}" for m in methods for k in ("PSNR", "SSIM")]
+    """PSNR in dB with 2 decimals, SSIM with 4, colour error in levels with 2; the last row is the mean over
+    images."""
+    header = ["image"] + [f"{m} {k}" for m in methods for k in ("PSNR", "SSIM", "colour")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def cells(scores: dict) -> list[str]:
-        return [f"{scores[m]['psnr']:.2f} | {scores[m]['ssim']:.4f}" for m in methods]
+        return [f"{scores[m]['psnr']:.2f} | {scores[m]['ssim']:.4f} | {scores[m]['colour']:.2f}" for m in methods]
 
     for row in rows:
         lines.append("| " + " | ".join([row["name"], *cells(row["scores"])]) + " |")
@@ -210,7 +216,7 @@ def run_evaluate(args) -> None:
                                         ProgressLine(name, steps))
         scores = {m: score(image, hr, args.border) for m, image in results.items()}
         rows.append({"name": path.name, "path": str(path), "scores": scores})
-        summary = ", ".join(f"{m} {s['psnr']:.2f} dB {s['ssim']:.4f}" for m, s in scores.items())
+        summary = ", ".join(f"{m} {s['psnr']:.2f} dB {s['ssim']:.4f} {s['colour']:.2f}" for m, s in scores.items())
         print(f"{name}: {summary}", file=sys.stderr, flush=True)
         if args.save_images:
             (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -244,12 +250,13 @@ def write_report(out_dir: Path, rows: list[dict], methods: list[str], settings: 
     table also on stdout."""
     mean = mean_row(rows, methods)
     table = markdown_table(rows, mean, methods)
-    report = {"metric": "PSNR (dB) and SSIM against the HR crop, on 8-bit RGB levels (metrics.py)",
+    report = {"metric": "PSNR (dB), SSIM and colour error (levels: the mean |difference| of 16 px block means) "
+                        "against the HR crop, on 8-bit RGB levels (metrics.py)",
               "degradation": {"description": degradation.describe(), **asdict(degradation)},
               "settings": settings, "methods": methods, "images": rows, "mean": mean}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "metrics.json", json.dumps(report, indent=1) + "\n")
-    heading = (f"PSNR (dB) / SSIM against {settings['crop']}x{settings['crop']} HR centre crops; LR: "
+    heading = (f"PSNR (dB) / SSIM / colour error (levels) against {settings['crop']}x{settings['crop']} HR centre crops; LR: "
                f"{degradation.describe()}; {settings['steps']} {settings['sampler']} steps, colour fix "
                f"{settings['colorfix']}, seed {settings['seed']}.\n\n")
     write_text(out_dir / "metrics.md", heading + table)
@@ -265,7 +272,7 @@ def add_evaluate_parser(sub) -> None:
     ev.add_argument("--hr", nargs="+", required=True, metavar="DIR", help="folders of HR photos (searched recursively)")
     ev.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json, metrics.md (and images/)")
     ev.add_argument("--crop", type=int, default=256, help=f"HR centre crop side in pixels, a multiple of {CROP_MULTIPLE} (default 256)")
-    ev.add_argument("--border", type=int, default=0, help="pixels left out at every edge by the metrics (default 0)")
+    ev.add_argument("--border", type=int, default=0, help="pixels left out at every edge by PSNR and SSIM (default 0)")
     ev.add_argument("--weights", nargs="+", metavar="FILE", help="StableSR .safetensors (default: as upscale)")
     ev.add_argument("--cfw", metavar="FILE", help="CFW .safetensors")
     ev.add_argument("--config", metavar="JSON", help="model config (files written by this project carry it)")

@@ -236,10 +236,12 @@ class CFWOptions(RunOptions):  # val_every: validation L1 losses (w = 1)
     batch_size: int = 8  # samples per step (official: 1 with 8 accumulated)
     lr: float = 5e-5  # Adam learning rate of the fusion layers and the discriminator (official 5e-5)
     disc_start: int = 501  # steps before the adversarial terms switch on (official 501)
+    hue_rotation: float = 0.0  # probability of turning a sample's LR and GT (not its latent) by a random hue
+    #                            (CFWSamples; not official: 0)
 
 
 # Options a resumed run keeps from its start (the others may change: steps, device, dtype, save/val).
-KEPT_OPTIONS = ("cfw_base", "data", "batch_size", "lr", "disc_start", "seed")
+KEPT_OPTIONS = ("cfw_base", "data", "batch_size", "lr", "disc_start", "hue_rotation", "seed")
 
 
 def run_train_cfw(args) -> str:
@@ -249,7 +251,8 @@ def run_train_cfw(args) -> str:
 
 
 def check_options(opts: CFWOptions) -> None:
-    check_option_ranges(opts, ("steps", "batch_size"), ("disc_start", "save_every", "val_every"), ("lr",))
+    check_option_ranges(opts, ("steps", "batch_size"), ("disc_start", "save_every", "val_every"), ("lr",),
+                        ("hue_rotation",))
 
 
 def train_cfw(opts: CFWOptions, procs: Processes, state: TrainState | None = None) -> str:
@@ -270,7 +273,7 @@ def train_cfw(opts: CFWOptions, procs: Processes, state: TrainState | None = Non
     else:
         cfw, cfg = load_cfw_base(opts.cfw_base, seeds["init"])
     samples = CFWSamples(opts.data, opts.batch_size, rank_seed(seeds["data"], procs.rank), cfw.downscale,
-                         cfg.cfw.embed_dim)
+                         cfg.cfw.embed_dim, opts.hue_rotation)
     cfw.to(device)
     trainable = prepare_for_training(cfw)
     loss = new_loss(CFWLossConfig(disc_start=opts.disc_start), seeds["discriminator"])
@@ -302,7 +305,8 @@ def train_cfw(opts: CFWOptions, procs: Processes, state: TrainState | None = Non
               f"{n_trainable / 1e6:.2f} M trainable parameters, {n_frozen / 1e6:.2f} M frozen; global batch "
               f"{opts.batch_size * procs.world_size} = {opts.batch_size} per process x {procs.world_size} "
               f"process(es); adversarial from step {opts.disc_start + 1} of the log; {device}, {opts.dtype}; "
-              f"steps {step} -> {opts.steps}", file=sys.stderr)
+              f"steps {step} -> {opts.steps}" + (f"; hue rotation p = {opts.hue_rotation:g}" if opts.hue_rotation else ""),
+              file=sys.stderr)
 
     def save(step: int, seconds: float) -> None:
         trained = trained_tensors(trainable, loss)

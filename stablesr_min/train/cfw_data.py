@@ -50,7 +50,7 @@ from ..errors import DataError, ImageError, UsageError
 from ..image_io import image_size, save_png_atomically, to_pil
 from ..progress import ProgressLine, format_seconds
 from ..weights import WeightFiles, save_safetensors
-from .data import TrainingPairs, read_rgb
+from .data import TrainingPairs, hue_rotate, read_rgb
 from .engine import check_option_ranges, continued_options, derive_seeds, given_options, one_process
 
 LATENT_KEY = "latent"
@@ -343,13 +343,22 @@ class CFWSamples:
     batch at any point of a run follows from the number of samples used so far, which is all its state.
     Every sample is checked when the folders are opened: its latent must decode (x `factor`) to its GT's
     size, its LR must be the GT's size over a whole factor, and all samples must share one size (a batch).
+
+    With `hue_rotation` p > 0, each use of a sample turns its LR and GT (not its latent) by one random angle
+    about the grey axis (`data.hue_rotate`) with probability p, drawn with the epoch's order: the latent then
+    carries the sampled colours and the LR the true ones, so the fusion layers learn to take colour from the
+    LR. (Not in the official trainer: a tiny autoencoder trained on few photos moves other hues towards
+    theirs, MODEL_CARD.md, Colour.)
     """
 
-    def __init__(self, folders: list[str | Path], batch_size: int, seed: int, factor: int, latent_channels: int):
+    def __init__(self, folders: list[str | Path], batch_size: int, seed: int, factor: int, latent_channels: int,
+                 hue_rotation: float = 0.0):
+        if not 0 <= hue_rotation <= 1:
+            raise DataError(f"hue rotation probability {hue_rotation}: must be in [0, 1]")
         self.samples = find_samples(folders)
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.hue_rotation = batch_size, seed, hue_rotation
         self.used = 0
-        self._epoch, self._order = -1, torch.empty(0, dtype=torch.int64)
+        self._epoch, self._order, self._angles = -1, torch.empty(0, dtype=torch.int64), None
         self.gt_size = height_width(self.samples[0].gt)
         for sample in self.samples:
             self.check(sample, factor, latent_channels)
@@ -369,9 +378,15 @@ class CFWSamples:
                             "train on samples of one size (made with one --gt-size)")
 
     def order(self, epoch: int) -> torch.Tensor:
+        """The epoch's permutation of the samples; with hue rotation, the angle (radians, 0: unturned) of each
+        position, drawn after it from the same generator (so p = 0 leaves the orders as they were)."""
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             self._epoch, self._order = epoch, torch.randperm(len(self.samples), generator=generator)
+            if self.hue_rotation > 0:
+                turned = torch.rand(len(self.samples), generator=generator, dtype=torch.float64) < self.hue_rotation
+                angles = torch.rand(len(self.samples), generator=generator, dtype=torch.float64) * 2 * math.pi
+                self._angles = torch.where(turned, angles, 0.0)
         return self._order
 
     def load(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -384,11 +399,20 @@ class CFWSamples:
         scale_factor = torch.tensor([latent_header(s.latent)[1] for s in samples]).view(-1, 1, 1, 1)
         return lr, gt, latent, scale_factor
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def position(self, i: int) -> tuple[int, float]:
+        """The sample at the i-th use of the run, and its hue angle."""
         n = len(self.samples)
-        indices = [int(self.order(i // n)[i % n]) for i in range(self.used, self.used + self.batch_size)]
+        order = self.order(i // n)
+        return int(order[i % n]), (float(self._angles[i % n]) if self.hue_rotation > 0 else 0.0)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        indices, angles = zip(*(self.position(i) for i in range(self.used, self.used + self.batch_size)))
         self.used += self.batch_size
-        return self.load(indices)
+        lr, gt, latent, scale_factor = self.load(list(indices))
+        for b, angle in enumerate(angles):
+            if angle:
+                lr[b], gt[b] = hue_rotate(lr[b], angle), hue_rotate(gt[b], angle)
+        return lr, gt, latent, scale_factor
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"used": torch.tensor(self.used), "sample_count": torch.tensor(len(self.samples))}

@@ -331,11 +331,12 @@ def run_in_processes(args, options: type, paths: Iterable[str], kept: Iterable[s
 
 
 def check_option_ranges(opts, at_least_one: Iterable[str] = (), at_least_zero: Iterable[str] = (),
-                        positive: Iterable[str] = ()) -> None:
-    """Options that must be >= 1 (steps, batch size, ...), >= 0 (intervals) or > 0 and finite (the learning
-    rate)."""
+                        positive: Iterable[str] = (), probabilities: Iterable[str] = ()) -> None:
+    """Options that must be >= 1 (steps, batch size, ...), >= 0 (intervals), > 0 and finite (the learning
+    rate) or in [0, 1] (probabilities)."""
     rules = [(at_least_one, ">= 1", lambda v: v >= 1), (at_least_zero, ">= 0", lambda v: v >= 0),
-             (positive, "> 0 and finite", lambda v: 0 < v < math.inf)]
+             (positive, "> 0 and finite", lambda v: 0 < v < math.inf),
+             (probabilities, "a probability in [0, 1]", lambda v: 0 <= v <= 1)]
     for names, rule, ok in rules:
         for name in names:
             value = getattr(opts, name)

@@ -266,8 +266,7 @@ def train_vae(opts: VAEOptions, state: TrainState | None = None) -> str:
     check_prior_options(opts, cfg.vae.downscale)
     if not opts.kl_weight >= 0:
         raise UsageError(f"--kl-weight must be >= 0, got {opts.kl_weight}")
-    if not 0 <= opts.hue_rotation <= 1:
-        raise UsageError(f"--hue-rotation is a probability: it must be in [0, 1], got {opts.hue_rotation}")
+    check_option_ranges(opts, probabilities=("hue_rotation",))
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.dtype, device)
     seeds = derive_seeds(opts.seed, ["data", "noise", "init", "validation"])

@@ -8,8 +8,8 @@ Same crops, degradation, seed and sampling settings as `python -m stablesr_min e
 defaults). Rows: `sampled` is what the model outputs; `LR latent` is z_0 (the posterior mean of the
 upsampled LR image), no diffusion at all; `HR latent` is the HR crop's posterior mean, the best latent the
 VAE allows. If `HR latent` at w = 1 is far below `HR latent` at w = 0, the CFW fusion layers, not the
-sampled latent, limit fidelity at w = 1. Colour: `HR latent` at w = 0 is the autoencoder's own colour error (above
-bicubic's, the VAE makes the cast); at w = 1 it is the floor CFW's fusion leaves. MODEL_CARD.md quotes this for the
+sampled latent, limit fidelity at w = 1. Colour: `HR latent` at w = 0 is the autoencoder's own colour error (if it is
+above bicubic's, the VAE makes the cast); at w = 1 it is the floor CFW's fusion leaves. MODEL_CARD.md quotes this for the
 shipped model.
 """
 

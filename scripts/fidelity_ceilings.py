@@ -53,7 +53,8 @@ def main() -> None:
     pipe = StableSRPipeline(load_stablesr(stablesr_paths), load_cfw(cfw_path))
     rows: dict[str, list[dict[str, float]]] = {}
     with torch.inference_mode():
-        for path, hr in read_hr_crops([args.hr], args.crop).items():
+        for crop in read_hr_crops([args.hr], args.crop):
+            hr = crop.hr
             lr = evaluation_lr(hr, degradation)
             sampled = pipe.sample_latent(lr * 2 - 1, opts, generator=torch.Generator().manual_seed(args.seed))
             mean = torch.zeros(())  # the posterior's mean: no noise drawn
@@ -66,7 +67,7 @@ def main() -> None:
                 for w in (0.0, 1.0):
                     image = pipe.finish(Sampled(sampled.upsampled, sampled.canvas, latent), dataclasses.replace(opts, dec_w=w))
                     rows.setdefault(f"{name}, w = {w:g}", []).append(score(image, hr, 0))
-            print(f"{path.name}: done", file=sys.stderr)
+            print(f"{crop.name}: done", file=sys.stderr)
     print(f"mean over {len(rows['bicubic'])} crops (per crop in brackets); colour fix {opts.colorfix}, {opts.steps} "
           f"{opts.sampler} steps")
     for key, unit in (("psnr", "PSNR (dB)"), ("colour", "colour error (levels)")):

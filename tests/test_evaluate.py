@@ -14,7 +14,7 @@ from PIL import Image
 
 from stablesr_min.app import metrics
 from stablesr_min.app.cli import main
-from stablesr_min.app.evaluate import EvalDegradation, centre_crop, evaluation_lr
+from stablesr_min.app.evaluate import EvalDegradation, centre_crop, evaluation_lr, grid_crops
 from stablesr_min.model import resolve_config
 from stablesr_min.weights import WeightFiles
 
@@ -65,30 +65,45 @@ def test_writes_both_tables_with_the_right_rows(evaluated):
     report = json.loads((out / "metrics.json").read_text())
     methods = ["bicubic", "StableSR w=0", "StableSR w=1"]
     assert report["methods"] == methods
-    assert [row["name"] for row in report["images"]] == ["chelsea.png", "coffee.png"]
+    assert [row["name"] for row in report["crops"]] == ["chelsea.png", "coffee.png"]
     assert report["degradation"]["description"] == ("Gaussian blur sigma 1.2 (13x13), bicubic /4, Gaussian noise "
                                                     "sigma 5/255 (seed 0), JPEG quality 75")
-    assert report["settings"]["crop"] == 64 and report["settings"]["steps"] == 2
-    for row in report["images"]:
+    assert report["settings"]["crop"] == 64 and report["settings"]["steps"] == 2 and report["settings"]["seeds"] == [42]
+    assert report["rule"] == metrics.VERDICT_RULE
+    for row in report["crops"]:
         assert sorted(row["scores"]) == sorted(methods)
         for s in row["scores"].values():
-            assert math.isfinite(s["psnr"]) and 0 < s["psnr"] < 60 and -1 <= s["ssim"] <= 1 and 0 <= s["colour"] < 255
+            (psnr,), (ssim,), (colour,) = s["psnr"], s["ssim"], s["colour"]  # one seed: one value each
+            assert math.isfinite(psnr) and 0 < psnr < 60 and -1 <= ssim <= 1 and 0 <= colour < 255
     for m in methods:
         for k in ("psnr", "ssim", "colour"):
-            assert report["mean"][m][k] == pytest.approx(np.mean([r["scores"][m][k] for r in report["images"]]), abs=1e-12)
+            values = [r["scores"][m][k][0] for r in report["crops"]]
+            entry = report["summary"][m][k]
+            assert entry["mean"] == pytest.approx(np.mean(values), abs=1e-12)
+            assert entry["seed_sd"] is None  # one seed (and bicubic draws no noise)
+            if m != "bicubic":
+                bicubic = [r["scores"]["bicubic"][k][0] for r in report["crops"]]
+                diff = entry["vs_bicubic"]
+                assert diff["mean"] == pytest.approx(np.mean(values) - np.mean(bicubic), abs=1e-12)
+                # two photos of one crop each: the standard error of two paired differences
+                assert diff["se"] == pytest.approx(abs(values[0] - bicubic[0] - values[1] + bicubic[1]) / 2, abs=1e-12)
     # w enters only at the decode, and changes it
-    assert report["images"][0]["scores"]["StableSR w=0"] != report["images"][0]["scores"]["StableSR w=1"]
+    assert report["crops"][0]["scores"]["StableSR w=0"] != report["crops"][0]["scores"]["StableSR w=1"]
 
     table = (out / "metrics.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert rows[0] == ("| image | bicubic PSNR | bicubic SSIM | bicubic colour | StableSR w=0 PSNR | StableSR w=0 SSIM | "
-                       "StableSR w=0 colour | StableSR w=1 PSNR | StableSR w=1 SSIM | StableSR w=1 colour |")
-    assert [r.split(" | ")[0] for r in rows[1:]] == ["| chelsea.png", "| coffee.png", "| mean (2 images)"]
-    bicubic = report["images"][1]["scores"]["bicubic"]
-    assert rows[2].startswith(f"| coffee.png | {bicubic['psnr']:.2f} | {bicubic['ssim']:.4f} | {bicubic['colour']:.2f} |")
-    heading, printed = table.split("\n\n")
-    assert heading.startswith("PSNR (dB) / SSIM / colour error (levels) against 64x64 HR centre crops; LR: Gaussian blur sigma 1.2")
-    assert stdout == printed and len(printed.splitlines()) == 5  # the table, printed
+    heading, summary, _, per_photo = table.split("\n\n")
+    assert heading.startswith("2 HR crops of 64x64 (1x1 per photo, 2 photos); LR: Gaussian blur sigma 1.2")
+    assert heading.endswith(f"seeds 42.\nVerdict: {metrics.VERDICT_RULE}")
+    rows = summary.splitlines()
+    assert rows[0] == "| measure | method | mean | sd over seeds | difference to bicubic (+- 2 se over photos) | verdict |"
+    psnr = report["summary"]["StableSR w=1"]["psnr"]
+    assert rows[4] == (f"| PSNR (dB) | StableSR w=1 | {psnr['mean']:.2f} | - | {psnr['vs_bicubic']['mean']:+.2f} +- "
+                       f"{2 * psnr['vs_bicubic']['se']:.2f} | {psnr['vs_bicubic']['verdict']} |")
+    assert len(rows) == 2 + 3 * 3
+    bicubic = report["crops"][1]["scores"]["bicubic"]
+    assert per_photo.splitlines()[3].startswith(
+        f"| coffee.png | {bicubic['psnr'][0]:.2f} | {bicubic['ssim'][0]:.4f} | {bicubic['colour'][0]:.2f} |")
+    assert stdout == summary + "\n"  # the summary table, printed
     assert "[1/2] chelsea.png: bicubic" in stderr and "[2/2] coffee.png: bicubic" in stderr
     assert not list(out.rglob("*.tmp"))
 
@@ -96,7 +111,7 @@ def test_writes_both_tables_with_the_right_rows(evaluated):
 def test_bicubic_row_is_recomputable(evaluated, hr_folder):
     out = evaluated[-1]
     report = json.loads((out / "metrics.json").read_text())
-    for row in report["images"]:
+    for row in report["crops"]:
         stem = Path(row["name"]).stem
         source = read_png(hr_folder / row["name"])
         h, w = source.shape[-2:]
@@ -108,11 +123,49 @@ def test_bicubic_row_is_recomputable(evaluated, hr_folder):
         bicubic = (F.interpolate(lr * 2 - 1, size=(64, 64), mode="bicubic", align_corners=False).clamp(-1, 1) + 1) / 2
         assert torch.equal(read_png(out / "images" / f"{stem}_bicubic.png"), metrics.to_levels(bicubic).float() / 255)
         a, b = metrics.to_levels(bicubic), metrics.to_levels(hr)
-        assert row["scores"]["bicubic"]["psnr"] == metrics.psnr(a, b).item()
-        assert row["scores"]["bicubic"]["ssim"] == metrics.ssim(a, b).item()
-        assert row["scores"]["bicubic"]["colour"] == metrics.lowpass_colour_error(a, b).item()
+        assert row["scores"]["bicubic"]["psnr"] == [metrics.psnr(a, b).item()]
+        assert row["scores"]["bicubic"]["ssim"] == [metrics.ssim(a, b).item()]
+        assert row["scores"]["bicubic"]["colour"] == [metrics.lowpass_colour_error(a, b).item()]
         sr = metrics.to_levels(read_png(out / "images" / f"{stem}_sr_w1.png"))
-        assert row["scores"]["StableSR w=1"]["psnr"] == metrics.psnr(sr, b).item()
+        assert row["scores"]["StableSR w=1"]["psnr"] == [metrics.psnr(sr, b).item()]
+
+
+def test_several_seeds_and_a_grid(hr_folder, golden_weights, tmp_path):
+    """--grid 2 crops each photo four times, --seed 1 2 samples each crop twice: one bicubic value per crop, two
+    StableSR values, and the sd over seeds of the mean over crops."""
+    out = tmp_path / "results"
+    args = ["evaluate", "--hr", str(hr_folder), "--out", str(out), "--steps", "2", "--crop", "32", "--tile", "16",
+            "--overlap", "6", "--grid", "2", "--seed", "1", "2", "--dec-w", "1", "--save-images",
+            *weight_args(golden_weights)]
+    code, _, stderr = call(args)
+    assert code == 0, stderr
+    report = json.loads((out / "metrics.json").read_text())
+    assert [row["name"] for row in report["crops"]] == [f"{p}#{i}" for p in ("chelsea.png", "coffee.png") for i in range(4)]
+    sr = np.array([row["scores"]["StableSR w=1"]["psnr"] for row in report["crops"]])  # (crops, seeds)
+    assert sr.shape == (8, 2) and all(len(row["scores"]["bicubic"]["psnr"]) == 1 for row in report["crops"])
+    assert not np.array_equal(sr[:, 0], sr[:, 1])  # another seed, another sample
+    entry = report["summary"]["StableSR w=1"]["psnr"]
+    assert entry["seed_sd"] == pytest.approx(np.std(sr.mean(axis=0), ddof=1), abs=1e-12)
+    assert entry["mean"] == pytest.approx(sr.mean(), abs=1e-12)
+    bicubic = np.array([row["scores"]["bicubic"]["psnr"][0] for row in report["crops"]])
+    per_photo = (sr - bicubic[:, None]).reshape(2, 8).mean(axis=1)
+    assert entry["vs_bicubic"]["se"] == pytest.approx(np.std(per_photo, ddof=1) / np.sqrt(2), abs=1e-12)
+    source = read_png(hr_folder / "coffee.png")  # 72 wide, 96 high: cells of 36 x 48, each crop centred in one
+    assert torch.equal(read_png(out / "images" / "coffee_3_hr.png"), source[..., 56:88, 38:70])
+    assert torch.equal(read_png(out / "images" / "coffee_1_hr.png"), source[..., 8:40, 38:70])
+    assert (out / "images" / "coffee_3_sr_w1_seed2.png").is_file()
+
+
+def test_grid_crops_are_centred_in_their_cells():
+    image = torch.arange(12 * 20).reshape(1, 1, 12, 20)
+    crops = grid_crops(image, 4, 2)  # cells of 6 x 10: the crop's corner 1 and 3 pixels in
+    assert [c.shape[-2:] for c in crops] == [(4, 4)] * 4
+    assert torch.equal(crops[0], image[..., 1:5, 3:7]) and torch.equal(crops[3], image[..., 7:11, 13:17])
+    assert torch.equal(crops[1], image[..., 1:5, 13:17]) and torch.equal(crops[2], image[..., 7:11, 3:7])
+    assert torch.equal(grid_crops(image, 4, 1)[0], centre_crop(image, 4))
+    # a cell smaller than the crop: clamped inside the image
+    assert torch.equal(grid_crops(image, 10, 3)[0], image[..., 0:10, 0:10])
+    assert torch.equal(grid_crops(image, 10, 3)[-1], image[..., 2:12, 10:20])
 
 
 def test_sr_column_is_what_upscale_makes_of_the_lr(evaluated, golden_weights, tmp_path):
@@ -166,13 +219,15 @@ def bad_cases(tmp):
                             f"error: {tmp / 'twin' / 'chelsea.jpg'} and {{hr}}/chelsea.png have the same name; rename one of "
                             "them (rows and saved images are named by it)"),
         "w out of range": ({"--dec-w": ["0.5", "2"]}, "error: the CFW weight w (--dec-w) must be in [0, 1], got 2.0"),
+        "grid of none": ({"--grid": ["0"]}, "error: --grid 0: must be >= 1 (crops per photo: its square)"),
         "border too wide": ({"--border": ["27"]},
                             "error: --border 27: must be >= 0 and leave at least 11 pixels of the --crop 64 for SSIM's window"),
     }
 
 
 @pytest.mark.parametrize("case", ["no images", "unreadable", "hr is a file", "crop too large", "crop not a multiple of 32",
-                                  "out under a file", "same name twice", "w out of range", "border too wide"])
+                                  "out under a file", "same name twice", "w out of range", "border too wide",
+                                  "grid of none"])
 def test_bad_input_is_one_line_and_exit_code_2(case, hr_folder, tmp_path):
     changes, expected = bad_cases(tmp_path)[case]
     out = tmp_path / "results"

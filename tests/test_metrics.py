@@ -157,3 +157,24 @@ def test_mean_hue_on_known_colours():
     half = torch.zeros(1, 3, 2, 2)
     half[0, 0, :, 0], half[0, 1, :, 1] = 1, 1
     assert metrics.mean_hue(half).item() == pytest.approx(60)
+
+
+def test_sample_sd():
+    assert metrics.sample_sd([1.0, 3.0]) == pytest.approx(math.sqrt(2))
+    assert metrics.sample_sd([2.0, 2.0, 2.0]) == 0.0
+
+
+def test_paired_verdict_on_known_cases():
+    # a clear win: every photo better by about 1, se 0.0408 (sd 0.0816 over 4 photos)
+    win = metrics.paired_verdict([0.9, 1.0, 1.1, 1.0], higher_is_better=True)
+    assert win["verdict"] == "ahead" and win["mean"] == pytest.approx(1.0)
+    assert win["se"] == pytest.approx(math.sqrt(0.02 / 3) / 2)
+    # the same differences for an error (lower is better) are a loss
+    assert metrics.paired_verdict([0.9, 1.0, 1.1, 1.0], higher_is_better=False)["verdict"] == "behind"
+    assert metrics.paired_verdict([-0.9, -1.0, -1.1, -1.0], higher_is_better=False)["verdict"] == "ahead"
+    # a tie within the noise: mean 0.25, se 0.25 (differences of either sign)
+    tie = metrics.paired_verdict([1.0, -0.5, 1.0, -0.5], higher_is_better=True)
+    assert tie["verdict"] == "level" and tie["mean"] == pytest.approx(0.25) and tie["se"] == pytest.approx(0.4330127)
+    # exactly two standard errors is not beyond them
+    assert metrics.paired_verdict([1.0, 3.0], higher_is_better=True) == {"mean": 2.0, "se": 1.0, "verdict": "level"}
+    assert metrics.paired_verdict([1.5], higher_is_better=True) == {"mean": 1.5, "se": None, "verdict": "n/a"}

@@ -1,13 +1,20 @@
-"""`python -m stablesr_min evaluate`: PSNR and SSIM of StableSR, beside bicubic, on degraded HR crops.
+"""`python -m stablesr_min evaluate`: PSNR, SSIM and colour error of StableSR beside bicubic, on degraded HR
+crops, over several sampling seeds, with a verdict per measure.
 
-    python -m stablesr_min evaluate --hr photos/ --out eval/ --dec-w 0 0.5 1
+    python -m stablesr_min evaluate --hr photos/ --out eval/ --crop 128 --grid 2 --seed 0 1 2 3 4
 
-For each HR photo: its centre crop (`--crop` pixels square), degraded by the fixed evaluation degradation
-below into an LR image a quarter of the size, upscaled 4x by bicubic interpolation and by StableSR, and
-both compared with the HR crop (`metrics.psnr`, `metrics.ssim`, on 8-bit RGB). The fusion weight w only
-enters at the CFW decode, so all `--dec-w` values are finished from ONE sampled latent per image
-(`StableSRPipeline.sample_latent`, then `finish` per w): the columns differ only by w, not by noise.
-Writes DIR/metrics.json and DIR/metrics.md (and with `--save-images` the crops as PNGs).
+For each HR photo: `--grid` x `--grid` crops of `--crop` pixels, one centred in each cell of a grid over the
+photo (`grid_crops`; grid 1 is the centre crop), each degraded by the fixed evaluation degradation below into
+an LR image a quarter of the size, upscaled 4x by bicubic interpolation and by StableSR once per `--seed`, and
+compared with the HR crop (`score`: `metrics.psnr`, `metrics.ssim`, `metrics.lowpass_colour_error`, on 8-bit
+RGB). The fusion weight w only enters at the CFW decode, so all `--dec-w` values are finished from ONE sampled
+latent per crop and seed (`StableSRPipeline.sample_latent`, then `finish` per w): the columns differ only by w.
+
+The summary gives, per method and measure, the mean over crops and seeds, the standard deviation over seeds
+(of the mean over crops), and the paired difference to bicubic (same crop) with the verdict of
+`metrics.paired_verdict`: its standard error is taken over photos, since crops of one photo are not
+independent (docs/evaluation.md states the rule). Writes DIR/metrics.json and DIR/metrics.md (and with
+`--save-images` the crops as PNGs).
 """
 
 from __future__ import annotations
@@ -71,9 +78,26 @@ def evaluation_lr(hr: torch.Tensor, cfg: EvalDegradation = EvalDegradation()) ->
 
 def centre_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     """The size x size square in the middle of an image (the extra pixel, if any, goes to the bottom/right)."""
+    return grid_crops(image, size, 1)[0]
+
+
+def grid_crops(image: torch.Tensor, size: int, grid: int) -> list[torch.Tensor]:
+    """grid x grid squares of size x size, row by row: the one of row r, column c centred in that cell of a grid
+    of equal cells over the image (rounded down; clamped inside it when a cell is smaller than the square)."""
     h, w = image.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
-    return image[..., top:top + size, left:left + size]
+
+    def start(i: int, length: int) -> int:
+        return min(max(((2 * i + 1) * length - grid * size) // (2 * grid), 0), length - size)
+
+    return [image[..., start(r, h):start(r, h) + size, start(c, w):start(c, w) + size]
+            for r in range(grid) for c in range(grid)]
+
+
+@dataclass
+class HRCrop:
+    name: str  # the photo's file name, and with --grid above 1 its cell: "kodim03.png#2"
+    photo: str  # the photo's path
+    hr: torch.Tensor  # (1, 3, crop, crop) in [0, 1]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -86,9 +110,14 @@ def check_crop(crop: int) -> None:
                          f"VAE), e.g. 256")
 
 
-def read_hr_crops(folders: list[str], crop: int) -> dict[Path, torch.Tensor]:
-    """Every image under the folders -> its centre crop, (1, 3, crop, crop) in [0, 1]."""
-    crops, names = {}, {}
+def check_grid(grid: int) -> None:
+    if grid < 1:
+        raise UsageError(f"--grid {grid}: must be >= 1 (crops per photo: its square)")
+
+
+def read_hr_crops(folders: list[str], crop: int, grid: int = 1) -> list[HRCrop]:
+    """Every image under the folders -> its grid x grid crops (`grid_crops`), in file order."""
+    crops, names = [], {}
     for path in find_images(folders, what="HR"):
         if path.stem in names:
             raise UsageError(f"{path} and {names[path.stem]} have the same name; rename one of them "
@@ -99,19 +128,27 @@ def read_hr_crops(folders: list[str], crop: int) -> dict[Path, torch.Tensor]:
         if min(h, w) < crop:
             raise UsageError(f"{path}: {w}x{h} is smaller than --crop {crop}; use a smaller --crop "
                              f"(a multiple of {CROP_MULTIPLE})")
-        crops[path] = centre_crop(rgb, crop)
+        for cell, hr in enumerate(grid_crops(rgb, crop, grid)):
+            crops.append(HRCrop(path.name if grid == 1 else f"{path.name}#{cell}", str(path), hr))
     return crops
 
 
-def image_outputs(crops: dict[Path, torch.Tensor], out_dir: Path, labels: list[str]) -> dict[Path, dict[str, Path]]:
-    """DIR/images/<name>_<label>.png for every image and label; refuses to overwrite an input."""
-    outputs = {path: {label: out_dir / "images" / f"{path.stem}_{label}.png" for label in labels} for path in crops}
-    inputs = {p.resolve() for p in crops}
+def image_outputs(crops: list[HRCrop], out_dir: Path, labels: list[str]) -> dict[str, dict[str, Path]]:
+    """DIR/images/<crop>_<label>.png for every crop and label; refuses to overwrite an input."""
+    outputs = {c.name: {label: out_dir / "images" / f"{file_stem(c.name)}_{label}.png" for label in labels}
+               for c in crops}
+    inputs = {Path(c.photo).resolve() for c in crops}
     for files in outputs.values():
         for file in files.values():
             if file.resolve() in inputs:
                 raise UsageError(f"{file}: writing it would overwrite an input; choose another --out folder")
     return outputs
+
+
+def file_stem(crop_name: str) -> str:
+    """"kodim03.png#2" -> "kodim03_2"; "chelsea.png" -> "chelsea"."""
+    photo, _, cell = crop_name.partition("#")
+    return Path(photo).stem + (f"_{cell}" if cell else "")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -123,6 +160,8 @@ def method_names(dec_ws: list[float]) -> list[str]:
 
 
 MEASURES = ("psnr", "ssim", "colour")
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "colour": False}
+UNITS = {"psnr": ("PSNR (dB)", 2), "ssim": ("SSIM", 4), "colour": ("colour error (levels)", 2)}  # name, decimals
 
 
 def score(result: torch.Tensor, hr: torch.Tensor, border: int) -> dict[str, float]:
@@ -134,21 +173,60 @@ def score(result: torch.Tensor, hr: torch.Tensor, border: int) -> dict[str, floa
 
 
 def mean_row(rows: list[dict], methods: list[str]) -> dict[str, dict[str, float]]:
-    return {m: {k: metrics.mean([row["scores"][m][k] for row in rows]) for k in MEASURES} for m in methods}
+    """The mean over rows (crops) of each method's measures; a row's measure may hold one value per seed."""
+    def values(row: dict, m: str, k: str) -> list[float]:
+        v = row["scores"][m][k]
+        return v if isinstance(v, list) else [v]
+
+    return {m: {k: metrics.mean([x for row in rows for x in values(row, m, k)]) for k in MEASURES} for m in methods}
 
 
-def markdown_table(rows: list[dict], mean: dict, methods: list[str]) -> str:
-    """PSNR in dB with 2 decimals, SSIM with 4, colour error in levels with 2; the last row is the mean over
-    images."""
-    header = ["image"] + [f"{m} {k}" for m in methods for k in ("PSNR", "SSIM", "colour")]
+def summarise(rows: list[dict], methods: list[str], n_seeds: int) -> dict[str, dict[str, dict]]:
+    """{method: {measure: {"mean", "seed_sd", and for StableSR "vs_bicubic": metrics.paired_verdict(...)}}}.
+    Each row's StableSR scores hold one value per seed, bicubic's one value (it draws no noise)."""
+    photos = list(dict.fromkeys(row["photo"] for row in rows))
+    out = {}
+    for m in methods:
+        out[m] = {}
+        for k in MEASURES:
+            per_seed = [metrics.mean([row["scores"][m][k][min(s, len(row["scores"][m][k]) - 1)] for row in rows])
+                        for s in range(n_seeds)]
+            noisy = m != "bicubic" and n_seeds > 1
+            entry = {"mean": metrics.mean(per_seed), "seed_sd": metrics.sample_sd(per_seed) if noisy else None}
+            if m != "bicubic":
+                # paired: each crop and seed against bicubic on the same crop; one mean difference per photo
+                per_photo = [metrics.mean([x - row["scores"]["bicubic"][k][0] for row in rows if row["photo"] == p
+                                           for x in row["scores"][m][k]]) for p in photos]
+                entry["vs_bicubic"] = metrics.paired_verdict(per_photo, HIGHER_IS_BETTER[k])
+            out[m][k] = entry
+    return out
+
+
+def summary_table(summary: dict, methods: list[str]) -> str:
+    """One row per measure and method: mean, sd over seeds, difference to bicubic +- 2 standard errors, verdict."""
+    lines = ["| measure | method | mean | sd over seeds | difference to bicubic (+- 2 se over photos) | verdict |",
+             "|---|---|---|---|---|---|"]
+    for k in MEASURES:
+        name, digits = UNITS[k]
+        for m in methods:
+            e = summary[m][k]
+            sd = "-" if e["seed_sd"] is None else f"{e['seed_sd']:.{digits}f}"
+            v = e.get("vs_bicubic")
+            diff = "-" if v is None else f"{v['mean']:+.{digits}f}" + (
+                "" if v["se"] is None else f" +- {2 * v['se']:.{digits}f}")
+            lines.append(f"| {name} | {m} | {e['mean']:.{digits}f} | {sd} | {diff} | {v['verdict'] if v else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def photo_table(rows: list[dict], methods: list[str]) -> str:
+    """Per photo, each method's PSNR, SSIM and colour error: the mean over its crops and seeds."""
+    header = ["photo"] + [f"{m} {UNITS[k][0].split(' (')[0]}" for m in methods for k in MEASURES]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-
-    def cells(scores: dict) -> list[str]:
-        return [f"{scores[m]['psnr']:.2f} | {scores[m]['ssim']:.4f} | {scores[m]['colour']:.2f}" for m in methods]
-
-    for row in rows:
-        lines.append("| " + " | ".join([row["name"], *cells(row["scores"])]) + " |")
-    lines.append("| " + " | ".join([f"mean ({len(rows)} images)", *cells(mean)]) + " |")
+    photos = list(dict.fromkeys(row["photo"] for row in rows))
+    for photo in photos:
+        mean = mean_row([row for row in rows if row["photo"] == photo], methods)
+        cells = [f"{mean[m][k]:.{UNITS[k][1]}f}" for m in methods for k in MEASURES]
+        lines.append("| " + " | ".join([Path(photo).name, *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,11 +258,12 @@ def run_evaluate(args) -> None:
     from ..pipeline import UpscaleOptions  # imported here so that `--help` stays fast
 
     check_crop(args.crop)
+    check_grid(args.grid)
     if args.border < 0 or 2 * args.border >= args.crop - 10:
         raise UsageError(f"--border {args.border}: must be >= 0 and leave at least 11 pixels of the "
                          f"--crop {args.crop} for SSIM's window")
     degradation = EvalDegradation()
-    crops = read_hr_crops(args.hr, args.crop)
+    crops = read_hr_crops(args.hr, args.crop, args.grid)
     out_dir = Path(args.out)
     check_output_folder(out_dir)
     given = {name: getattr(args, name) for name in SAMPLING_OPTIONS
@@ -197,8 +276,11 @@ def run_evaluate(args) -> None:
     stablesr_paths, cfw_path, notice = choose_weights(args)
     sampling = sampling_settings(args, stablesr_paths)
     dec_ws = list(dict.fromkeys(args.dec_w or [sampling["dec_w"]]))  # each w once, in the order given
+    seeds = list(dict.fromkeys(args.seed))
     methods = method_names(dec_ws)
-    saved = image_outputs(crops, out_dir, ["hr", "lr", "bicubic"] + [f"sr_w{w:g}" for w in dec_ws])
+    seed_labels = [""] if len(seeds) == 1 else [f"_seed{seed}" for seed in seeds]
+    saved = image_outputs(crops, out_dir, ["hr", "lr", "bicubic"] +
+                          [f"sr_w{w:g}{label}" for label in seed_labels for w in dec_ws])
     try:
         opts = [UpscaleOptions(scale=degradation.scale, **{**sampling, "dec_w": w}) for w in dec_ws]
     except ValueError as e:
@@ -210,21 +292,30 @@ def run_evaluate(args) -> None:
                                       sampling["tile"])
 
     rows = []
-    for i, (path, hr) in enumerate(crops.items(), 1):
-        name = f"[{i}/{len(crops)}] {path.name}"
-        lr, results = upscale_both_ways(pipeline, hr, opts, methods, degradation, args.seed,
-                                        ProgressLine(name, steps))
-        scores = {m: score(image, hr, args.border) for m, image in results.items()}
-        rows.append({"name": path.name, "path": str(path), "scores": scores})
-        summary = ", ".join(f"{m} {s['psnr']:.2f} dB {s['ssim']:.4f} {s['colour']:.2f}" for m, s in scores.items())
+    for i, crop in enumerate(crops, 1):
+        name = f"[{i}/{len(crops)}] {crop.name}"
+        runs = []  # per seed: (lr, {method: image})
+        for seed in seeds:
+            label = name if len(seeds) == 1 else f"{name} seed {seed}"
+            runs.append(upscale_both_ways(pipeline, crop.hr, opts, methods, degradation, seed,
+                                          ProgressLine(label, steps)))
+        per_seed = [{m: score(image, crop.hr, args.border) for m, image in results.items()} for _, results in runs]
+        # bicubic draws no noise: one value; StableSR one per seed
+        scores = {m: {k: [s[m][k] for s in (per_seed[:1] if m == "bicubic" else per_seed)] for k in MEASURES}
+                  for m in methods}
+        rows.append({"name": crop.name, "photo": crop.photo, "scores": scores})
+        summary = ", ".join(f"{m} {metrics.mean(s['psnr']):.2f} dB {metrics.mean(s['ssim']):.4f} "
+                            f"{metrics.mean(s['colour']):.2f}" for m, s in scores.items())
         print(f"{name}: {summary}", file=sys.stderr, flush=True)
         if args.save_images:
             (out_dir / "images").mkdir(parents=True, exist_ok=True)
-            for file, image in zip(saved[path].values(), [hr, lr, *results.values()]):
+            lr, first = runs[0]
+            images = [crop.hr, lr, first["bicubic"]] + [results[m] for _, results in runs for m in methods[1:]]
+            for file, image in zip(saved[crop.name].values(), images):
                 save_png_atomically(to_pil(image), file)
 
-    settings = {"crop": args.crop, "border": args.border, **sampling, "seed": args.seed, "dec_w": dec_ws,
-                "device": str(device), "dtype": args.dtype, **weights}
+    settings = {"crop": args.crop, "grid": args.grid, "border": args.border, **sampling, "seeds": seeds,
+                "dec_w": dec_ws, "device": str(device), "dtype": args.dtype, **weights}
     write_report(out_dir, rows, methods, settings, degradation)
 
 
@@ -246,32 +337,40 @@ def upscale_both_ways(pipeline, hr: torch.Tensor, opts: list, methods: list[str]
 
 def write_report(out_dir: Path, rows: list[dict], methods: list[str], settings: dict,
                  degradation: EvalDegradation) -> None:
-    """DIR/metrics.json (everything, full precision) and DIR/metrics.md (the table), atomically; the
-    table also on stdout."""
-    mean = mean_row(rows, methods)
-    table = markdown_table(rows, mean, methods)
+    """DIR/metrics.json (everything, full precision) and DIR/metrics.md (the tables), atomically; the
+    summary table also on stdout."""
+    summary = summarise(rows, methods, len(settings["seeds"]))
+    table = summary_table(summary, methods)
+    n_photos = len({row["photo"] for row in rows})
     report = {"metric": "PSNR (dB), SSIM and colour error (levels: the mean |difference| of 16 px block means) "
                         "against the HR crop, on 8-bit RGB levels (metrics.py)",
+              "rule": metrics.VERDICT_RULE,
               "degradation": {"description": degradation.describe(), **asdict(degradation)},
-              "settings": settings, "methods": methods, "images": rows, "mean": mean}
+              "settings": settings, "methods": methods, "crops": rows, "summary": summary}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "metrics.json", json.dumps(report, indent=1) + "\n")
-    heading = (f"PSNR (dB) / SSIM / colour error (levels) against {settings['crop']}x{settings['crop']} HR centre crops; LR: "
-               f"{degradation.describe()}; {settings['steps']} {settings['sampler']} steps, colour fix "
-               f"{settings['colorfix']}, seed {settings['seed']}.\n\n")
-    write_text(out_dir / "metrics.md", heading + table)
+    seeds = ", ".join(map(str, settings["seeds"]))
+    heading = (f"{len(rows)} HR crops of {settings['crop']}x{settings['crop']} ({settings['grid']}x{settings['grid']} "
+               f"per photo, {n_photos} photos); LR: {degradation.describe()}; {settings['steps']} "
+               f"{settings['sampler']} steps, colour fix {settings['colorfix']}, seeds {seeds}.\n"
+               f"Verdict: {metrics.VERDICT_RULE}\n\n")
+    write_text(out_dir / "metrics.md", heading + table + "\nPer photo (mean over its crops and seeds):\n\n"
+               + photo_table(rows, methods))
     print(table, end="")
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics.md'}", file=sys.stderr)
 
 
 def add_evaluate_parser(sub) -> None:
-    ev = sub.add_parser("evaluate", help="PSNR/SSIM of StableSR vs bicubic on degraded HR crops",
-                        description="Centre-crop HR photos, degrade them with a fixed, seeded degradation "
-                                    f"({EvalDegradation().describe()}), upscale 4x with StableSR and with "
-                                    "bicubic, and tabulate PSNR and SSIM against the HR crops.")
+    ev = sub.add_parser("evaluate", help="PSNR/SSIM/colour error of StableSR vs bicubic on degraded HR crops",
+                        description="Crop HR photos on a grid, degrade the crops with a fixed, seeded degradation "
+                                    f"({EvalDegradation().describe()}), upscale 4x with StableSR (once per seed) "
+                                    "and with bicubic, and tabulate PSNR, SSIM and colour error against the HR "
+                                    "crops, with each measure's paired difference to bicubic and its verdict.")
     ev.add_argument("--hr", nargs="+", required=True, metavar="DIR", help="folders of HR photos (searched recursively)")
     ev.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json, metrics.md (and images/)")
-    ev.add_argument("--crop", type=int, default=256, help=f"HR centre crop side in pixels, a multiple of {CROP_MULTIPLE} (default 256)")
+    ev.add_argument("--crop", type=int, default=256, help=f"HR crop side in pixels, a multiple of {CROP_MULTIPLE} (default 256)")
+    ev.add_argument("--grid", type=int, default=1, help="G: G x G crops per photo, each centred in a cell of a G x G "
+                    "grid over it (default 1: the centre crop)")
     ev.add_argument("--border", type=int, default=0, help="pixels left out at every edge by PSNR and SSIM (default 0)")
     ev.add_argument("--weights", nargs="+", metavar="FILE", help="StableSR .safetensors (default: as upscale)")
     ev.add_argument("--cfw", metavar="FILE", help="CFW .safetensors")
@@ -283,7 +382,8 @@ def add_evaluate_parser(sub) -> None:
     ev.add_argument("--colorfix", choices=COLORFIX_METHODS, help="colour correction (default: as upscale)")
     ev.add_argument("--tile", type=int, help="latent tile of aggregation sampling (default: as upscale)")
     ev.add_argument("--overlap", type=int, help="latent overlap of tiles (default: as upscale)")
-    ev.add_argument("--seed", type=int, default=42, help="sampling seed, the same for every image (default 42)")
+    ev.add_argument("--seed", type=int, nargs="+", default=[42], metavar="SEED",
+                    help="sampling seeds, each used for every crop (default 42); several give the sd over seeds")
     ev.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     ev.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype (GPU: float16/bfloat16)")
     ev.add_argument("--save-images", action="store_true", help="also write DIR/images/<name>_{hr,lr,bicubic,sr_wW}.png")

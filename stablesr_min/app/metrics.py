@@ -169,3 +169,27 @@ def mean(values: list[float]) -> float:
     """The mean over images, as SR tables report it: the mean of per-image PSNRs (not the PSNR of the mean
     MSE), and of per-image SSIMs."""
     return math.fsum(values) / len(values)
+
+
+def sample_sd(values: list[float]) -> float:
+    """The sample standard deviation (n - 1 in the denominator) of two or more values."""
+    m = mean(values)
+    return math.sqrt(math.fsum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+VERDICT_RULE = ("ahead when the mean paired difference (per photo: the mean over its crops and seeds) is better "
+                "than zero by more than two standard errors over photos, behind when worse by more than two, "
+                "level otherwise; no verdict from fewer than 2 photos")
+
+
+def paired_verdict(per_photo: list[float], higher_is_better: bool) -> dict:
+    """The verdict of VERDICT_RULE on paired differences (method minus baseline, one mean per photo: the unit
+    that is independent, since crops of one photo share its content): {"mean", "se", "verdict"}, with verdict
+    "ahead", "level", "behind", or "n/a" for fewer than two photos (se None)."""
+    m = mean(per_photo)
+    if len(per_photo) < 2:
+        return {"mean": m, "se": None, "verdict": "n/a"}
+    se = sample_sd(per_photo) / math.sqrt(len(per_photo))
+    better = m if higher_is_better else -m
+    verdict = "ahead" if better > 2 * se else "behind" if better < -2 * se else "level"
+    return {"mean": m, "se": se, "verdict": verdict}

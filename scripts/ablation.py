@@ -5,8 +5,9 @@
 
 Two arms, `train sr` time-aware and `--time-blind`, each trained at every training seed of the recipe
 (`runs/tiny/sr`, `sr_seed1`, `sr_blind`, `sr_blind_seed1`: the same prior, data stream and initialisation
-per seed, so the arms differ only in the t their encoder sees), each completed by the recipe's CFW. On the
-held-out crops of `evaluate` (256 px centre crops, the fixed evaluation degradation) and at the shipped
+per seed, so the arms differ only in the t their encoder sees), each completed by its own arm's CFW (trained on
+that arm's samples: `cfw`, `cfw_blind`). On the held-out crops of the headline evaluation (`evaluate`'s 2 x 2
+grid of 128 px crops per photo, the fixed evaluation degradation) and at the shipped
 sampling defaults, every model is sampled at every sampling seed; for each it records PSNR and SSIM at
 w = 1 (the default) and w = 0 (the sampler's own output, where the encoder's guidance acts alone), the
 colour error against HR (`metrics.lowpass_colour_error`), and the `train sr` loss per timestep band on the
@@ -38,6 +39,7 @@ from stablesr_min.pipeline import StableSRPipeline, UpscaleOptions, upsample  # 
 HELDOUT = ROOT / "data" / "heldout"
 BANDS = [(0, 199), (200, 399), (400, 599), (600, 799), (800, 999)]  # t bands of the loss (low t: little noise)
 ARMS = {"time-aware": "sr", "time-blind": "sr_blind"}  # arm -> run folder name at training seed 0
+CFWS = {"time-aware": "cfw", "time-blind": "cfw_blind"}  # arm -> its CFW's run folder, trained on its own samples
 
 
 def run_name(arm: str, training_seed: int) -> str:
@@ -152,8 +154,8 @@ def main() -> None:
                         help="where to write ablation.json and ablation.md (default: beside the shipped model)")
     parser.add_argument("--training-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--sampling-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--crop", type=int, default=256, help="held-out centre crop size (evaluate's default)")
-    parser.add_argument("--cfw", default=None, help="the CFW file (default: the recipe's, RUNS/cfw/last.safetensors)")
+    parser.add_argument("--crop", type=int, default=128, help="held-out crop size (the headline evaluation's)")
+    parser.add_argument("--grid", type=int, default=2, help="crops per photo: its square (the headline's)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the shipped model's)")
     parser.add_argument("--per-band", type=int, default=8, help="timesteps drawn per band and crop for the loss")
     args = parser.parse_args()
@@ -162,8 +164,8 @@ def main() -> None:
     runs = Path(args.runs)
     out = Path(args.out)
     needed = [runs / run_name(a, s) / "last.safetensors" for a in ARMS for s in args.training_seeds]
-    cfw_path = Path(args.cfw) if args.cfw else runs / "cfw" / "last.safetensors"
-    needed.append(cfw_path)
+    cfw_paths = {arm: runs / name / "last.safetensors" for arm, name in CFWS.items()}
+    needed += cfw_paths.values()
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         sys.exit(f"ablation: {', '.join(missing)} missing; run scripts/train_tiny.py first")
@@ -171,10 +173,10 @@ def main() -> None:
 
     sampling = {**SAMPLING_DEFAULTS, "steps": args.steps or SAMPLING_DEFAULTS["steps"]}
 
-    crops = {str(p): hr for p, hr in read_hr_crops([str(HELDOUT)], args.crop).items()}
-    cfw = load_cfw(cfw_path)
+    crops = {c.name: c.hr for c in read_hr_crops([str(HELDOUT)], args.crop, args.grid)}
     results = {}
     for arm in ARMS:
+        cfw = load_cfw(cfw_paths[arm])
         for ts in args.training_seeds:
             name = run_name(arm, ts)
             started = time.monotonic()
@@ -184,7 +186,7 @@ def main() -> None:
     summary = summarise(results, args.training_seeds)
     bicubic_row = bicubic(crops)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"crops": [from_root(c) for c in crops], "cfw": from_root(cfw_path), "sampling": sampling,
+    record = {"crops": list(crops), "cfw": {arm: from_root(p) for arm, p in cfw_paths.items()}, "sampling": sampling,
               "training_seeds": args.training_seeds,
               "sampling_seeds": args.sampling_seeds, "bands": BANDS, "per_band": args.per_band, "results": results,
               "bicubic": bicubic_row,

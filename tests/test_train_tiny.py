@@ -52,17 +52,21 @@ def test_quick_recipe_writes_loadable_files(quick_recipe):
 
 def test_quick_recipe_records_every_stage(quick_recipe):
     record = json.loads((quick_recipe / "ship" / "recipe.json").read_text())
-    assert set(record["stages"]) == {"vae", "unet", "sr", "sr_blind", "sr_seed1", "sr_blind_seed1", "cfw_data", "cfw"}
+    assert set(record["stages"]) == {"vae", "unet", "sr", "cfw_data", "cfw", "sr_blind", "sr_seed1", "sr_blind_seed1",
+                                     "cfw_data_blind", "cfw_blind"}
     assert record["recipe"]["vae_steps"] == 2
+    shipped = ("vae", "unet", "sr", "cfw_data", "cfw")  # the shipped model's own stages, without the ablation's
+    assert record["shipped_stages_minutes"] == pytest.approx(sum(record["stages"][s]["minutes"] for s in shipped), abs=0.06)
     logs = {p.stem for p in (quick_recipe / "ship" / "logs").glob("*.jsonl")}
-    assert logs == {"vae", "unet", "sr", "sr_blind", "sr_seed1", "sr_blind_seed1", "cfw"}
+    assert logs == {"vae", "unet", "sr", "sr_blind", "sr_seed1", "sr_blind_seed1", "cfw", "cfw_blind"}
 
 
 def test_quick_recipe_run_again_skips_finished_stages(quick_recipe):
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny.py"), "--quick", "--runs",
                            str(quick_recipe), "--threads", "1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    for stage in ("vae", "unet", "sr + sr_blind + sr_seed1 + sr_blind_seed1", "cfw_data", "cfw"):
+    for stage in ("vae", "unet", "sr", "cfw_data", "cfw", "sr_blind + sr_seed1 + sr_blind_seed1", "cfw_data_blind",
+                  "cfw_blind"):
         assert f"== {stage}: done already" in done.stdout, stage
 
 
@@ -70,7 +74,8 @@ def test_the_ablation_script_measures_both_arms_at_every_seed(quick_recipe, tmp_
     """scripts/ablation.py on the quick recipe's runs: 2 arms x 2 training seeds x 2 sampling seeds, small crops,
     few sampling steps and timesteps per band."""
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "ablation.py"), "--runs", str(quick_recipe), "--out",
-                           str(tmp_path), "--sampling-seeds", "0", "1", "--crop", "64", "--steps", "4", "--per-band", "2"],
+                           str(tmp_path), "--sampling-seeds", "0", "1", "--crop", "64", "--grid", "1", "--steps", "4",
+                           "--per-band", "2"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "ablation.json").read_text())
@@ -84,3 +89,5 @@ def test_the_ablation_script_measures_both_arms_at_every_seed(quick_recipe, tmp_
              zip(record["results"][f"sr{ts}"]["per_sampling_seed"], record["results"][f"sr_blind{ts}"]["per_sampling_seed"])]
     assert cell["aware_minus_blind"]["mean"] == pytest.approx(sum(pairs) / 4)
     assert "| w=1 psnr |" in (tmp_path / "ablation.md").read_text()
+    assert record["cfw"] == {"time-aware": str(quick_recipe / "cfw" / "last.safetensors"),
+                             "time-blind": str(quick_recipe / "cfw_blind" / "last.safetensors")}  # each arm its own

@@ -201,6 +201,8 @@ def bad_cases(tmp):
     (tmp / "broken").mkdir()
     (tmp / "broken" / "bad.png").write_text("not an image")
     (tmp / "a_file").write_text("x")
+    (tmp / "tiny").mkdir()
+    Image.new("RGB", (24, 16)).save(tmp / "tiny" / "a.png")
     (tmp / "twin").mkdir()
     Image.new("RGB", (64, 64)).save(tmp / "twin" / "chelsea.jpg")
     return {
@@ -210,7 +212,10 @@ def bad_cases(tmp):
                        f"error: {tmp / 'broken' / 'bad.png'}: not an image PIL can read (PNG, JPEG, WebP, TIFF, BMP, ...)"),
         "hr is a file": ({"--hr": [str(tmp / "a_file")]}, f"error: {tmp / 'a_file'}: not a folder (give folders of HR images)"),
         "crop too large": ({"--crop": ["96"]},
-                           "error: {hr}/chelsea.png: 80x72 is smaller than --crop 96; use a smaller --crop (a multiple of 32)"),
+                           "error: {hr}/chelsea.png: 80x72 is smaller than --crop 96; use --crop 64 or less"),
+        "photo below the smallest crop": ({"--hr": [str(tmp / "tiny")], "--crop": ["32"]},
+                                          f"error: {tmp / 'tiny' / 'a.png'}: 24x16 is smaller than --crop 32; the "
+                                          "smallest --crop is 32: take this photo out of --hr"),
         "crop not a multiple of 32": ({"--crop": ["48"]},
                                       "error: --crop 48: must be a positive multiple of 32 (4x scale x 8 for the VAE), e.g. 256"),
         "out under a file": ({"--out": [str(tmp / "a_file" / "results")]},
@@ -219,6 +224,9 @@ def bad_cases(tmp):
                             f"error: {tmp / 'twin' / 'chelsea.jpg'} and {{hr}}/chelsea.png have the same name; rename one of "
                             "them (rows and saved images are named by it)"),
         "w out of range": ({"--dec-w": ["0.5", "2"]}, "error: the CFW weight w (--dec-w) must be in [0, 1], got 2.0"),
+        "out inside hr": ({"--out": ["{hr}/results"]},
+                          "error: --out {hr}/results: is inside --hr {hr}, so its saved images would be read as HR "
+                          "photos by the next run; choose a folder outside the HR photos"),
         "grid of none": ({"--grid": ["0"]}, "error: --grid 0: must be >= 1 (crops per photo: its square)"),
         "border too wide": ({"--border": ["27"]},
                             "error: --border 27: must be >= 0 and leave at least 11 pixels of the --crop 64 for SSIM's window"),
@@ -227,7 +235,7 @@ def bad_cases(tmp):
 
 @pytest.mark.parametrize("case", ["no images", "unreadable", "hr is a file", "crop too large", "crop not a multiple of 32",
                                   "out under a file", "same name twice", "w out of range", "border too wide",
-                                  "grid of none"])
+                                  "grid of none", "out inside hr", "photo below the smallest crop"])
 def test_bad_input_is_one_line_and_exit_code_2(case, hr_folder, tmp_path):
     changes, expected = bad_cases(tmp_path)[case]
     out = tmp_path / "results"
@@ -237,7 +245,7 @@ def test_bad_input_is_one_line_and_exit_code_2(case, hr_folder, tmp_path):
     args = ["evaluate"] + [part.format(hr=hr_folder) for key, values in options.items() for part in [key, *values]]
     code, stdout, stderr = call(args)
     assert (code, stdout, stderr) == (2, "", expected.format(hr=hr_folder) + "\n")
-    assert not out.exists()
+    assert not out.exists() and not (hr_folder / "results").exists()
 
 
 def test_more_steps_than_the_schedule_has(hr_folder, golden_weights, tmp_path):

@@ -126,8 +126,10 @@ def read_hr_crops(folders: list[str], crop: int, grid: int = 1) -> list[HRCrop]:
         rgb = (load_image(path).rgb + 1) / 2
         h, w = rgb.shape[-2:]
         if min(h, w) < crop:
-            raise UsageError(f"{path}: {w}x{h} is smaller than --crop {crop}; use a smaller --crop "
-                             f"(a multiple of {CROP_MULTIPLE})")
+            fits = min(h, w) // CROP_MULTIPLE * CROP_MULTIPLE
+            advice = (f"use --crop {fits} or less" if fits else
+                      f"the smallest --crop is {CROP_MULTIPLE}: take this photo out of --hr")
+            raise UsageError(f"{path}: {w}x{h} is smaller than --crop {crop}; {advice}")
         for cell, hr in enumerate(grid_crops(rgb, crop, grid)):
             crops.append(HRCrop(path.name if grid == 1 else f"{path.name}#{cell}", str(path), hr))
     return crops
@@ -266,6 +268,10 @@ def run_evaluate(args) -> None:
     crops = read_hr_crops(args.hr, args.crop, args.grid)
     out_dir = Path(args.out)
     check_output_folder(out_dir)
+    for hr in map(Path, args.hr):
+        if out_dir.resolve().is_relative_to(hr.resolve()):
+            raise UsageError(f"--out {out_dir}: is inside --hr {hr}, so its saved images would be read as HR photos "
+                             "by the next run; choose a folder outside the HR photos")
     given = {name: getattr(args, name) for name in SAMPLING_OPTIONS
              if name != "dec_w" and getattr(args, name) is not None}
     try:  # the options given, checked before any weights file is opened

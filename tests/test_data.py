@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from stablesr_min.degradation import DegradationConfig
 from stablesr_min.errors import DataError
-from stablesr_min.train.data import (TrainingPairs, augment, find_images, pad_and_crop, read_rgb, reflect_101_index,
-                                     smallest_gt_size)
+from stablesr_min.train.data import (MAX_SIDE, CleanCrops, TrainingPairs, augment, find_images, pad_and_crop, read_rgb,
+                                     reflect_101_index, smallest_gt_size)
 
 PHOTOS = Path(__file__).resolve().parent.parent.parent / "shared" / "images"
 
@@ -218,18 +218,18 @@ def test_skip_small_leaves_out_what_the_official_dataset_skips(tmp_path):
         TrainingPairs([tmp_path], 64, 1, skip_small=True)
 
 
-def test_photos_beyond_pillows_decompression_bomb_limit_are_read(tmp_path):
-    """Pillow refuses to open images over 2 x MAX_IMAGE_PIXELS (a DecompressionBombError traceback in training,
-    as it was); the training data reads their headers as `upscale` does, without the limit."""
+def test_photos_beyond_pillows_decompression_bomb_limit_end_in_one_line(tmp_path):
+    """Pillow refuses to open images over 2 x MAX_IMAGE_PIXELS with a DecompressionBombError traceback; the
+    training data reads their headers without that limit and refuses them by its own bound, in one line."""
     from PIL import Image
 
-    from stablesr_min.train.data import check_readable, is_small
+    from stablesr_min.train.data import check_readable
     from test_cli_hostile import write_png
 
     big = write_png(tmp_path / "big.png", 20_000, 10_000, 8, 2, bytes(301))  # a header: 200 M pixels
     assert 20_000 * 10_000 > 2 * Image.MAX_IMAGE_PIXELS
-    check_readable(big)
-    assert is_small(big)  # its 301 bytes of pixel data are under the official 100 KiB: left out, not a traceback
+    with pytest.raises(DataError, match=r"big.png: 20000x10000 is more pixels than a training photo may have"):
+        check_readable(big)
 
 
 def test_a_folder_given_twice_or_inside_another_counts_each_photo_once(tmp_path, capsys):
@@ -241,3 +241,29 @@ def test_a_folder_given_twice_or_inside_another_counts_each_photo_once(tmp_path,
     assert find_images([tmp_path, tmp_path / "sub", tmp_path]) == [tmp_path / "a.png", tmp_path / "sub" / "b.png"]
     assert capsys.readouterr().err == ("note: 3 image(s) found through more than one of the folders given; each is "
                                        "used once\n")
+
+
+def test_a_photo_too_large_to_decode_is_refused_from_its_header(tmp_path):
+    from test_cli_hostile import write_png
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "small.png")
+    write_png(tmp_path / "huge.png", MAX_SIDE + 1, MAX_SIDE, 8, 2, bytes(301))  # a header, and a little data
+    with pytest.raises(DataError) as e:
+        TrainingPairs([tmp_path], 64, 1)
+    assert str(e.value) == (f"{tmp_path / 'huge.png'}: {MAX_SIDE + 1}x{MAX_SIDE} is more pixels than a training photo "
+                            f"may have ({MAX_SIDE}x{MAX_SIDE}: each is decoded whole before it is cropped); downscale "
+                            "it or cut it into tiles")
+    with pytest.raises(DataError, match="huge.png"):
+        CleanCrops([tmp_path], 64, 1)
+
+
+@pytest.mark.parametrize("size", [0, MAX_SIDE + 4])
+def test_crop_sizes_are_bounded_before_anything_is_allocated(folder, size):
+    with pytest.raises(DataError) as e:
+        CleanCrops([folder], size, 1)
+    assert str(e.value) == f"--crop {size}: must be 1 to {MAX_SIDE} pixels (the largest a training photo's side may be)"
+    if size:
+        with pytest.raises(DataError) as e:
+            TrainingPairs([folder], size, 1)
+        assert str(e.value) == (f"--gt-size {size}: must be 1 to {MAX_SIDE} pixels (the largest a training photo's "
+                                "side may be)")

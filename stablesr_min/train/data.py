@@ -71,13 +71,28 @@ def is_small(path: Path) -> bool:
     return w * h < SMALL_AREA or path.stat().st_size / 1024 < SMALL_KIB
 
 
+# A training photo is decoded whole before it is cropped: this bounds the memory one photo takes (about 0.8 GB as
+# float32 RGB at the limit). DIV8K's largest photos (8192 x 5464) fit.
+MAX_SIDE = 8192  # pixels: the largest crop, and the side of the largest square photo
+MAX_PIXELS = MAX_SIDE * MAX_SIDE
+
+
 def check_readable(path: Path) -> None:
-    """Open the file's header (cheap): a file that is no image fails before training starts. Photos of any
-    size are read (`image_io`: no decompression-bomb limit; a crop is all that is kept of each)."""
+    """Open the file's header (cheap): a file that is no image, or one too large to decode (MAX_PIXELS), fails
+    before training starts (`image_io` itself has no decompression-bomb limit)."""
     try:
-        image_size(path)
+        w, h = image_size(path)
     except ImageError:
         raise DataError(f"{path}: not an image that can be read; fix or remove it") from None
+    if w * h > MAX_PIXELS:
+        raise DataError(f"{path}: {w}x{h} is more pixels than a training photo may have ({MAX_SIDE}x{MAX_SIDE}: each "
+                        "is decoded whole before it is cropped); downscale it or cut it into tiles")
+
+
+def check_crop_size(size: int, flag: str) -> None:
+    """A crop of 1 to MAX_SIDE pixels a side (larger ones are padding, and their batch alone would not fit)."""
+    if not 1 <= size <= MAX_SIDE:
+        raise DataError(f"{flag} {size}: must be 1 to {MAX_SIDE} pixels (the largest a training photo's side may be)")
 
 
 def read_rgb(path: Path) -> torch.Tensor:
@@ -210,8 +225,7 @@ class CleanCrops(ShuffledImages):
                  cache: int = 64, hue_rotation: float = 0.0):
         if batch_size < 1:
             raise DataError(f"batch size {batch_size}: must be at least 1")
-        if crop_size < 1:
-            raise DataError(f"crop size {crop_size}: must be at least 1")
+        check_crop_size(crop_size, "--crop")
         if not 0 <= hue_rotation <= 1:
             raise DataError(f"hue rotation probability {hue_rotation}: must be in [0, 1]")
         super().__init__(folders, batch_size, seed)
@@ -263,6 +277,7 @@ class TrainingPairs(ShuffledImages):
     def check_sizes(self) -> None:
         if self.batch_size < 1:
             raise DataError(f"batch size {self.batch_size}: must be at least 1")
+        check_crop_size(self.gt_size, "--gt-size")
         if self.gt_size % self.scale:
             raise DataError(f"--gt-size {self.gt_size} is not a multiple of the scale {self.scale}")
         smallest = smallest_gt_size(self.cfg, self.scale)

@@ -102,6 +102,15 @@ def test_samples_come_in_a_seeded_order_that_resumes(data):
     assert scale_factor.flatten().tolist() == pytest.approx([0.18215] * 3)
 
 
+def test_a_data_folder_given_twice_counts_its_samples_once(data, capsys):
+    once = CFWSamples([data], 3, seed=5, factor=8, latent_channels=4).samples
+    twice = CFWSamples([data, data.parent / ".." / data.parent.name / data.name], 3, seed=5, factor=8,
+                       latent_channels=4).samples
+    assert twice == once and len(once) == 4
+    assert capsys.readouterr().err == (f"note: {data.parent / '..' / data.parent.name / data.name} was given more "
+                                       "than once; its samples are used once\n")
+
+
 def test_hue_rotation_turns_lr_and_gt_by_one_angle_and_leaves_the_latent(data):
     plain = CFWSamples([data], 3, seed=5, factor=8, latent_channels=4).next_batch()
     unturned = CFWSamples([data], 3, seed=5, factor=8, latent_channels=4, hue_rotation=0.0).next_batch()

@@ -295,13 +295,18 @@ class Sample:
 
 
 def find_samples(folders: list[str | Path]) -> list[Sample]:
-    """Every complete sample (a latent with its LR and GT) of the folders, in folder and index order."""
+    """Every complete sample (a latent with its LR and GT) of the folders, in folder and index order; a folder
+    given twice adds nothing (a note says so), as with photo folders."""
     if not folders:
         raise DataError("no CFW data folders given")
-    samples = []
+    samples, seen = [], set()
     for path in map(Path, folders):
         if not path.is_dir():
             raise DataError(f"{path}: no such folder (make one with `train cfw-data`)")
+        if path.resolve() in seen:
+            print(f"note: {path} was given more than once; its samples are used once", file=sys.stderr)
+            continue
+        seen.add(path.resolve())
         folder = DataFolder(path)
         indices = folder.indices()
         if not indices:

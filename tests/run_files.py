@@ -1,6 +1,7 @@
 """Reading what a training run wrote (checkpoint tensors, their metadata, the log): shared by the training tests."""
 
 import contextlib
+import dataclasses
 import json
 import signal
 from pathlib import Path
@@ -56,3 +57,28 @@ def assert_same_run(ours: Path, theirs: Path) -> None:
             assert torch.equal(a[key], b[key]), f"{name}: {key} differs after the resume"
     without_time = [[{k: v for k, v in r.items() if k != "seconds"} for r in log(run)] for run in (ours, theirs)]
     assert without_time[0] == without_time[1]
+
+
+def flags(options: dict) -> list[str]:
+    """{field: value} -> the command line's flags (True: the flag alone; a list: its items)."""
+    words = []
+    for name, value in options.items():
+        words.append("--" + name.replace("_", "-"))
+        if isinstance(value, list):
+            words += map(str, value)
+        elif value is not True:
+            words.append(str(value))
+    return words
+
+
+def assert_a_resume_kept_every_option(run: Path, options: type, started: dict) -> None:
+    """The run in `run`, started with `started` ({field: value}) and resumed with --out, --steps and --resume
+    alone, stored every option that persists (train/options.py) with the value it was started with, the
+    others at their defaults. `started` must change every stored option from its default, so that a
+    trainer that forgets one fails here."""
+    from stablesr_min.train.options import STORED, fields_that
+
+    defaults = {f.name: f.default for f in dataclasses.fields(options)}
+    assert all(started.get(name, defaults[name]) != defaults[name] for name in fields_that(options, STORED))
+    expected = {name: started.get(name, defaults[name]) for name in fields_that(options)}
+    assert training.TrainState.from_file(run / "state.safetensors").options == expected

@@ -24,7 +24,8 @@ from stablesr_min.train.sr import base_config, is_trainable, load_base
 from stablesr_min.unet import SFT, ResBlock, timestep_embedding
 from stablesr_min.weights import config_metadata, save_safetensors
 
-from run_files import assert_same_run, ctrl_c_after_step_1, log, metadata, signals_after_step, tensors
+from run_files import (assert_a_resume_kept_every_option, assert_same_run, ctrl_c_after_step_1, flags, log, metadata,
+                       signals_after_step, tensors)
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ARGS = ["--batch-size", "2", "--gt-size", "64", "--seed", "0"]
@@ -123,6 +124,18 @@ def test_sigterm_stops_like_ctrl_c_saving_the_step_and_the_resume_is_bit_identic
     assert metadata(out / "last.safetensors")["stablesr_min.step"] == "1" and len(log(out)) == 1
     assert train("--base", base, "--data", photos, "--out", out, "--steps", 3, "--resume") == 0
     assert_same_run(out, run_a)
+
+
+def test_a_resumed_run_keeps_every_option_it_was_started_with(base, photos, tmp_path):
+    """`--resume` alone continues with the options of the run's start, the stored ones (dtype, intervals,
+    checkpointing) too."""
+    out = tmp_path / "run"
+    started = {"base": [str(base.resolve())], "data": [str(photos.resolve())], "batch_size": 2, "gt_size": 64,
+               "seed": 3, "lr": 1e-4, "degradation": "first-order", "skip_small": "off", "dtype": "bfloat16",
+               "save_every": 7, "val_every": 0, "checkpointing": True}
+    assert train("--out", out, "--steps", 1, *flags(started)) == 0
+    assert train("--out", out, "--steps", 2, "--resume") == 0
+    assert_a_resume_kept_every_option(out, train_module.SROptions, started)
 
 
 def test_a_trained_checkpoint_upscales(run_a, golden_weights, tmp_path):
@@ -350,7 +363,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path):
 def test_a_learning_rate_must_be_finite(base, photos, tmp_path, capsys):
     """On the command line (as upscale's numbers) and in the options a run is built from."""
     from stablesr_min.errors import UsageError
-    from stablesr_min.train.engine import check_option_ranges
+    from stablesr_min.train.options import check_option_ranges
 
     with pytest.raises(SystemExit) as e:
         train("--base", base, "--data", photos, "--out", tmp_path / "r", "--steps", 1, *RUN_ARGS, "--lr", "inf")

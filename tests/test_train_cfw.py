@@ -18,12 +18,14 @@ from stablesr_min.app.cli import main
 from stablesr_min.cfw import ResidualDenseBlock
 from stablesr_min.config import StableSRConfig
 from stablesr_min.errors import WeightsError
-from stablesr_min.train.cfw import (FUSION_PREFIX, Reconstruction, discriminator_from, load_cfw_base, new_loss,
+from stablesr_min.train.cfw import (FUSION_PREFIX, CFWOptions, Reconstruction, discriminator_from, load_cfw_base, new_loss,
                                     prepare_for_training, step_gradients)
 from stablesr_min.train.cfw_data import CFWSamples, DataFolder
 from stablesr_min.train.data import hue_rotate
 from stablesr_min.train.cfw_loss import CFWLossConfig, PatchDiscriminator
 from stablesr_min.weights import WeightFiles
+
+from run_files import assert_a_resume_kept_every_option, flags
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATE = ["--count", "4", "--steps", "2", "--gt-size", "64"]  # the issue's command (batch: the default 6)
@@ -257,6 +259,18 @@ def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(runs):
     logs = [(run / "log.jsonl").read_text() for run in runs]
     assert [json.loads(line)["loss"] for line in logs[0].splitlines()] == \
         [json.loads(line)["loss"] for line in logs[1].splitlines()]
+
+
+def test_a_resumed_run_keeps_every_option_it_was_started_with(golden_weights, data, tmp_path):
+    """`--resume` alone continues with the options of the run's start: its dtype and intervals too (a resumed
+    `train cfw` once went on in float32 with the default intervals)."""
+    out = tmp_path / "run"
+    started = {"cfw_base": str(golden_weights[1].resolve()), "data": [str(data.resolve())], "batch_size": 2,
+               "seed": 3, "lr": 1e-4, "disc_start": 1, "hue_rotation": 0.5, "dtype": "bfloat16", "save_every": 7,
+               "val_every": 0}
+    assert main(["train", "cfw", "--out", str(out), "--steps", "1", *flags(started)]) == 0
+    assert main(["train", "cfw", "--out", str(out), "--steps", "2", "--resume"]) == 0
+    assert_a_resume_kept_every_option(out, CFWOptions, started)
 
 
 # ------------------------------------------------------------------------------------------------------

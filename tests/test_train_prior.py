@@ -21,10 +21,11 @@ from stablesr_min.train import engine as training
 from stablesr_min.train.data import CleanCrops, hue_rotate
 from stablesr_min.train.engine import derive_seeds
 from stablesr_min.train.networks import default_init
-from stablesr_min.train.prior import init_text_encoder, prior_config
+from stablesr_min.train.prior import UNetOptions, VAEOptions, init_text_encoder, prior_config
 from stablesr_min.vae import AutoencoderKL
 
-from run_files import assert_same_run, ctrl_c_after_step_1, log, metadata, tensors
+from run_files import (assert_a_resume_kept_every_option, assert_same_run, ctrl_c_after_step_1, flags, log, metadata,
+                       tensors)
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ARGS = ["--batch-size", "2", "--crop", "32", "--seed", "0"]
@@ -144,6 +145,20 @@ def test_lr_decay_takes_the_last_steps_down_and_a_resumed_run_keeps_it(vae_run, 
                      "--lr-decay", 2) == 130
     assert train("vae", "--out", stopped, "--steps", 3, "--resume") == 0  # the stored --lr-decay
     assert_same_run(stopped, whole)
+
+
+@pytest.mark.parametrize("what", ["vae", "unet"])
+def test_a_resumed_run_keeps_every_option_it_was_started_with(what, vae_run, photos, tmp_path):
+    """`--resume` alone continues with the options of the run's start, the stored ones (dtype, intervals,
+    lr decay) too."""
+    out = tmp_path / "run"
+    started = {"data": [str(photos.resolve())], "batch_size": 2, "crop": 32, "seed": 3, "lr": 1e-4, "dtype": "bfloat16",
+               "save_every": 7, "val_every": 0, "lr_decay": 5}
+    started |= {"kl_weight": 1e-5, "hue_rotation": 0.5} if what == "vae" else \
+        {"vae": str((vae_run / "last.safetensors").resolve())}
+    assert train(what, "--out", out, "--steps", 1, *flags(started)) == 0
+    assert train(what, "--out", out, "--steps", 2, "--resume") == 0
+    assert_a_resume_kept_every_option(out, VAEOptions if what == "vae" else UNetOptions, started)
 
 
 def test_train_unet_writes_the_sd2_tree_with_the_vae_and_text_encoder_untouched(unet_run, vae_run):

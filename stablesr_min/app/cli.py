@@ -353,7 +353,7 @@ def add_run_folder(parser) -> None:
 
 def add_run_options(parser, validation: str) -> None:
     """The options every training run has: seed, device, dtype, resuming, save and validation intervals."""
-    from ..train.engine import RunOptions as d
+    from ..train.options import RunOptions as d
 
     parser.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")

@@ -48,8 +48,9 @@ from ..vae import AutoencoderKL
 from ..weights import WeightFiles, check_keys, config_metadata, guess_kind, load_module, mismatch_message
 from .cfw_data import CFWSamples
 from .cfw_loss import CFWLoss, CFWLossConfig
-from .engine import (Loop, Processes, RunFolder, RunOptions, TrainState, autocast, check_option_ranges,
-                     derive_seeds, distribute, rank_seed, restore, run_in_processes, snapshot)
+from .engine import (Loop, Processes, RunFolder, TrainState, autocast, derive_seeds, distribute, rank_seed, restore,
+                     run_in_processes, snapshot)
+from .options import RunOptions, check_option_ranges, kept, persisting
 
 FUSION_PREFIX = "decoder.fusion_layer_"
 DISCRIMINATOR_PREFIX = "loss.discriminator."  # as the official checkpoint names it
@@ -230,24 +231,19 @@ def step_gradients(reconstruction: nn.Module, discriminator: nn.Module, loss: CF
 
 
 @dataclass
-class CFWOptions(RunOptions):  # val_every: validation L1 losses (w = 1)
-    cfw_base: str | None = None  # a CFW, VAE or SD 2.x safetensors file
-    data: list[str] | None = None  # folders written by `train cfw-data`
-    batch_size: int = 8  # samples per step (official: 1 with 8 accumulated)
-    lr: float = 5e-5  # Adam learning rate of the fusion layers and the discriminator (official 5e-5)
-    disc_start: int = 501  # steps before the adversarial terms switch on (official 501)
-    hue_rotation: float = 0.0  # probability of turning a sample's LR and GT (not its latent) by a random hue
-    #                            (CFWSamples; not official: 0)
-
-
-# Options a resumed run keeps from its start (the others may change: steps, device, dtype, save/val).
-KEPT_OPTIONS = ("cfw_base", "data", "batch_size", "lr", "disc_start", "hue_rotation", "seed")
+class CFWOptions(RunOptions):  # val_every: validation L1 losses (w = 1); kept: a resumed run keeps it (options.py)
+    cfw_base: str | None = kept(None, path=True)  # a CFW, VAE or SD 2.x safetensors file
+    data: list[str] | None = kept(None, path=True)  # folders written by `train cfw-data`
+    batch_size: int = kept(8)  # samples per step (official: 1 with 8 accumulated)
+    lr: float = kept(5e-5)  # Adam learning rate of the fusion layers and the discriminator (official 5e-5)
+    disc_start: int = kept(501)  # steps before the adversarial terms switch on (official 501)
+    hue_rotation: float = kept(0.0)  # probability of turning a sample's LR and GT (not its latent) by a random
+    #                                  hue (CFWSamples; not official: 0)
 
 
 def run_train_cfw(args) -> str:
     """`python -m stablesr_min train cfw ...` (or `torchrun ... -m stablesr_min train cfw ...`)."""
-    return run_in_processes(args, CFWOptions, ("cfw_base", "data"), KEPT_OPTIONS,
-                            {"cfw_base": "--cfw-base FILE", "data": "--data DIR"}, train_cfw)
+    return run_in_processes(args, CFWOptions, {"cfw_base": "--cfw-base FILE", "data": "--data DIR"}, train_cfw)
 
 
 def check_options(opts: CFWOptions) -> None:
@@ -310,7 +306,7 @@ def train_cfw(opts: CFWOptions, procs: Processes, state: TrainState | None = Non
 
     def save(step: int, seconds: float) -> None:
         trained = trained_tensors(trainable, loss)
-        state = snapshot(step, seconds, {k: getattr(opts, k) for k in KEPT_OPTIONS}, trained, optimizer, scaler,
+        state = snapshot(step, seconds, persisting(opts), trained, optimizer, scaler,
                          None, samples, procs)
         if procs.is_main:  # the checkpoint carries D as the official one does (`loss.` keys, which loading ignores)
             run.save(cfw.state_dict() | trained, config_metadata(cfg.to_json()), state)

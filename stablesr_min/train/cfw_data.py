@@ -51,7 +51,8 @@ from ..image_io import image_size, save_png_atomically, to_pil
 from ..progress import ProgressLine, format_seconds
 from ..weights import WeightFiles, save_safetensors
 from .data import TrainingPairs, hue_rotate, read_rgb
-from .engine import check_option_ranges, continued_options, derive_seeds, given_options, one_process
+from .engine import continued_options, derive_seeds, given_options, one_process
+from .options import KEPT, check_option_ranges, fields_that, kept, persisting
 
 LATENT_KEY = "latent"
 SCALE_FACTOR_KEY = "stablesr_min.scale_factor"
@@ -117,22 +118,18 @@ class DataFolder:
 
 
 @dataclass
-class GenerationOptions:
+class GenerationOptions:  # kept: a folder keeps it; continuing the folder, it must be the same (options.py)
     out: str  # the data folder
     count: int  # complete samples wanted in it (a continued generation goes on up to it)
-    weights: list[str]  # the fine-tuned StableSR checkpoint (safetensors)
-    data: list[str]  # folders of HR photos
-    steps: int = 200  # respaced DDPM steps (the official README generates with --ddpm_steps 200)
-    gt_size: int = 512  # HR crop size (official: 512)
-    batch_size: int = 6  # samples per network call (the official script's batch: 6)
-    degradation: str = "second-order"  # as `train sr --degradation`: the one the model was fine-tuned with
-    seed: int = 0
+    weights: list[str] = kept(path=True)  # the fine-tuned StableSR checkpoint (safetensors)
+    data: list[str] = kept(path=True)  # folders of HR photos
+    steps: int = kept(200)  # respaced DDPM steps (the official README generates with --ddpm_steps 200)
+    gt_size: int = kept(512)  # HR crop size (official: 512)
+    batch_size: int = kept(6)  # samples per network call (the official script's batch: 6)
+    degradation: str = kept("second-order")  # as `train sr --degradation`: the one the model was fine-tuned with
+    seed: int = kept(0)
     device: str | None = None
     dtype: str = "float32"  # the networks' dtype on a GPU (float16/bfloat16); latents stay float32
-
-
-# Options a folder keeps: continuing it, they must be the same (the others may change).
-KEPT_OPTIONS = ("weights", "data", "steps", "gt_size", "batch_size", "degradation", "seed")
 
 
 def run_cfw_data(args) -> None:
@@ -140,10 +137,10 @@ def run_cfw_data(args) -> None:
     given) -> GenerationOptions -> generate. A folder that holds a generation takes its kept options from
     its record, so `--out DATA --count N` alone continues it."""
     with one_process("train cfw-data"):
-        given = given_options(args, GenerationOptions, ("weights", "data"))
+        given = given_options(args, GenerationOptions)
         record = DataFolder(args.out).read_record()
         if record is not None:
-            given = continued_options(record["options"], given, KEPT_OPTIONS)
+            given = continued_options(record["options"], given, fields_that(GenerationOptions, KEPT))
         elif args.weights is None or args.data is None:
             raise UsageError("train cfw-data needs --weights FILE and --data DIR (or an --out folder it already "
                              "generated into, to continue it)")
@@ -185,9 +182,9 @@ def generate(opts: GenerationOptions) -> None:
     record = folder.read_record()
     if record is None and folder.indices():
         raise UsageError(f"--out {folder.path}: holds samples but no {GENERATION}; choose another folder")
-    kept = {k: getattr(opts, k) for k in KEPT_OPTIONS}
+    folder_options = persisting(opts)
     if record is not None:
-        continued_options(record["options"], kept, KEPT_OPTIONS)  # the folder's options must not change
+        continued_options(record["options"], folder_options, folder_options)  # the folder's options must not change
     dropped: list[int] = record["dropped"] if record else []
 
     device = pick_device(opts.device)
@@ -205,7 +202,7 @@ def generate(opts: GenerationOptions) -> None:
     tile_weights = torch.ones(sampling.tile, sampling.tile, dtype=torch.float64)
     latent_shape = (1, model.cfg.vae.embed_dim, sampling.tile, sampling.tile)
     first_seed = derive_seeds(opts.seed, ["samples"])["samples"]
-    folder.write_record({"options": kept, "dropped": dropped})
+    folder.write_record({"options": folder_options, "dropped": dropped})
 
     done = folder.complete_count()
     progress = GenerationProgress(opts.count, done)
@@ -232,7 +229,7 @@ def generate(opts: GenerationOptions) -> None:
                 done += 1
             else:
                 dropped.append(i)
-                folder.write_record({"options": kept, "dropped": dropped})
+                folder.write_record({"options": folder_options, "dropped": dropped})
             progress.update(done, len(dropped))
     print(f"wrote {folder.path}: {done} samples ({len(dropped)} dropped for a non-finite latent)")
 

@@ -48,6 +48,7 @@ from ..devices import pick_device
 from ..errors import USER_ERRORS, Terminated, UsageError
 from ..progress import ProgressLine, format_seconds
 from ..weights import WeightFiles, save_safetensors
+from .options import KEPT, fields_that
 
 CHECKPOINT = "last.safetensors"
 STATE = "state.safetensors"
@@ -64,25 +65,6 @@ def derive_seeds(seed: int, names: list[str]) -> dict[str, int]:
     so that no two streams share their numbers."""
     draws = torch.randint(2**62, (len(names),), generator=torch.Generator().manual_seed(seed))
     return dict(zip(names, draws.tolist()))
-
-
-# ------------------------------------------------------------------------------------------------------
-# The options every training command has
-
-
-@dataclass
-class RunOptions:
-    """The options `train sr`, `train cfw`, `train vae` and `train unet` share; each command's own dataclass
-    adds its data, sizes and learning rate."""
-
-    out: str  # the run folder
-    steps: int  # optimizer steps in total (a resumed run continues up to it)
-    seed: int = 0  # every random stream's seed is drawn from it (derive_seeds)
-    device: str | None = None  # cpu, cuda, cuda:N (default: cuda if available)
-    dtype: str = "float32"  # autocast dtype on a GPU; the weights stay float32
-    resume: bool = False  # continue the run in `out`
-    save_every: int = 500  # steps between saves (and at the end, and on Ctrl-C)
-    val_every: int = 100  # steps between validation losses (0: never)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -264,11 +246,11 @@ def save_due(step: int, steps: int, save_every: int, stopped: bool) -> bool:
 # Options
 
 
-def given_options(args, options: type, paths: Iterable[str]) -> dict[str, Any]:
-    """argparse's namespace -> {field of the `options` dataclass: value}, None where not given; the `paths`
-    options made absolute (a run may be continued from another folder)."""
+def given_options(args, options: type) -> dict[str, Any]:
+    """argparse's namespace -> {field of the `options` dataclass: value}, None where not given; the options
+    naming files made absolute (a run may be continued from another folder)."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(options)}
-    for name in paths:
+    for name in fields_that(options, path=True):
         if given[name] is not None:
             given[name] = absolute(given[name])
     return given
@@ -300,15 +282,14 @@ def resume_options(out: str | Path, steps: int, given: dict[str, Any],
     return continued_options(state.options, given, kept), state
 
 
-def command_options(args, options: type, paths: Iterable[str], kept: Iterable[str],
-                    required: dict[str, str]) -> tuple[Any, TrainState | None]:
+def command_options(args, options: type, required: dict[str, str]) -> tuple[Any, TrainState | None]:
     """A training command's options (the `options` dataclass) and, with --resume, its run's state: a
-    resumed run takes its `kept` options from the state; a new one needs the `required` options
-    ({name: how --help shows it})."""
-    given = given_options(args, options, paths)
+    resumed run takes its persisting options from the state (options.py); a new one needs the `required`
+    options ({name: how --help shows it})."""
+    given = given_options(args, options)
     state = None
     if args.resume:
-        given, state = resume_options(args.out, args.steps, given, kept)
+        given, state = resume_options(args.out, args.steps, given, fields_that(options, KEPT))
         foreign = sorted(set(state.options) - {f.name for f in dataclasses.fields(options)})
         if foreign:  # options this command does not have: another command wrote the run
             raise UsageError(f"--resume: {args.out} holds a run of another training command (its options include "
@@ -319,29 +300,14 @@ def command_options(args, options: type, paths: Iterable[str], kept: Iterable[st
     return options(**{k: v for k, v in given.items() if v is not None}), state
 
 
-def run_in_processes(args, options: type, paths: Iterable[str], kept: Iterable[str], required: dict[str, str],
-                     train: Callable) -> str:
+def run_in_processes(args, options: type, required: dict[str, str], train: Callable) -> str:
     """A torchrun-ready command: argparse's namespace (None where an option was not given) -> `options`
-    (`command_options`; a resumed run takes its kept options from its state), the same in every process
+    (`command_options`; a resumed run takes its persisting options from its state), the same in every process
     (checked) -> `train(opts, procs, state)`, in every process of the run; returns how the run ended."""
     with torchrun_processes(args.device, args.dist_timeout) as procs:
-        opts, state = command_options(args, options, paths, kept, required)
+        opts, state = command_options(args, options, required)
         check_same_options(procs, opts)
         return train(opts, procs, state)
-
-
-def check_option_ranges(opts, at_least_one: Iterable[str] = (), at_least_zero: Iterable[str] = (),
-                        positive: Iterable[str] = (), probabilities: Iterable[str] = ()) -> None:
-    """Options that must be >= 1 (steps, batch size, ...), >= 0 (intervals), > 0 and finite (the learning
-    rate) or in [0, 1] (probabilities)."""
-    rules = [(at_least_one, ">= 1", lambda v: v >= 1), (at_least_zero, ">= 0", lambda v: v >= 0),
-             (positive, "> 0 and finite", lambda v: 0 < v < math.inf),
-             (probabilities, "a probability in [0, 1]", lambda v: 0 <= v <= 1)]
-    for names, rule, ok in rules:
-        for name in names:
-            value = getattr(opts, name)
-            if not ok(value):  # (NaN fails every rule)
-                raise UsageError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
 
 
 # ------------------------------------------------------------------------------------------------------

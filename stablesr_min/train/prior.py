@@ -65,8 +65,9 @@ from ..text import TextEncoder
 from ..unet import UNet
 from ..vae import AutoencoderKL, DiagonalGaussian
 from ..weights import KIND_HINTS, WeightFiles, config_metadata, guess_kind
-from .engine import (Loop, Processes, RunFolder, RunOptions, TrainState, autocast, check_option_ranges, command_options,
-                     decayed_lr, derive_seeds, one_process, set_lr, snapshot, start_optimizer)
+from .engine import (Loop, Processes, RunFolder, TrainState, autocast, command_options, decayed_lr, derive_seeds,
+                     one_process, set_lr, snapshot, start_optimizer)
+from .options import RunOptions, check_option_ranges, kept, persisting, stored
 from .networks import default_init, gt_size_multiple, warn_time_blind, zero_init_like_official
 
 # ------------------------------------------------------------------------------------------------------
@@ -204,48 +205,40 @@ def prior_loss(model: StableSR, schedule: Schedule, context: torch.Tensor, image
 
 
 @dataclass
-class PriorOptions(RunOptions):
-    data: list[str] | None = None  # folders of photos
-    config: str | None = None  # config JSON over the tiny sizes (config.TINY_SIZES)
-    batch_size: int = 8  # crops per step
-    crop: int = 64  # crop size in pixels
-    lr: float = 2e-4  # AdamW learning rate
-    lr_decay: int = 0  # the last N steps before --steps take the lr linearly down toward 0 (0: constant)
+class PriorOptions(RunOptions):  # kept / stored: what a resumed run keeps of them (options.py)
+    data: list[str] | None = kept(None, path=True)  # folders of photos
+    config: str | None = kept(None, path=True)  # config JSON over the tiny sizes (config.TINY_SIZES)
+    batch_size: int = kept(8)  # crops per step
+    crop: int = kept(64)  # crop size in pixels
+    lr: float = kept(2e-4)  # AdamW learning rate
+    lr_decay: int = stored(0)  # the last N steps before --steps take the lr linearly down toward 0 (0: constant)
 
 
 @dataclass
 class VAEOptions(PriorOptions):
-    lr: float = 5e-4  # higher than LDM's 4.5e-6 x batch: a tiny model, minutes of training (and AdamW with
-    #                   PyTorch's betas, as every command here; LDM's Adam betas (0.5, 0.9) suit its GAN term)
-    kl_weight: float = 1e-6  # SD's VAE (kl-f8)
-    hue_rotation: float = 0.0  # probability of turning a crop's colours by a random angle (data.hue_rotate);
-    #                            SD's VAE saw billions of photos, a tiny one sees a few and their few hues
+    lr: float = kept(5e-4)  # higher than LDM's 4.5e-6 x batch: a tiny model, minutes of training (and AdamW with
+    #                         PyTorch's betas, as every command here; LDM's Adam betas (0.5, 0.9) suit its GAN term)
+    kl_weight: float = kept(1e-6)  # SD's VAE (kl-f8)
+    hue_rotation: float = kept(0.0)  # probability of turning a crop's colours by a random angle (data.hue_rotate);
+    #                                  SD's VAE saw billions of photos, a tiny one sees a few and their few hues
 
 
 @dataclass
 class UNetOptions(PriorOptions):
-    vae: str | None = None  # the VAE file (`train vae`'s last.safetensors, or an SD 2.x checkpoint)
-    crop: int = 128  # 32 x 32 latents with the tiny 4x VAE
-
-
-# Options a resumed run keeps from its start; it also keeps STORED unless they are given again.
-KEPT = ("data", "config", "batch_size", "crop", "lr", "seed")
-VAE_KEPT, UNET_KEPT = KEPT + ("kl_weight", "hue_rotation"), KEPT + ("vae",)
-STORED = ("dtype", "save_every", "val_every", "lr_decay")
-PATH_OPTIONS = ("data", "config")  # options naming files or folders: stored resolved
+    vae: str | None = kept(None, path=True)  # the VAE file (`train vae`'s last.safetensors, or an SD 2.x checkpoint)
+    crop: int = kept(128)  # 32 x 32 latents with the tiny 4x VAE
 
 
 def run_train_vae(args) -> str:
     """`python -m stablesr_min train vae ...`"""
     with one_process("train vae"):
-        return train_vae(*command_options(args, VAEOptions, PATH_OPTIONS, VAE_KEPT, {"data": "--data DIR"}))
+        return train_vae(*command_options(args, VAEOptions, {"data": "--data DIR"}))
 
 
 def run_train_unet(args) -> str:
     """`python -m stablesr_min train unet ...`"""
     with one_process("train unet"):
-        return train_unet(*command_options(args, UNetOptions, PATH_OPTIONS + ("vae",), UNET_KEPT,
-                                           {"vae": "--vae FILE", "data": "--data DIR"}))
+        return train_unet(*command_options(args, UNetOptions, {"vae": "--vae FILE", "data": "--data DIR"}))
 
 
 def check_prior_options(opts: PriorOptions, multiple: int) -> None:
@@ -293,7 +286,7 @@ def train_vae(opts: VAEOptions, state: TrainState | None = None) -> str:
     summary = (f"train vae: {len(crops.files)} images; {n / 1e6:.2f} M parameters, {vae.downscale}x down to "
                f"{cfg.vae.embed_dim} channels; batch {opts.batch_size} at {opts.crop} px"
                + (f"; hue rotation p = {opts.hue_rotation:g}" if opts.hue_rotation else ""))
-    return fit("train vae", opts, VAE_KEPT, run, state, trainable, crops, loss, lambda: validation.loss(vae), checkpoint,
+    return fit("train vae", opts, run, state, trainable, crops, loss, lambda: validation.loss(vae), checkpoint,
         seeds, device, dtype, summary)
 
 
@@ -344,11 +337,11 @@ def train_unet(opts: UNetOptions, state: TrainState | None = None) -> str:
     summary = (f"train unet: {len(crops.files)} images; {n / 1e6:.2f} M trainable parameters; latents "
                f"{opts.crop // model.vae.downscale} x {opts.crop // model.vae.downscale} x {cfg.vae.embed_dim}, "
                f"scale_factor {cfg.diffusion.scale_factor:.4f}; batch {opts.batch_size}")
-    return fit("train unet", opts, UNET_KEPT, run, state, trainable, crops, loss,
+    return fit("train unet", opts, run, state, trainable, crops, loss,
         lambda: validation.loss(Denoiser(model), schedule, context), checkpoint, seeds, device, dtype, summary)
 
 
-def fit(name: str, opts: PriorOptions, kept: tuple[str, ...], run: RunFolder, state: TrainState | None,
+def fit(name: str, opts: PriorOptions, run: RunFolder, state: TrainState | None,
         trainable: dict[str, nn.Parameter], crops, loss: Callable, val_loss: Callable[[], float],
         checkpoint: Callable, seeds: dict[str, int], device: torch.device, dtype: torch.dtype, summary: str) -> str:
     """What both stages share: AdamW (its lr constant, or decayed at the end: --lr-decay) on the trainable
@@ -376,7 +369,6 @@ def fit(name: str, opts: PriorOptions, kept: tuple[str, ...], run: RunFolder, st
                     record["val_loss"] = val_loss()
             loop.log(record)
             if loop.save_due():
-                options = {k: getattr(opts, k) for k in kept + STORED}
-                run.save(*checkpoint(), snapshot(loop.step, loop.seconds, options, trainable, optimizer, scaler,
+                run.save(*checkpoint(), snapshot(loop.step, loop.seconds, persisting(opts), trainable, optimizer, scaler,
                                                  generator, crops, procs))
     return loop.outcome

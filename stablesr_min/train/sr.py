@@ -35,8 +35,9 @@ from ..pipeline import text_context
 from ..schedule import Schedule
 from ..unet import SFT
 from ..weights import KIND_HINTS, WeightFiles, config_metadata, guess_kind
-from .engine import (Loop, Processes, RunFolder, RunOptions, TrainState, autocast, check_option_ranges,
-                     derive_seeds, distribute, gradient_sync, rank_seed, run_in_processes, snapshot, start_optimizer)
+from .engine import (Loop, Processes, RunFolder, TrainState, autocast, derive_seeds, distribute, gradient_sync,
+                     rank_seed, run_in_processes, snapshot, start_optimizer)
+from .options import RunOptions, check_option_ranges, kept, persisting, stored
 from .networks import check_gt_size, default_init, warn_time_blind, zero_init_like_official
 
 # ------------------------------------------------------------------------------------------------------
@@ -112,32 +113,24 @@ def stablesr_from_sd2(paths: list[str], cfg: StableSRConfig, seed: int) -> Stabl
 
 
 @dataclass
-class SROptions(RunOptions):
-    base: list[str] | None = None  # StableSR or SD 2.x safetensors
-    data: list[str] | None = None  # folders of HR photos
-    config: str | None = None  # model config JSON (default: the one stored in --base)
-    batch_size: int = 6  # per optimizer micro-step (official: 6 per GPU)
-    gt_size: int = 512  # HR crop size (official: 512)
-    lr: float = 5e-5  # AdamW learning rate (official: 5e-5, constant)
-    grad_accum: int = 1  # micro-batches per optimizer step (official: 4)
-    time_blind: bool = False  # the ablation: the encoder always sees t = 0
-    degradation: str = "second-order"  # Real-ESRGAN's (official); "first-order": Eq. 1 once (degradation.py)
-    checkpointing: bool = False  # recompute the UNet's blocks in the backward pass: less memory, ~1/3 slower
-    skip_small: str = "auto"  # "on": leave out photos under 384 x 384 px or 100 KiB, as the official dataset;
-    #                           "auto": on at the official crop size (gt_size >= 512), off below (small photos padded)
-
-
-# Options a resumed run keeps from its start; it also keeps STORED_OPTIONS unless they are given again
-# (the rest, --steps and --device, are given anew).
-KEPT_OPTIONS = ("base", "data", "config", "batch_size", "gt_size", "lr", "grad_accum", "time_blind", "degradation",
-                "skip_small", "seed")
-STORED_OPTIONS = KEPT_OPTIONS + ("dtype", "save_every", "val_every", "checkpointing")
+class SROptions(RunOptions):  # kept / stored: what a resumed run keeps of them (options.py)
+    base: list[str] | None = kept(None, path=True)  # StableSR or SD 2.x safetensors
+    data: list[str] | None = kept(None, path=True)  # folders of HR photos
+    config: str | None = kept(None, path=True)  # model config JSON (default: the one stored in --base)
+    batch_size: int = kept(6)  # per optimizer micro-step (official: 6 per GPU)
+    gt_size: int = kept(512)  # HR crop size (official: 512)
+    lr: float = kept(5e-5)  # AdamW learning rate (official: 5e-5, constant)
+    grad_accum: int = kept(1)  # micro-batches per optimizer step (official: 4)
+    time_blind: bool = kept(False)  # the ablation: the encoder always sees t = 0
+    degradation: str = kept("second-order")  # Real-ESRGAN's (official); "first-order": Eq. 1 once (degradation.py)
+    checkpointing: bool = stored(False)  # recompute the UNet's blocks in the backward pass: less memory, ~1/3 slower
+    skip_small: str = kept("auto")  # "on": leave out photos under 384 x 384 px or 100 KiB, as the official dataset;
+    #                                 "auto": on at the official crop size (gt_size >= 512), off below (small photos padded)
 
 
 def run_train_sr(args) -> str:
     """`python -m stablesr_min train sr ...` (or `torchrun ... -m stablesr_min train sr ...`)."""
-    return run_in_processes(args, SROptions, ("base", "data", "config"), KEPT_OPTIONS,
-                            {"base": "--base FILE", "data": "--data DIR"}, train_sr)
+    return run_in_processes(args, SROptions, {"base": "--base FILE", "data": "--data DIR"}, train_sr)
 
 
 def check_options(opts: SROptions) -> None:
@@ -210,7 +203,7 @@ def train_sr(opts: SROptions, procs: Processes, state: TrainState | None = None)
               f"{device}, {opts.dtype}; steps {step} -> {opts.steps}", file=sys.stderr)
 
     def save(step: int, seconds: float) -> None:
-        state = snapshot(step, seconds, {k: getattr(opts, k) for k in STORED_OPTIONS}, trainable, optimizer, scaler,
+        state = snapshot(step, seconds, persisting(opts), trainable, optimizer, scaler,
                          generator, pairs, procs)
         if procs.is_main:
             run.save(model.state_dict(), config_metadata(model.cfg.to_json()), state)

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stablesr_min.app.evaluate import EvalDegradation, evaluation_lr, read_hr_crops, score  # noqa: E402
-from stablesr_min.app.settings import SAMPLING_OPTIONS, sampling_settings  # noqa: E402
+from stablesr_min.app.settings import sampling_settings  # noqa: E402
 from stablesr_min.model import load_cfw, load_stablesr  # noqa: E402
 from stablesr_min.pipeline import Sampled, StableSRPipeline, UpscaleOptions  # noqa: E402
 from stablesr_min.tiny import find_weights  # noqa: E402
@@ -49,7 +49,7 @@ def main() -> None:
     degradation = EvalDegradation()
     # none given on a command line: the weights' own sampling settings, else the paper's (as `evaluate`)
     opts = UpscaleOptions(scale=degradation.scale,
-                          **sampling_settings(argparse.Namespace(**dict.fromkeys(SAMPLING_OPTIONS)), stablesr_paths))
+                          **sampling_settings(stablesr_paths))
     pipe = StableSRPipeline(load_stablesr(stablesr_paths), load_cfw(cfw_path))
     rows: dict[str, list[dict[str, float]]] = {}
     with torch.inference_mode():
@@ -57,11 +57,10 @@ def main() -> None:
             hr = crop.hr
             lr = evaluation_lr(hr, degradation)
             sampled = pipe.sample_latent(lr * 2 - 1, opts, generator=torch.Generator().manual_seed(args.seed))
-            mean = torch.zeros(())  # the posterior's mean: no noise drawn
-            latents = {"sampled": sampled.x0,
-                       "LR latent": pipe.encode(sampled.canvas, mean, opts, None),
+            latents = {"sampled": sampled.x0,  # and the posteriors' means:
+                       "LR latent": pipe.encode(sampled.canvas, opts, mean=True),
                        # the HR crop has the canvas's size: --crop is a multiple of 32
-                       "HR latent": pipe.encode(hr * 2 - 1, mean, opts, None)}
+                       "HR latent": pipe.encode(hr * 2 - 1, opts, mean=True)}
             rows.setdefault("bicubic", []).append(score((sampled.upsampled + 1) / 2, hr, 0))
             for name, latent in latents.items():
                 for w in (0.0, 1.0):

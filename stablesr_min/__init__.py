@@ -14,13 +14,6 @@ package (and `python -m stablesr_min --help`) stays fast.
 """
 
 import importlib
-import os
-
-# Intel MKL's matrix products may round differently depending on where in memory their operands happen to
-# sit, so a training run resumed in a new process can drift from one that never stopped (seen with one
-# thread per process, torchrun's default). Its strict mode makes them bit-reproducible for a given thread
-# count, for about the same speed; set MKL_CBWR yourself to choose otherwise. MKL reads it on first use.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 API = {"find_weights": "tiny", "sampling_defaults": "tiny", "load_stablesr": "model", "load_cfw": "model",
        "StableSR": "model", "StableSRPipeline": "pipeline", "UpscaleOptions": "pipeline", "StableSRConfig": "config",

@@ -51,7 +51,7 @@ def check_output_folder(folder: Path, label: str | None = None) -> None:
     """Refuse now a folder that cannot be created or written to; creates nothing (the caller makes it
     when it writes the first file). A probe file without a name (O_TMPFILE) tests what `access()`
     cannot: read-only mounts, ACLs, and a root user without the override capability."""
-    label = label or f"--out {folder}"
+    label = label or str(folder)
     existing = folder
     while not existing.exists():
         existing = existing.parent

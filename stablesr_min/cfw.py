@@ -78,7 +78,7 @@ class CFWDecoder(Decoder):
             width = cfg.ch * cfg.ch_mult[level]
             self.add_module(f"fusion_layer_{level}", FusionLayer(width, cfg.num_fuse_block, cfg.num_grow_ch, cfg.norm_groups))
 
-    def forward(self, z: torch.Tensor, enc_features: list[torch.Tensor] | None = None, w: float = 0.0):
+    def forward(self, z: torch.Tensor, enc_features: dict[int, torch.Tensor] | None = None, w: float = 0.0):
         if w == 0:
             return super().forward(z)
         if not enc_features:
@@ -88,8 +88,8 @@ class CFWDecoder(Decoder):
             if level not in self.fusion_levels:
                 return h
             fusion = getattr(self, f"fusion_layer_{level}")
-            # F_m = F_d + C(F_e, F_d) * w   (Eq. 2); level l fuses the encoder's feature entry l - 1
-            return h + w * fusion(enc_features[level - 1], h)
+            # F_m = F_d + C(F_e, F_d) * w   (Eq. 2); up level l fuses the encoder's features of down level l
+            return h + w * fusion(enc_features[level], h)
 
         return super().forward(z, fuse)
 
@@ -103,10 +103,10 @@ class CFWAutoencoder(AutoencoderKL):
         self.decoder = CFWDecoder(cfg)
 
     def encode_with_features(self, x: torch.Tensor):
-        """Image -> (moments, encoder features F_e at down levels 1 and 2)."""
+        """Image -> (moments, encoder features F_e by down level: {1: ..., 2: ...})."""
         h, features = self.encoder(x, return_features=True)
         return self.quant_conv(h), features
 
-    def decode(self, z: torch.Tensor, enc_features: list[torch.Tensor] | None = None, w: float = 0.0):
+    def decode(self, z: torch.Tensor, enc_features: dict[int, torch.Tensor] | None = None, w: float = 0.0):
         """Unscaled latent -> image, fusing `enc_features` with weight w (w = 0: the plain decoder)."""
         return self.decoder(self.post_quant_conv(z), enc_features, w)

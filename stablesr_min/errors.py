@@ -1,13 +1,30 @@
 """The errors a user can act on. Each carries a one-line message; the command line prints it and exits
 with code 2 (no traceback). Every layer raises them; only the application catches them."""
 
+from __future__ import annotations
+
 
 class UsageError(Exception):
     """Bad input from the user (an option, a path, a combination): printed as one line, exit code 2."""
 
 
+class OptionError(UsageError, ValueError):
+    """An option out of its range, named by its field (`dec_w must be in [0, 1], got 2`): the command line
+    names the field's flag instead (`--dec-w must be ...`)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
 class WeightsError(ValueError):
-    """A weights file that does not fit: the message is one line a user can act on."""
+    """A weights file that does not fit: the message is one line a user can act on. `kind`: what the file
+    looks like instead (a `weights.CHECKPOINT_KINDS` key), where that was told, so that the command line can
+    say which option takes it."""
+
+    def __init__(self, message: str, kind: str | None = None):
+        super().__init__(message)
+        self.kind = kind
 
 
 class DataError(ValueError):

@@ -15,7 +15,7 @@ so the diffusion prior alone can be run for comparison.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -97,47 +97,33 @@ def resolve_config(files: WeightFiles, config: StableSRConfig | str | os.PathLik
     return StableSRConfig.from_json(stored) if stored else StableSRConfig()
 
 
-def load_stablesr(
-    paths: Iterable[str | os.PathLike],
-    config: StableSRConfig | str | os.PathLike | None = None,
-    *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str = "cpu",
-) -> StableSR:
-    """Load the StableSR checkpoint (one or more safetensors files) strictly; see `weights.load_module`."""
+def load_network(paths: Iterable[str | os.PathLike], config: StableSRConfig | str | os.PathLike | None,
+                 build: Callable[[StableSRConfig], nn.Module], prefix: str, what: str,
+                 dtype: torch.dtype | None, device: torch.device | str) -> nn.Module:
+    """`build(cfg)` on the meta device (no memory), its tensors then read from the files strictly
+    (`weights.load_module`, keys under `prefix`), in eval mode; cfg as `resolve_config` chooses it."""
     files = WeightFiles(paths)
     cfg = resolve_config(files, config)
     with torch.device("meta"):
-        model = StableSR(cfg)
-    return load_module(model, files, "", what="the StableSR model", dtype=dtype, device=device).eval()
+        network = build(cfg)
+    return load_module(network, files, prefix, what=what, dtype=dtype, device=device).eval()
 
 
-def load_cfw(
-    path: str | os.PathLike,
-    config: StableSRConfig | str | os.PathLike | None = None,
-    *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str = "cpu",
-) -> CFWAutoencoder:
+def load_stablesr(paths: Iterable[str | os.PathLike], config: StableSRConfig | str | os.PathLike | None = None, *,
+                  dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> StableSR:
+    """Load the StableSR checkpoint (one or more safetensors files) strictly; see `weights.load_module`."""
+    return load_network(paths, config, StableSR, "", "the StableSR model", dtype, device)
+
+
+def load_cfw(path: str | os.PathLike, config: StableSRConfig | str | os.PathLike | None = None, *,
+             dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> CFWAutoencoder:
     """Load the CFW checkpoint (`vqgan_cfw_00011`) strictly."""
-    files = WeightFiles([path])
-    cfg = resolve_config(files, config)
-    with torch.device("meta"):
-        cfw = CFWAutoencoder(cfg.cfw)
-    return load_module(cfw, files, "", what="the CFW autoencoder", dtype=dtype, device=device).eval()
+    return load_network([path], config, lambda cfg: CFWAutoencoder(cfg.cfw), "", "the CFW autoencoder", dtype, device)
 
 
-def load_vae(
-    path: str | os.PathLike,
-    config: StableSRConfig | str | os.PathLike | None = None,
-    *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str = "cpu",
-) -> AutoencoderKL:
+def load_vae(path: str | os.PathLike, config: StableSRConfig | str | os.PathLike | None = None, *,
+             dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> AutoencoderKL:
     """Load the VAE (`first_stage_model.`) of a checkpoint strictly: a file of `train vae`, or the VAE inside
     an SD 2.x or StableSR checkpoint (their other tensors are left unread)."""
-    files = WeightFiles([path])
-    cfg = resolve_config(files, config)
-    with torch.device("meta"):
-        vae = AutoencoderKL(cfg.vae)
-    return load_module(vae, files, "first_stage_model.", what="the VAE", dtype=dtype, device=device).eval()
+    return load_network([path], config, lambda cfg: AutoencoderKL(cfg.vae), "first_stage_model.", "the VAE", dtype,
+                        device)

@@ -30,10 +30,11 @@ from .cfw import CFWAutoencoder
 from .colorfix import METHODS as COLORFIX_METHODS
 from .colorfix import color_fix
 from .config import SCALE, StableSRConfig
+from .errors import OptionError
 from .model import StableSR
 from .sampler import Progress, aggregation_step, ddim_step, gaussian_weights, tile_starts
 from .schedule import DDIMSchedule, Schedule
-from .text import tokenize
+from .tokenizer import tokenize
 from .vae import AutoencoderKL, DiagonalGaussian
 
 
@@ -62,26 +63,28 @@ class UpscaleOptions:
     #                                official script does: output int(8k * scale), not int(side * scale)
 
     def __post_init__(self):
-        checks = [
-            (self.scale > 0, f"scale must be > 0, got {self.scale}"),
-            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (self.sampler in ("ddpm", "ddim"), f"sampler: 'ddpm' or 'ddim', got {self.sampler!r}"),
-            (0 <= self.eta <= 1, f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {self.eta}"),
-            (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0,
-             f"guidance scale (--guidance-scale) must be a number >= 0 (1: no guidance), got {self.guidance_scale}"),
-            (self.tile >= 8, f"tile must be >= 8 latents, got {self.tile}"),
-            (0 <= self.overlap < self.tile, f"overlap must be in [0, tile), got {self.overlap}"),
-            (self.tile_batch >= 1, f"tile_batch must be >= 1, got {self.tile_batch}"),
-            (self.tile_weights in ("paper", "official"), f"tile_weights: 'paper' or 'official', got {self.tile_weights!r}"),
-            (0 <= self.dec_w <= 1, f"the CFW weight w (--dec-w) must be in [0, 1], got {self.dec_w}"),
-            (self.colorfix in COLORFIX_METHODS, f"colorfix: {', '.join(COLORFIX_METHODS[:-1])} or {COLORFIX_METHODS[-1]}, got {self.colorfix!r}"),
-            (self.vae_tile == 0 or (self.vae_tile % 64 == 0 and self.vae_tile > 0), f"vae_tile must be 0 or a multiple of 64, got {self.vae_tile}"),
-            (self.vae_overlap % 8 == 0 and 0 <= self.vae_overlap < max(self.vae_tile, 1) / 2 or self.vae_tile == 0,
-             f"vae_overlap must be a multiple of 8 below vae_tile / 2, got {self.vae_overlap}"),
+        checks = [  # (holds, the field, what it must be)
+            (self.scale > 0, "scale", "must be > 0"),
+            (self.steps >= 1, "steps", "must be >= 1"),
+            (self.sampler in ("ddpm", "ddim"), "sampler", "must be 'ddpm' or 'ddim'"),
+            (0 <= self.eta <= 1, "eta", "must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise)"),
+            (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0, "guidance_scale",
+             "must be a number >= 0 (1: no guidance)"),
+            (self.tile >= 8, "tile", "must be >= 8 latents"),
+            (0 <= self.overlap < self.tile, "overlap", "must be in [0, tile)"),
+            (self.tile_batch >= 1, "tile_batch", "must be >= 1"),
+            (self.tile_weights in ("paper", "official"), "tile_weights", "must be 'paper' or 'official'"),
+            (0 <= self.dec_w <= 1, "dec_w", "(the CFW weight w) must be in [0, 1]"),
+            (self.colorfix in COLORFIX_METHODS, "colorfix",
+             f"must be {', '.join(COLORFIX_METHODS[:-1])} or {COLORFIX_METHODS[-1]}"),
+            (self.vae_tile == 0 or (self.vae_tile % 64 == 0 and self.vae_tile > 0), "vae_tile",
+             "must be 0 or a multiple of 64"),
+            (self.vae_tile == 0 or (self.vae_overlap % 8 == 0 and 0 <= self.vae_overlap < self.vae_tile / 2),
+             "vae_overlap", f"must be a multiple of 8 below vae_tile / 2 (vae_tile {self.vae_tile})"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        for holds, name, rule in checks:
+            if not holds:
+                raise OptionError(name, f"{rule}, got {getattr(self, name)!r}")
 
     @property
     def guided(self) -> bool:
@@ -156,7 +159,7 @@ def upsample(lr: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def smallest_tile(cfg: StableSRConfig) -> int:
-    """The smallest latent tile the command line accepts for this model: its UNet and time-aware encoder halve
+    """The smallest latent tile (`UpscaleOptions.tile`) this model takes: its UNet and time-aware encoder halve
     a tile once per level after the first, and their deepest maps should stay at least 2x2 (at 1x1 a narrow
     model's GroupNorm groups of one channel have a single value to normalise in a batch of one tile, which
     PyTorch refuses; wider models compute, but on a single pixel)."""
@@ -282,21 +285,25 @@ class StableSRPipeline:
         """The padded image the VAE encodes: at least one sampling tile, and a multiple of 8."""
         return pad_canvas(upsampled, opts.tile * self.model.vae.downscale, self.model.vae.downscale)
 
-    def encode(self, canvas: torch.Tensor, noise: torch.Tensor | None, opts: UpscaleOptions,
-               generator: torch.Generator | None) -> torch.Tensor:
-        """Canvas in [-1, 1] -> z_0 = scale_factor * (mean + std * noise), in float32."""
+    def encode(self, canvas: torch.Tensor, opts: UpscaleOptions, *, mean: bool = False,
+               noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Canvas in [-1, 1] -> z_0 = scale_factor * (mean + std * noise), in float32: a posterior sample
+        (`noise`, else drawn from `generator`), or with `mean` the posterior's mean."""
         moments = tiled_moments(self.model.vae, canvas.to(self.dtype), opts)
         posterior = DiagonalGaussian(moments.float())
+        if mean:
+            return self.cfg.diffusion.scale_factor * posterior.mean
         if noise is None:
             noise = draw(posterior.mean, generator)
         return self.cfg.diffusion.scale_factor * posterior.sample(noise.to(posterior.mean))
 
-    def sample(self, x: torch.Tensor, z0: torch.Tensor, context: torch.Tensor, opts: UpscaleOptions,
-               noises: list[torch.Tensor], generator: torch.Generator | None,
+    def sample(self, x: torch.Tensor, z0: torch.Tensor, context: torch.Tensor, opts: UpscaleOptions, *,
+               noises: list[torch.Tensor] = (), generator: torch.Generator | None = None,
                weights: torch.Tensor | None = None, progress: Progress | None = None,
                on_step: StepCallback | None = None) -> torch.Tensor:
-        """N reverse steps of `opts.sampler` with aggregation; the time-aware encoder is conditioned on
-        z_0. With `opts.guided`, every network call is guided against `opts.negative_prompt`."""
+        """N reverse steps of `opts.sampler` with aggregation from x (x_T); the time-aware encoder is
+        conditioned on z_0. `noises`: the steps' noises (the first ones; the rest drawn from `generator`).
+        With `opts.guided`, every network call is guided against `opts.negative_prompt`."""
         weights = tile_weight_map(opts) if weights is None else weights
         negative_context = text_context(self.model, opts.negative_prompt, x.shape[0]) if opts.guided else None
         denoise = make_denoiser(self.model, context, negative_context, opts.guidance_scale)
@@ -345,14 +352,15 @@ class StableSRPipeline:
             lr = official_resize(lr)
         upsampled = upsample(lr, opts.scale)
         canvas = self.canvas(upsampled, opts)
-        z0 = self.encode(canvas, noises.vae, opts, generator)
+        z0 = self.encode(canvas, opts, noise=noises.vae, generator=generator)
         noise = (noises.x_T if noises.x_T is not None else draw(z0, generator)).to(z0)
         # The official DDIM canvas script computes q(x_999 | z_0) too, then discards it (`x_T = None`) and
         # starts from pure noise; its DDPM canvas script (and its untiled DDIM script) start from
         # q(x_999 | z_0). Each sampler starts as its official canvas script does.
         x_T = noise if opts.sampler == "ddim" else start_latent(self.train_schedule, z0, noise)
         context = text_context(self.model, opts.prompt, lr.shape[0])
-        x0 = self.sample(x_T, z0, context, opts, noises.steps, generator, weights, progress, on_step)
+        x0 = self.sample(x_T, z0, context, opts, noises=noises.steps, generator=generator, weights=weights,
+                         progress=progress, on_step=on_step)
         return Sampled(upsampled, canvas, x0)
 
     @torch.inference_mode()

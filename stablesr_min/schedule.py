@@ -22,6 +22,7 @@ import math
 import torch
 
 from .config import DiffusionConfig
+from .errors import OptionError
 
 # The tables a schedule holds, named as the reference's buffers (golden sets store them by these names).
 TABLES = (
@@ -45,6 +46,12 @@ def linear_betas(cfg: DiffusionConfig) -> torch.Tensor:
     """SD's "linear" schedule: linear in sqrt(beta), from `linear_start` to `linear_end`, float64."""
     return torch.linspace(math.sqrt(cfg.linear_start), math.sqrt(cfg.linear_end), cfg.timesteps,
                           dtype=torch.float64) ** 2
+
+
+def check_steps(num_timesteps: int, num_steps: int) -> None:
+    """A sampler takes at most the schedule's `num_timesteps` steps (the option `steps`)."""
+    if num_steps > num_timesteps:
+        raise OptionError("steps", f"{num_steps}: the schedule has {num_timesteps} steps; use at most {num_timesteps}")
 
 
 def spaced_timesteps(num_timesteps: int, num_steps: int) -> list[int]:

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig
-from .tokenizer import tokenize
 
 
 class SelfAttention(nn.Module):
@@ -91,8 +90,3 @@ class TextEncoder(nn.Module):
         for block in blocks[:used]:
             x = block(x)
         return self.ln_final(x)
-
-    def encode(self, prompts: str | list[str]) -> torch.Tensor:
-        """Prompts -> (B, context_length, width), on the encoder's device and dtype."""
-        tokens = tokenize(prompts, self.cfg.context_length)
-        return self(tokens.to(self.positional_embedding.device))

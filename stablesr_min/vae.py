@@ -1,4 +1,5 @@
-"""The SD 2.x VAE (AutoencoderKL): image <-> latent, 8x down, 4 channels.
+"""The SD 2.x VAE (AutoencoderKL): image <-> latent, 4 channels, 8x down (SD's; the shipped tiny model's VAE,
+three levels, is 4x down: one halving per level after the first, `VAEConfig.downscale`).
 
 StableSR keeps the VAE frozen: the LR image is encoded once (the start of sampling, Sec. 3.3) and the
 final latent is decoded, by this decoder or by the CFW decoder (`cfw.py`), which shares this module tree.
@@ -126,13 +127,14 @@ class Encoder(nn.Module):
         self.conv_out = conv3x3(cin, 2 * cfg.z_channels)
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
-        """(B, 3, H, W) -> (B, 2*z, H/f, W/f): mean and log-variance, before quant_conv."""
+        """(B, 3, H, W) -> (B, 2*z, H/f, W/f): mean and log-variance, before quant_conv; with
+        `return_features`, also {level: its activations} for the FEATURE_LEVELS."""
         h = self.conv_in(x)
-        features = []
+        features = {}
         for i, level in enumerate(self.down):
             h = level.blocks(h)
             if i in self.FEATURE_LEVELS:
-                features.append(h)
+                features[i] = h
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.conv_out(F.silu(self.norm_out(self.mid(h))))

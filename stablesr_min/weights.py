@@ -21,23 +21,19 @@ from torch import nn
 
 from .atomic import atomic_write
 from .errors import WeightsError
+from .schedule import TABLES
 
 CONFIG_METADATA_KEY = "stablesr_min.config"
 
-# Schedule buffers the reference stores in its checkpoints; we recompute them from the config.
-SCHEDULE_BUFFERS = frozenset({
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-    "posterior_mean_coef1", "posterior_mean_coef2",
-})
 # Key prefixes that official files carry but inference never uses: EMA copies (SD 2.1) and the CFW
 # training losses (LPIPS network and discriminator).
 IGNORABLE_PREFIXES = ("model_ema.", "loss.")
 
 
 def is_ignorable(key: str) -> bool:
-    return key.split(".", 1)[0] in SCHEDULE_BUFFERS or key.startswith(IGNORABLE_PREFIXES)
+    """The schedule's tables, which the reference stores as buffers and we recompute from the config
+    (`schedule.TABLES`), and the IGNORABLE_PREFIXES."""
+    return key.split(".", 1)[0] in TABLES or key.startswith(IGNORABLE_PREFIXES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,12 +130,11 @@ def _open_safetensors(path: Path):
 # --------------------------------------------------------------------------------------------------
 # What kind of checkpoint is this?
 
-KIND_HINTS = {
-    "stablesr": "the StableSR checkpoint (stablesr_000117 or the turbo one): pass it as --weights",
-    "sd2": "a plain Stable Diffusion 2.x checkpoint (no time-aware encoder / SFT): StableSR needs "
-           "stablesr_000117 as --weights",
-    "cfw": "the CFW checkpoint (vqgan_cfw_00011): pass it as --cfw",
-    "vae": "a VAE-only checkpoint: StableSR needs the full stablesr_000117 checkpoint as --weights",
+CHECKPOINT_KINDS = {  # guess_kind's answers, in words (the command line adds which option takes the file)
+    "stablesr": "the StableSR checkpoint (stablesr_000117 or the turbo one)",
+    "sd2": "a plain Stable Diffusion 2.x checkpoint (no time-aware encoder / SFT), not StableSR's (stablesr_000117)",
+    "cfw": "the CFW checkpoint (vqgan_cfw_00011)",
+    "vae": "a VAE-only checkpoint, not the full StableSR one (stablesr_000117)",
     "unknown": "not a StableSR, SD 2.x or CFW checkpoint",
 }
 
@@ -192,7 +187,7 @@ def mismatch_message(where: str, missing, unexpected, misshaped, kind: str | Non
         parts.append(f"{len(misshaped)} with the wrong shape ({_first(misshaped, 2)})")
     msg = f"{where}: " + "; ".join(parts)
     if kind is not None:
-        msg += f". This looks like {KIND_HINTS[kind]}"
+        msg += f". This looks like {CHECKPOINT_KINDS[kind]}"
     return msg
 
 
@@ -218,7 +213,7 @@ def load_module(
         kind = guess_kind(files.keys())
         under = f" (keys under {prefix!r})" if prefix else ""
         where = f"{files.describe()} does not fit {what or type(module).__name__}{under}"
-        raise WeightsError(mismatch_message(where, missing, [prefix + k for k in unexpected], misshaped, kind))
+        raise WeightsError(mismatch_message(where, missing, [prefix + k for k in unexpected], misshaped, kind), kind)
     # Ordinary tensors even when loaded under inference_mode, so that the model can later be trained.
     with torch.inference_mode(False):
         state = {}
@@ -229,15 +224,6 @@ def load_module(
             state[name] = t.to(device)
         module.load_state_dict(state, strict=True, assign=True)
     return module
-
-
-def check_nothing_left(files: WeightFiles, prefixes: Iterable[str]) -> None:
-    """Every key of the files must belong to one of `prefixes` or be ignorable."""
-    prefixes = tuple(prefixes)
-    left = sorted(k for k in files.keys() if not k.startswith(prefixes) and not is_ignorable(k))
-    if left:
-        kind = guess_kind(files.keys())
-        raise WeightsError(mismatch_message(f"{files.describe()}", [], left, [], kind))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,20 +1,15 @@
 import os
 
-import pytest
-import torch
+# The tests train in this process and resume in it: MKL's strict mode, as `python -m stablesr_min` sets it
+# (stablesr_min/__main__.py says why), before torch is imported
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-from stablesr_min.model import load_cfw, load_stablesr
-from stablesr_min.weights import WeightFiles
+import pytest  # noqa: E402
 
-from golden import GoldenSet
+from stablesr_min.model import load_cfw, load_stablesr  # noqa: E402
+from stablesr_min.weights import WeightFiles  # noqa: E402
 
-torch.set_num_threads(max(1, torch.get_num_threads()))
-
-
-@pytest.fixture(scope="session", autouse=True)
-def private_cache(tmp_path_factory):
-    """Tiny demo weights (notebooks, CLI without --weights) go to a temp folder, not ~/.cache."""
-    os.environ["STABLESR_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+from golden import GoldenSet  # noqa: E402
 
 
 @pytest.fixture(scope="session")

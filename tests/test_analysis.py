@@ -266,10 +266,10 @@ def test_previews_leave_sampling_alone_and_end_at_the_result(pipe):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         canvas = pad_canvas(upsample(lr, opts.scale), opts.tile * 8)
-        z0 = pipe.encode(canvas, None, opts, g)
+        z0 = pipe.encode(canvas, opts, generator=g)
         x_T = start_latent(pipe.train_schedule, z0, draw(z0, g))
         context = text_context(pipe.model, "", 1)
-        plain = pipe.sample(x_T, z0, context, opts, [], torch.Generator().manual_seed(2))
+        plain = pipe.sample(x_T, z0, context, opts, generator=torch.Generator().manual_seed(2))
     x0, previews = sample_with_previews(pipe, x_T, z0, context, opts, torch.Generator().manual_seed(2), at=[0, 2])
     assert torch.equal(x0, plain)
     assert [(p.steps_done, p.timestep) for p in previews] == [(0, 999), (2, 0)]

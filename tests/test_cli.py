@@ -115,7 +115,7 @@ def test_wrong_checkpoint_kind(photo, golden_weights, tmp_path, capsys):
     stablesr, cfw = golden_weights
     code, _, err = run(["upscale", str(photo), "--out", str(tmp_path), "--weights", str(cfw), "--cfw", str(cfw)],
                        capsys)
-    assert code == 2 and "looks like the CFW checkpoint" in err and "--cfw" in err and err.count("\n") == 1
+    assert code == 2 and "looks like the CFW checkpoint (vqgan_cfw_00011): pass it as --cfw\n" in err and err.count("\n") == 1
     code, _, err = run(["upscale", str(photo), "--out", str(tmp_path), "--weights", str(stablesr), "--cfw",
                         str(stablesr)], capsys)
     assert code == 2 and "CFW autoencoder" in err and "StableSR checkpoint" in err
@@ -196,10 +196,12 @@ def test_guided_ddim_end_to_end(photo, weights, tmp_path, capsys, mode):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--eta", "-1"], "eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got -1.0"),
-    (["--sampler", "ddim", "--steps", "0"], "steps must be >= 1, got 0"),
-    (["--sampler", "euler"], "sampler: 'ddpm' or 'ddim', got 'euler'"),
-    (["--guidance-scale", "-3"], "guidance scale (--guidance-scale) must be a number >= 0 (1: no guidance), got -3.0"),
+    (["--eta", "-1"], "--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got -1.0"),
+    (["--sampler", "ddim", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--sampler", "euler"], "--sampler must be 'ddpm' or 'ddim', got 'euler'"),
+    (["--guidance-scale", "-3"], "--guidance-scale must be a number >= 0 (1: no guidance), got -3.0"),
+    (["--dec-w", "2"], "--dec-w (the CFW weight w) must be in [0, 1], got 2.0"),
+    (["--device", "tpu"], "--device 'tpu': not a device; use cpu, cuda or cuda:N"),
 ])
 def test_bad_sampler_options(photo, tmp_path, capsys, args, message):
     code, out, err = run(["upscale", str(photo), "--out", str(tmp_path), *args], capsys)

@@ -130,7 +130,7 @@ def sample(start, seed, **options):
     pipe, z0, x_T, context = start
     opts = UpscaleOptions(steps=2, tile=16, overlap=6, **options)
     with torch.inference_mode():
-        return pipe.sample(x_T, z0, context, opts, [], torch.Generator().manual_seed(seed))
+        return pipe.sample(x_T, z0, context, opts, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
@@ -162,11 +162,12 @@ def test_ddim_starts_from_pure_noise_and_ddpm_from_the_noised_lr_latent(stablesr
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"sampler": "euler"}, "sampler: 'ddpm' or 'ddim', got 'euler'"),
+    ({"sampler": "euler"}, "sampler must be 'ddpm' or 'ddim', got 'euler'"),
     ({"eta": -1.0}, "eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got -1.0"),
     ({"eta": float("nan")}, "eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got nan"),
-    ({"guidance_scale": -2.0}, "guidance scale (--guidance-scale) must be a number >= 0 (1: no guidance), got -2.0"),
-    ({"guidance_scale": float("inf")}, "guidance scale (--guidance-scale) must be a number >= 0 (1: no guidance), got inf"),
+    ({"guidance_scale": -2.0}, "guidance_scale must be a number >= 0 (1: no guidance), got -2.0"),
+    ({"guidance_scale": float("inf")}, "guidance_scale must be a number >= 0 (1: no guidance), got inf"),
+    ({"dec_w": 2.0}, "dec_w (the CFW weight w) must be in [0, 1], got 2.0"),
 ])
 def test_bad_sampler_options(options, message):
     with pytest.raises(ValueError) as error:

@@ -55,7 +55,7 @@ class PointwiseVAE(nn.Module):
         return self.proj(F.avg_pool2d(x, 8))
 
     def encode_with_features(self, x):
-        return self.moments(x), []
+        return self.moments(x), {}
 
     def decode(self, z, features=None, w=0.0):
         return self.back(F.interpolate(z, scale_factor=8, mode="nearest"))

@@ -15,6 +15,7 @@ from PIL import Image
 
 from stablesr_min.app.cli import main
 from stablesr_min.config import StableSRConfig
+from stablesr_min.errors import UsageError
 from stablesr_min.model import load_stablesr
 from stablesr_min.pipeline import StableSRPipeline, UpscaleOptions, text_context
 from stablesr_min.time_encoder import AttentionBlock
@@ -138,6 +139,22 @@ def test_a_resumed_run_keeps_every_option_it_was_started_with(base, photos, tmp_
     assert_a_resume_kept_every_option(out, train_module.SROptions, started)
 
 
+def test_train_sr_runs_from_python_with_its_options_alone(base, photos, tmp_path):
+    """No parser: the options dataclass is the whole interface; `resume_options` gives a run's options back to
+    continue it, and a resume whose kept options differ from the run's is refused."""
+    out = tmp_path / "run"
+    opts = train_module.SROptions(out=str(out), steps=1, base=[str(base)], data=[str(photos)], batch_size=2, gt_size=64,
+                                  val_every=0)
+    assert train_module.train_sr(opts) == training.FINISHED
+    resumed, state = training.resume_options(train_module.SROptions, {"out": str(out), "steps": 2}, "train_sr")
+    assert (resumed.batch_size, resumed.gt_size, resumed.resume, state.step) == (2, 64, True, 1)
+    assert train_module.train_sr(resumed, state=state) == training.FINISHED
+    assert [r["step"] for r in log(out)] == [1, 2]
+    with pytest.raises(UsageError, match=r"^--batch-size 6: this run was started with 2"):
+        train_module.train_sr(train_module.SROptions(out=str(out), steps=3, base=[str(base)], data=[str(photos)],
+                                                     gt_size=64, resume=True))
+
+
 def test_a_trained_checkpoint_upscales(run_a, golden_weights, tmp_path):
     image = tmp_path / "small.png"
     Image.open(ROOT.parent / "shared" / "images" / "astronaut.png").crop((200, 100, 224, 120)).save(image)
@@ -190,7 +207,7 @@ def test_time_blind_run_from_sd2_samples_with_t_0(sd2_base, photos, tmp_path):
     pipeline, generator = StableSRPipeline(model, cfw=None), torch.Generator().manual_seed(0)
     with torch.no_grad():
         pipeline.sample(torch.randn(1, 4, 16, 16), latent, text_context(model, "", 1),
-                        UpscaleOptions(steps=3, tile=16, overlap=6), [], generator)
+                        UpscaleOptions(steps=3, tile=16, overlap=6), generator=generator)
     zero = timestep_embedding(torch.zeros(1, dtype=torch.long), model.cfg.time_encoder.model_channels)
     assert len(embedded) == 3 and all(torch.equal(e, zero) for e in embedded)
 
@@ -368,7 +385,7 @@ def test_a_learning_rate_must_be_finite(base, photos, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train("--base", base, "--data", photos, "--out", tmp_path / "r", "--steps", 1, *RUN_ARGS, "--lr", "inf")
     assert e.value.code == 2 and "argument --lr: not a finite number: 'inf'" in capsys.readouterr().err
-    with pytest.raises(UsageError, match="--lr must be > 0 and finite, got inf"):
+    with pytest.raises(UsageError, match="^lr must be > 0 and finite, got inf$"):
         check_option_ranges(train_module.SROptions(out="r", steps=1, lr=float("inf")), positive=("lr",))
 
 

@@ -18,9 +18,10 @@ from stablesr_min.app.cli import main
 from stablesr_min.cfw import ResidualDenseBlock
 from stablesr_min.config import StableSRConfig
 from stablesr_min.errors import WeightsError
-from stablesr_min.train.cfw import (FUSION_PREFIX, CFWOptions, Reconstruction, discriminator_from, load_cfw_base, new_loss,
-                                    prepare_for_training, step_gradients)
+from stablesr_min.train.cfw import (FUSION_PREFIX, CFWOptions, Reconstruction, discriminator_from, load_cfw_base,
+                                    new_loss, prepare_for_training, step_gradients, train_cfw)
 from stablesr_min.train.cfw_data import CFWSamples, DataFolder
+from stablesr_min.train.engine import FINISHED
 from stablesr_min.train.data import hue_rotate
 from stablesr_min.train.cfw_loss import CFWLossConfig, PatchDiscriminator
 from stablesr_min.weights import WeightFiles
@@ -271,6 +272,16 @@ def test_a_resumed_run_keeps_every_option_it_was_started_with(golden_weights, da
     assert main(["train", "cfw", "--out", str(out), "--steps", "1", *flags(started)]) == 0
     assert main(["train", "cfw", "--out", str(out), "--steps", "2", "--resume"]) == 0
     assert_a_resume_kept_every_option(out, CFWOptions, started)
+
+
+def test_train_cfw_runs_from_python_with_its_options_alone(golden_weights, data, runs, tmp_path):
+    """No parser: the options dataclass is the whole interface, and the run is the command line's."""
+    out = tmp_path / "run"
+    opts = CFWOptions(out=str(out), steps=3, cfw_base=str(golden_weights[1]), data=[str(data)], batch_size=2,
+                      disc_start=1, val_every=3)
+    assert train_cfw(opts) == FINISHED
+    ours, theirs = tensors(out / "last.safetensors"), tensors(runs[0] / "last.safetensors")
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 # ------------------------------------------------------------------------------------------------------

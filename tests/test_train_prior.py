@@ -14,7 +14,7 @@ from PIL import Image
 from stablesr_min.app.cli import main
 from stablesr_min.config import StableSRConfig
 from stablesr_min.config import TINY_SIZES
-from stablesr_min.errors import DataError
+from stablesr_min.errors import DataError, OptionError
 from stablesr_min.model import StableSR, load_stablesr, load_vae
 from stablesr_min.text import TextEncoder
 from stablesr_min.train import engine as training
@@ -89,7 +89,7 @@ def test_clean_crops_turn_hues_with_the_given_probability_only(photos, tmp_path)
     unclipped = (turned[0] > 0.01).all(0) & (turned[0] < 0.99).all(0)
     assert unclipped.float().mean() > 0.5
     assert torch.allclose(turned[0].sum(0)[unclipped], plain[0].sum(0)[unclipped], atol=1e-5)
-    with pytest.raises(DataError, match="hue rotation probability 1.5: must be in"):
+    with pytest.raises(OptionError, match=r"^hue_rotation must be a probability in \[0, 1\], got 1.5$"):
         CleanCrops([photos], 32, 2, hue_rotation=1.5)
 
 

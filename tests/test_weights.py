@@ -83,8 +83,9 @@ def test_cfw_file_passed_as_stablesr_says_so(tmp_path):
     state = {k.removeprefix("first_stage_model."): v for k, v in vae_state().items()}
     state["decoder.fusion_layer_1.encode_enc_1.conv1.weight"] = torch.zeros(1)
     save_file(state, tmp_path / "cfw.safetensors")
-    with pytest.raises(WeightsError, match="CFW checkpoint .*pass it as --cfw"):
+    with pytest.raises(WeightsError, match=r"This looks like the CFW checkpoint \(vqgan_cfw_00011\)$") as error:
         load_vae(tmp_path / "cfw.safetensors")
+    assert error.value.kind == "cfw"  # the command line adds the option that takes it (test_cli)
 
 
 def test_a_key_in_two_files_is_refused(tmp_path):

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import degradation
+from ..devices import pick_device
 from ..image_io import load_image
 from ..model import StableSR, load_cfw, load_stablesr
 from ..objective import Denoiser, diffusion_loss, latents
@@ -48,8 +49,8 @@ from .metrics import lowpass_colour_error, to_levels
 
 
 def demo_device() -> torch.device:
-    """$STABLESR_DEVICE if set, else cuda when available, else cpu."""
-    return torch.device(os.environ.get("STABLESR_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """$STABLESR_DEVICE if set (checked as --device is), else cuda when available, else cpu."""
+    return pick_device(os.environ.get("STABLESR_DEVICE") or None)
 
 
 @dataclass
@@ -189,7 +190,7 @@ def sample_with_previews(pipe: StableSRPipeline, x_T: torch.Tensor, z0: torch.Te
 
     if 0 in at:
         preview(0, x_T)
-    x0 = pipe.sample(x_T, z0, context, opts, [], generator, on_step=on_step)
+    x0 = pipe.sample(x_T, z0, context, opts, generator=generator, on_step=on_step)
     return x0, previews
 
 

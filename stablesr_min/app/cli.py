@@ -32,12 +32,12 @@ from ..atomic import check_output_file, check_output_folder
 from ..colorfix import METHODS as COLORFIX_METHODS
 from ..degradation import ORDERS
 from ..devices import DTYPES, pick_device, pick_dtype
-from ..errors import USER_ERRORS, Terminated, UsageError
+from ..errors import USER_ERRORS, OptionError, Terminated, UsageError, WeightsError
 from ..image_io import image_size, load_image, save_png_atomically, to_pil
 from ..progress import ProgressLine
 from ..weights import guess_kind
 from .convert import convert_ckpt
-from .settings import checked_config, choose_weights, sampling_settings
+from .settings import SAMPLING_OPTIONS, checked_config, choose_weights, given_values, sampling_settings
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -62,6 +62,32 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
     return value
+
+
+# Which option takes a checkpoint of each kind (`weights.guess_kind`), said after "This looks like ..."
+KIND_ADVICE = {"stablesr": "pass it as --weights", "sd2": "StableSR needs stablesr_000117 as --weights",
+               "cfw": "pass it as --cfw", "vae": "StableSR needs the full stablesr_000117 checkpoint as --weights"}
+
+
+def in_flags(error: Exception, flags: set[str]) -> str:
+    """A user error of the layers below in the command line's words: an option named by its flag where the
+    command line has one (`dec_w` -> `--dec-w`), a checkpoint's kind with the option that takes it."""
+    if isinstance(error, OptionError):
+        flag = "--" + error.field.replace("_", "-")
+        return f"{flag if flag in flags else error.field} {error.problem}"
+    if isinstance(error, WeightsError) and error.kind in KIND_ADVICE:
+        return f"{error}: {KIND_ADVICE[error.kind]}"
+    return str(error)
+
+
+def option_flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Every --flag of the parser and its subcommands'."""
+    flags = {s for action in parser._actions for s in action.option_strings if s.startswith("--")}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= option_flags(sub)
+    return flags
 
 
 @contextmanager
@@ -166,20 +192,17 @@ def cmd_upscale(args) -> None:
 
     inputs = unique_inputs(args.inputs)
     sizes = {path: image_size(path) for path in inputs}  # headers only: fails fast, decodes nothing
-    try:
-        opts = UpscaleOptions(scale=args.scale, tile_batch=args.tile_batch, tile_weights=args.tile_weights,
-                              prompt=args.prompt, vae_tile=args.vae_tile, official_resize=args.official_resize,
-                              eta=args.eta, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt)
-        warn_unused_guidance(opts)
-        stablesr_paths, cfw_path, notice = choose_weights(args)
-        # the sampling options not given: the weights' own (the shipped tiny model's), else the official
-        opts = dataclasses.replace(opts, **sampling_settings(args, stablesr_paths))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    opts = UpscaleOptions(scale=args.scale, tile_batch=args.tile_batch, tile_weights=args.tile_weights,
+                          prompt=args.prompt, vae_tile=args.vae_tile, official_resize=args.official_resize,
+                          eta=args.eta, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt)
+    warn_unused_guidance(opts)
+    stablesr_paths, cfw_path, notice = choose_weights(args.weights, args.cfw)
+    # the sampling options not given: the weights' own (the shipped tiny model's), else the official
+    opts = dataclasses.replace(opts, **sampling_settings(stablesr_paths, given_values(args, SAMPLING_OPTIONS)))
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     out_dir = Path(args.out)
-    check_output_folder(out_dir)
+    check_output_folder(out_dir, f"--out {out_dir}")
     jobs = pending(inputs, output_paths(inputs, out_dir), args.overwrite)
 
     free = free_memory_bytes(device)
@@ -369,7 +392,7 @@ def add_torchrun_options(parser) -> None:
     """The options of a training command that runs under torchrun (train sr, train cfw)."""
     from ..train.engine import DIST_TIMEOUT
 
-    parser.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+    parser.add_argument("--dist-timeout", type=float, metavar="SECONDS", default=DIST_TIMEOUT,
                         help=f"under torchrun: seconds a process waits for the others before giving up (default "
                              f"{DIST_TIMEOUT:g})")
 
@@ -403,18 +426,6 @@ def add_train_prior_parsers(train_sub) -> None:
                           "the VAE learns hues its photos lack (default 0: the photos' own colours)")
     vae.set_defaults(run=cmd_train_prior)
     unet.set_defaults(run=cmd_train_prior)
-
-
-def cmd_train_prior(args) -> str:
-    from ..train.prior import run_train_unet, run_train_vae
-
-    return (run_train_vae if args.what == "vae" else run_train_unet)(args)
-
-
-def cmd_train_sr(args) -> str:
-    from ..train.sr import run_train_sr
-
-    return run_train_sr(args)
 
 
 def add_train_cfw_parsers(train_sub) -> None:
@@ -464,29 +475,89 @@ def add_train_cfw_parsers(train_sub) -> None:
     cfw.set_defaults(run=cmd_train_cfw)
 
 
-def cmd_train_cfw_data(args) -> None:
-    from ..train.cfw_data import run_cfw_data
+# ------------------------------------------------------------------------------------------------------
+# train: argparse's namespace -> a trainer's options
 
-    run_cfw_data(args)
+
+def given_options(args, options: type) -> dict:
+    """{field of the `options` dataclass: value} for each option given (argparse's None: not given); the
+    options naming files made absolute (a run may be continued from another folder)."""
+    from ..train.options import fields_that
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(options) if getattr(args, f.name) is not None}
+    for name in set(fields_that(options, path=True)) & given.keys():
+        value = given[name]
+        given[name] = [str(Path(v).resolve()) for v in value] if isinstance(value, list) else str(Path(value).resolve())
+    return given
+
+
+def command_options(args, options: type, required: dict[str, str]):
+    """A training command's options and, with --resume, its run's state (`engine.resume_options`: a resumed
+    run takes its persisting options from its state); a new run needs the `required` options ({field: how
+    --help shows it})."""
+    from ..train.engine import resume_options
+
+    given = given_options(args, options)
+    if args.resume:
+        return resume_options(options, given, f"train {args.what}")
+    if not required.keys() <= given.keys():
+        raise UsageError(f"train {args.what} needs {' and '.join(required.values())} (or --resume to continue a run)")
+    return options(**given), None
+
+
+def cmd_train_sr(args) -> str:
+    """`train sr`, in every process of a torchrun: each reads its own command line (train_sr checks that they
+    agree)."""
+    from ..train.engine import torchrun_processes
+    from ..train.sr import SROptions, train_sr
+
+    with torchrun_processes(args.device, args.dist_timeout) as procs:
+        opts, state = command_options(args, SROptions, {"base": "--base FILE", "data": "--data DIR"})
+        return train_sr(opts, procs, state)
 
 
 def cmd_train_cfw(args) -> str:
-    from ..train.cfw import run_train_cfw
+    """`train cfw`, in every process of a torchrun, as `train sr`."""
+    from ..train.cfw import CFWOptions, train_cfw
+    from ..train.engine import torchrun_processes
 
-    return run_train_cfw(args)
+    with torchrun_processes(args.device, args.dist_timeout) as procs:
+        opts, state = command_options(args, CFWOptions, {"cfw_base": "--cfw-base FILE", "data": "--data DIR"})
+        return train_cfw(opts, procs, state)
+
+
+def cmd_train_prior(args) -> str:
+    """`train vae` and `train unet`: one process."""
+    from ..train.engine import one_process
+    from ..train.prior import UNetOptions, VAEOptions, train_unet, train_vae
+
+    with one_process(f"train {args.what}"):
+        if args.what == "vae":
+            return train_vae(*command_options(args, VAEOptions, {"data": "--data DIR"}))
+        return train_unet(*command_options(args, UNetOptions, {"vae": "--vae FILE", "data": "--data DIR"}))
+
+
+def cmd_train_cfw_data(args) -> None:
+    """`train cfw-data`: one process; a folder that holds a generation continues it."""
+    from ..train.cfw_data import GenerationOptions, continued_generation, generate
+    from ..train.engine import one_process
+
+    with one_process("train cfw-data"):
+        generate(continued_generation(given_options(args, GenerationOptions)))
 
 
 def main(argv: list[str] | None = None) -> int:
     from ..train.engine import STOPPED, TERMINATED  # how a training run may end (the parser loaded train/)
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     endings = {STOPPED: ("interrupted", 130), TERMINATED: ("terminated", 128 + signal.SIGTERM)}
     speak = os.environ.get("RANK", "0") == "0"  # a training run under torchrun: one process says how it ended
     try:
         with terminate_on_sigterm():
             outcome = args.run(args)  # the training commands say how they ended (saved); the others return None
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {in_flags(e, option_flags(parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
         outcome, speak = STOPPED, True

@@ -35,7 +35,7 @@ from ..image_io import load_image, save_png_atomically, to_pil
 from ..progress import ProgressLine
 from ..train.data import find_images
 from . import metrics
-from .settings import SAMPLING_OPTIONS, checked_config, choose_weights, sampling_settings
+from .settings import SAMPLING_OPTIONS, checked_config, choose_weights, given_values, sampling_settings
 
 CROP_MULTIPLE = 32  # HR crop sides: a multiple of 4 (the scale) x 8 (the VAE), so the LR and SR latents are whole
 
@@ -267,30 +267,24 @@ def run_evaluate(args) -> None:
     degradation = EvalDegradation()
     crops = read_hr_crops(args.hr, args.crop, args.grid)
     out_dir = Path(args.out)
-    check_output_folder(out_dir)
+    check_output_folder(out_dir, f"--out {out_dir}")
     for hr in map(Path, args.hr):
         if out_dir.resolve().is_relative_to(hr.resolve()):
             raise UsageError(f"--out {out_dir}: is inside --hr {hr}, so its saved images would be read as HR photos "
                              "by the next run; choose a folder outside the HR photos")
     given = {name: getattr(args, name) for name in SAMPLING_OPTIONS
              if name != "dec_w" and getattr(args, name) is not None}
-    try:  # the options given, checked before any weights file is opened
-        for w in args.dec_w or []:
-            UpscaleOptions(**given, dec_w=w)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    stablesr_paths, cfw_path, notice = choose_weights(args)
-    sampling = sampling_settings(args, stablesr_paths)
+    for w in args.dec_w or []:  # the options given, checked before any weights file is opened
+        UpscaleOptions(**given, dec_w=w)
+    stablesr_paths, cfw_path, notice = choose_weights(args.weights, args.cfw)
+    sampling = sampling_settings(stablesr_paths, given_values(args, SAMPLING_OPTIONS))
     dec_ws = list(dict.fromkeys(args.dec_w or [sampling["dec_w"]]))  # each w once, in the order given
     seeds = list(dict.fromkeys(args.seed))
     methods = method_names(dec_ws)
     seed_labels = [""] if len(seeds) == 1 else [f"_seed{seed}" for seed in seeds]
     saved = image_outputs(crops, out_dir, ["hr", "lr", "bicubic"] +
                           [f"sr_w{w:g}{label}" for label in seed_labels for w in dec_ws])
-    try:
-        opts = [UpscaleOptions(scale=degradation.scale, **{**sampling, "dec_w": w}) for w in dec_ws]
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    opts = [UpscaleOptions(scale=degradation.scale, **{**sampling, "dec_w": w}) for w in dec_ws]
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     steps = sampling["steps"]

@@ -48,8 +48,8 @@ from ..vae import AutoencoderKL
 from ..weights import WeightFiles, check_keys, config_metadata, guess_kind, load_module, mismatch_message
 from .cfw_data import CFWSamples
 from .cfw_loss import CFWLoss, CFWLossConfig
-from .engine import (Loop, Processes, RunFolder, TrainState, autocast, derive_seeds, distribute, rank_seed, restore,
-                     run_in_processes, snapshot)
+from .engine import (Loop, Processes, RunFolder, TrainState, autocast, check_resumed_with_its_options,
+                     check_same_options, derive_seeds, distribute, rank_seed, restore, snapshot, torchrun_processes)
 from .options import RunOptions, check_option_ranges, kept, persisting
 
 FUSION_PREFIX = "decoder.fusion_layer_"
@@ -181,7 +181,7 @@ def reconstruct(cfw: CFWAutoencoder, lr: torch.Tensor, latent: torch.Tensor,
 
 class Reconstruction(nn.Module):
     """`reconstruct` as a module: what a training step runs with gradients. With several processes,
-    DistributedDataParallel wraps it (training.distribute): it holds every fusion layer, and DDP leaves the
+    DistributedDataParallel wraps it (engine.distribute): it holds every fusion layer, and DDP leaves the
     frozen rest of the autoencoder (requires_grad False) out of the gradient all-reduce."""
 
     def __init__(self, cfw: CFWAutoencoder):
@@ -241,27 +241,30 @@ class CFWOptions(RunOptions):  # val_every: validation L1 losses (w = 1); kept: 
     #                                  hue (CFWSamples; not official: 0)
 
 
-def run_train_cfw(args) -> str:
-    """`python -m stablesr_min train cfw ...` (or `torchrun ... -m stablesr_min train cfw ...`)."""
-    return run_in_processes(args, CFWOptions, {"cfw_base": "--cfw-base FILE", "data": "--data DIR"}, train_cfw)
-
-
 def check_options(opts: CFWOptions) -> None:
-    check_option_ranges(opts, ("steps", "batch_size"), ("disc_start", "save_every", "val_every"), ("lr",),
-                        ("hue_rotation",))
+    check_option_ranges(opts, ("steps", "batch_size"), ("disc_start", "save_every", "val_every"), ("lr",))
 
 
-def train_cfw(opts: CFWOptions, procs: Processes, state: TrainState | None = None) -> str:
-    """Train the fusion layers for `opts.steps` steps in all, in this process of the run; with `state` (and
-    `opts.resume`), continue that run. Returns how it ended: engine.FINISHED, STOPPED or TERMINATED (stopped by
-    a signal, and saved)."""
+def train_cfw(opts: CFWOptions, procs: Processes | None = None, state: TrainState | None = None) -> str:
+    """Train the fusion layers for `opts.steps` steps in all, in this process of the run (None: this process,
+    or every process of a torchrun); with `opts.resume`, continue the run in `opts.out` (`state`: its state, if
+    read already; `engine.resume_options` gives the options to continue it with). Returns how it ended:
+    engine.FINISHED, STOPPED or TERMINATED (stopped by a signal, and saved).
+
+        train_cfw(CFWOptions(out="runs/cfw", steps=1000, cfw_base="v2-1_512-ema-pruned.safetensors", data=["cfw_data"]))
+    """
+    if procs is None:
+        with torchrun_processes(opts.device) as procs:
+            return train_cfw(opts, procs, state)
     check_options(opts)
+    check_same_options(procs, opts)
     run = RunFolder(opts.out, resume=opts.resume, writer=procs.is_main)
     device = procs.device
     dtype = pick_dtype(opts.dtype, device)
     seeds = derive_seeds(opts.seed, ["data", "init", "discriminator"])
     if opts.resume and state is None:
         state = run.load_state()
+        check_resumed_with_its_options(opts, state)
 
     # The model: the run's last checkpoint, or the base file; the samples: each rank its own order
     if state:

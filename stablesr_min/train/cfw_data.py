@@ -49,10 +49,11 @@ from ..devices import pick_device, pick_dtype
 from ..errors import DataError, ImageError, UsageError
 from ..image_io import image_size, save_png_atomically, to_pil
 from ..progress import ProgressLine, format_seconds
+from ..schedule import check_steps
 from ..weights import WeightFiles, save_safetensors
-from .data import TrainingPairs, hue_rotate, read_rgb
-from .engine import continued_options, derive_seeds, given_options, one_process
-from .options import KEPT, check_option_ranges, fields_that, kept, persisting
+from .data import TrainingPairs, check_hue_rotation, hue_rotate, read_rgb
+from .engine import derive_seeds
+from .options import KEPT, check_option_ranges, continued_options, fields_that, kept, persisting
 
 LATENT_KEY = "latent"
 SCALE_FACTOR_KEY = "stablesr_min.scale_factor"
@@ -132,19 +133,16 @@ class GenerationOptions:  # kept: a folder keeps it; continuing the folder, it m
     dtype: str = "float32"  # the networks' dtype on a GPU (float16/bfloat16); latents stay float32
 
 
-def run_cfw_data(args) -> None:
-    """`python -m stablesr_min train cfw-data ...`: argparse's namespace (None where an option was not
-    given) -> GenerationOptions -> generate. A folder that holds a generation takes its kept options from
-    its record, so `--out DATA --count N` alone continues it."""
-    with one_process("train cfw-data"):
-        given = given_options(args, GenerationOptions)
-        record = DataFolder(args.out).read_record()
-        if record is not None:
-            given = continued_options(record["options"], given, fields_that(GenerationOptions, KEPT))
-        elif args.weights is None or args.data is None:
-            raise UsageError("train cfw-data needs --weights FILE and --data DIR (or an --out folder it already "
-                             "generated into, to continue it)")
-        generate(GenerationOptions(**{k: v for k, v in given.items() if v is not None}))
+def continued_generation(given: dict[str, Any]) -> GenerationOptions:
+    """The options to generate into `given["out"]` with ({field: value}, each one given): a folder that holds
+    a generation keeps its kept options from its record, so `out` and `count` alone continue it."""
+    record = DataFolder(given["out"]).read_record()
+    if record is not None:
+        given = continued_options(record["options"], given, fields_that(GenerationOptions, KEPT))
+    elif "weights" not in given or "data" not in given:
+        raise UsageError("train cfw-data needs --weights FILE and --data DIR (or an --out folder it already "
+                         "generated into, to continue it)")
+    return GenerationOptions(**given)
 
 
 def to_8bit(image: torch.Tensor) -> torch.Tensor:
@@ -156,9 +154,7 @@ def check_sizes(opts: GenerationOptions, cfg) -> None:
     from .networks import gt_size_multiple
 
     check_option_ranges(opts, at_least_one=("count", "steps", "batch_size"))
-    if opts.steps > cfg.diffusion.timesteps:
-        raise UsageError(f"--steps {opts.steps}: the schedule has {cfg.diffusion.timesteps} steps; use at most "
-                         f"{cfg.diffusion.timesteps}")
+    check_steps(cfg.diffusion.timesteps, opts.steps)
     multiple = gt_size_multiple(cfg, SCALE)
     if opts.gt_size < multiple or opts.gt_size % multiple:
         raise UsageError(f"--gt-size {opts.gt_size}: must be a multiple of {multiple} (whole latents at every "
@@ -174,7 +170,7 @@ def generate(opts: GenerationOptions) -> None:
     from ..pipeline import StableSRPipeline, UpscaleOptions
 
     folder = DataFolder(opts.out)
-    check_output_folder(folder.path)
+    check_output_folder(folder.path, f"--out {folder.path}")
     for data in map(Path, opts.data):
         if folder.path.resolve().is_relative_to(data.resolve()):
             raise UsageError(f"--out {folder.path}: is inside --data {data}, so its images would become training "
@@ -355,8 +351,7 @@ class CFWSamples:
 
     def __init__(self, folders: list[str | Path], batch_size: int, seed: int, factor: int, latent_channels: int,
                  hue_rotation: float = 0.0):
-        if not 0 <= hue_rotation <= 1:
-            raise DataError(f"hue rotation probability {hue_rotation}: must be in [0, 1]")
+        check_hue_rotation(hue_rotation)
         self.samples = find_samples(folders)
         self.batch_size, self.seed, self.hue_rotation = batch_size, seed, hue_rotation
         self.used = 0

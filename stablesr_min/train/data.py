@@ -27,7 +27,7 @@ import torch
 
 from ..degradation import (DegradationConfig, PairPool, chance, clean_lr, degrade, draw_image_kernels,
                            paired_random_crop, uniform, usm_sharpen)
-from ..errors import DataError, ImageError
+from ..errors import DataError, ImageError, OptionError
 from ..image_io import image_size, load_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -114,6 +114,12 @@ def augment(img: torch.Tensor, gen: torch.Generator, hflip: bool, rot: bool) -> 
     if rot and chance(gen, 0.5):
         img = img.transpose(-2, -1)
     return img
+
+
+def check_hue_rotation(p: float) -> None:
+    """The probability of turning a sample's hues (CleanCrops, CFWSamples; the option `hue_rotation`)."""
+    if not 0 <= p <= 1:
+        raise OptionError("hue_rotation", f"must be a probability in [0, 1], got {p}")
 
 
 def hue_rotate(img: torch.Tensor, angle: float) -> torch.Tensor:
@@ -226,8 +232,7 @@ class CleanCrops(ShuffledImages):
         if batch_size < 1:
             raise DataError(f"batch size {batch_size}: must be at least 1")
         check_crop_size(crop_size, "--crop")
-        if not 0 <= hue_rotation <= 1:
-            raise DataError(f"hue rotation probability {hue_rotation}: must be in [0, 1]")
+        check_hue_rotation(hue_rotation)
         super().__init__(folders, batch_size, seed)
         self.crop_size = crop_size
         self.hue_rotation = hue_rotation

@@ -48,7 +48,7 @@ from ..devices import pick_device
 from ..errors import USER_ERRORS, Terminated, UsageError
 from ..progress import ProgressLine, format_seconds
 from ..weights import WeightFiles, save_safetensors
-from .options import KEPT, fields_that
+from .options import KEPT, continued_options, fields_that, persisting
 
 CHECKPOINT = "last.safetensors"
 STATE = "state.safetensors"
@@ -168,7 +168,7 @@ class RunFolder:
 
     def __init__(self, path: str | Path, resume: bool, writer: bool = True):
         self.path = Path(path)
-        check_output_folder(self.path)
+        check_output_folder(self.path, f"--out {self.path}")
         if resume and not self.state_path.is_file():
             raise UsageError(f"--resume: {self.path} holds no run to resume (no {STATE}); start it without --resume")
         if not resume and self.state_path.is_file():
@@ -243,71 +243,32 @@ def save_due(step: int, steps: int, save_every: int, stopped: bool) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Options
+# Resuming
 
 
-def given_options(args, options: type) -> dict[str, Any]:
-    """argparse's namespace -> {field of the `options` dataclass: value}, None where not given; the options
-    naming files made absolute (a run may be continued from another folder)."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(options)}
-    for name in fields_that(options, path=True):
-        if given[name] is not None:
-            given[name] = absolute(given[name])
-    return given
-
-
-def absolute(value: str | list[str]) -> str | list[str]:
-    return [str(Path(v).resolve()) for v in value] if isinstance(value, list) else str(Path(value).resolve())
-
-
-def continued_options(stored: dict[str, Any], given: dict[str, Any], kept: Iterable[str]) -> dict[str, Any]:
-    """The options to continue a run (or a data folder) with: the ones it stored, overridden by those given
-    again (None: not given). A `kept` option given again must have its stored value."""
-    for name in kept:
-        if given[name] is not None and given[name] != stored.get(name):
-            flag = "--" + name.replace("_", "-")
-            raise UsageError(f"{flag} {given[name]}: this run was started with {stored.get(name)}, and a "
-                             f"resumed run keeps its options; leave {flag} out or start a new run")
-    return stored | {k: v for k, v in given.items() if v is not None}
-
-
-def resume_options(out: str | Path, steps: int, given: dict[str, Any],
-                   kept: Iterable[str]) -> tuple[dict[str, Any], TrainState]:
-    """`--resume`: the options to continue with (`continued_options`) and the run's state, which `--steps`
-    must take further."""
+def resume_options(options: type, given: dict[str, Any], command: str) -> tuple[Any, TrainState]:
+    """The `options` (a dataclass) to continue the run in `given["out"]` up to `given["steps"]`, and its state:
+    what the run stored (options.py), overridden by the rest of `given` ({field: value}, each one given; a kept
+    one must have its stored value). `command`: the command's name, for the errors."""
+    out, steps = given["out"], given["steps"]
     state = RunFolder(out, resume=True, writer=False).load_state()
     if steps <= state.step:
         raise UsageError(f"--steps {steps}: the run in {out} is already at step {state.step}; "
                          "pass a larger --steps to continue it")
-    return continued_options(state.options, given, kept), state
+    names = {f.name for f in dataclasses.fields(options)}
+    foreign = sorted(set(state.options) - names)
+    if foreign:  # options this command does not have: another command wrote the run
+        raise UsageError(f"--resume: {out} holds a run of another training command (its options include "
+                         f"{', '.join(foreign)}; `{command}` has none of them); resume it with that command, or "
+                         "choose another --out")
+    kept = continued_options(state.options, given, fields_that(options, KEPT))
+    return options(**{**kept, "resume": True}), state
 
 
-def command_options(args, options: type, required: dict[str, str]) -> tuple[Any, TrainState | None]:
-    """A training command's options (the `options` dataclass) and, with --resume, its run's state: a
-    resumed run takes its persisting options from the state (options.py); a new one needs the `required`
-    options ({name: how --help shows it})."""
-    given = given_options(args, options)
-    state = None
-    if args.resume:
-        given, state = resume_options(args.out, args.steps, given, fields_that(options, KEPT))
-        foreign = sorted(set(state.options) - {f.name for f in dataclasses.fields(options)})
-        if foreign:  # options this command does not have: another command wrote the run
-            raise UsageError(f"--resume: {args.out} holds a run of another training command (its options include "
-                             f"{', '.join(foreign)}; `train {args.what}` has none of them); resume it with that "
-                             "command, or choose another --out")
-    elif any(given[name] is None for name in required):
-        raise UsageError(f"train {args.what} needs {' and '.join(required.values())} (or --resume to continue a run)")
-    return options(**{k: v for k, v in given.items() if v is not None}), state
-
-
-def run_in_processes(args, options: type, required: dict[str, str], train: Callable) -> str:
-    """A torchrun-ready command: argparse's namespace (None where an option was not given) -> `options`
-    (`command_options`; a resumed run takes its persisting options from its state), the same in every process
-    (checked) -> `train(opts, procs, state)`, in every process of the run; returns how the run ended."""
-    with torchrun_processes(args.device, args.dist_timeout) as procs:
-        opts, state = command_options(args, options, required)
-        check_same_options(procs, opts)
-        return train(opts, procs, state)
+def check_resumed_with_its_options(opts: Any, state: TrainState) -> None:
+    """A run resumed from Python with options of its own: the kept ones must be the run's (`resume_options`
+    gives them)."""
+    continued_options(state.options, persisting(opts), fields_that(type(opts), KEPT))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -420,14 +381,14 @@ class Processes:
 
 
 @contextlib.contextmanager
-def torchrun_processes(device_name: str | None, timeout_s: float | None) -> Iterator[Processes]:
+def torchrun_processes(device_name: str | None, timeout_s: float = DIST_TIMEOUT) -> Iterator[Processes]:
     """Join the run's other processes (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
     MASTER_PORT in each one's environment): NCCL between GPUs, gloo between CPUs, every collective
-    operation given up after `timeout_s` (None: DIST_TIMEOUT), so that a process that died makes the others
+    operation given up after `timeout_s`, so that a process that died makes the others
     exit rather than hang. A user error on rank r > 0 is printed as one line naming the rank."""
     rank = int(os.environ.get("RANK", 0))
     try:
-        procs = join_processes(device_name, DIST_TIMEOUT if timeout_s is None else timeout_s)
+        procs = join_processes(device_name, timeout_s)
         try:
             yield procs
         finally:

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from ..errors import UsageError
+from ..errors import OptionError, UsageError
 
 KEPT, STORED = "kept", "stored"
 
@@ -65,15 +65,25 @@ class RunOptions:
     val_every: int = stored(100)  # steps between validation losses (0: never)
 
 
+def continued_options(stored: dict[str, Any], given: dict[str, Any], kept: Iterable[str]) -> dict[str, Any]:
+    """The options to continue a run (or a data folder) with: the ones it `stored`, overridden by those
+    `given` again. A `kept` option given again must have its stored value."""
+    for name in kept:
+        if name in given and given[name] != stored.get(name):
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} {given[name]}: this run was started with {stored.get(name)}, and a "
+                             f"resumed run keeps its options; leave {flag} out or start a new run")
+    return stored | given
+
+
 def check_option_ranges(opts, at_least_one: Iterable[str] = (), at_least_zero: Iterable[str] = (),
-                        positive: Iterable[str] = (), probabilities: Iterable[str] = ()) -> None:
-    """Options that must be >= 1 (steps, batch size, ...), >= 0 (intervals), > 0 and finite (the learning
-    rate) or in [0, 1] (probabilities)."""
+                        positive: Iterable[str] = ()) -> None:
+    """Options that must be >= 1 (steps, batch size, ...), >= 0 (intervals) or > 0 and finite (the learning
+    rate)."""
     rules = [(at_least_one, ">= 1", lambda v: v >= 1), (at_least_zero, ">= 0", lambda v: v >= 0),
-             (positive, "> 0 and finite", lambda v: 0 < v < math.inf),
-             (probabilities, "a probability in [0, 1]", lambda v: 0 <= v <= 1)]
+             (positive, "> 0 and finite", lambda v: 0 < v < math.inf)]
     for names, rule, ok in rules:
         for name in names:
             value = getattr(opts, name)
             if not ok(value):  # (NaN fails every rule)
-                raise UsageError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+                raise OptionError(name, f"must be {rule}, got {value}")

@@ -64,9 +64,9 @@ from ..schedule import Schedule
 from ..text import TextEncoder
 from ..unet import UNet
 from ..vae import AutoencoderKL, DiagonalGaussian
-from ..weights import KIND_HINTS, WeightFiles, config_metadata, guess_kind
-from .engine import (Loop, Processes, RunFolder, TrainState, autocast, command_options, decayed_lr, derive_seeds,
-                     one_process, set_lr, snapshot, start_optimizer)
+from ..weights import CHECKPOINT_KINDS, WeightFiles, config_metadata, guess_kind
+from .engine import (Loop, Processes, RunFolder, TrainState, autocast, check_resumed_with_its_options, decayed_lr,
+                     derive_seeds, set_lr, snapshot, start_optimizer)
 from .options import RunOptions, check_option_ranges, kept, persisting, stored
 from .networks import default_init, gt_size_multiple, warn_time_blind, zero_init_like_official
 
@@ -143,7 +143,7 @@ def vae_for_prior(path: str) -> AutoencoderKL:
     kind = guess_kind(files.keys())
     if kind not in ("vae", "sd2", "stablesr"):
         raise WeightsError(f"{path}: --vae needs a VAE written by `train vae` (or an SD 2.x or StableSR checkpoint), "
-                           f"but this is {KIND_HINTS[kind].split(':')[0]}")
+                           f"but this is {CHECKPOINT_KINDS[kind]}")
     return load_vae(path)
 
 
@@ -229,18 +229,6 @@ class UNetOptions(PriorOptions):
     crop: int = kept(128)  # 32 x 32 latents with the tiny 4x VAE
 
 
-def run_train_vae(args) -> str:
-    """`python -m stablesr_min train vae ...`"""
-    with one_process("train vae"):
-        return train_vae(*command_options(args, VAEOptions, {"data": "--data DIR"}))
-
-
-def run_train_unet(args) -> str:
-    """`python -m stablesr_min train unet ...`"""
-    with one_process("train unet"):
-        return train_unet(*command_options(args, UNetOptions, {"vae": "--vae FILE", "data": "--data DIR"}))
-
-
 def check_prior_options(opts: PriorOptions, multiple: int) -> None:
     check_option_ranges(opts, ("steps", "batch_size"), ("save_every", "val_every", "lr_decay"), ("lr",))
     if opts.crop < multiple or opts.crop % multiple:
@@ -255,11 +243,11 @@ def train_vae(opts: VAEOptions, state: TrainState | None = None) -> str:
     run = RunFolder(opts.out, resume=opts.resume)
     if opts.resume and state is None:
         state = run.load_state()
+        check_resumed_with_its_options(opts, state)
     cfg = resolve_config(WeightFiles([run.checkpoint_path]), None) if state else prior_config(opts.config)
     check_prior_options(opts, cfg.vae.downscale)
     if not opts.kl_weight >= 0:
         raise UsageError(f"--kl-weight must be >= 0, got {opts.kl_weight}")
-    check_option_ranges(opts, probabilities=("hue_rotation",))
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.dtype, device)
     seeds = derive_seeds(opts.seed, ["data", "noise", "init", "validation"])
@@ -297,6 +285,7 @@ def train_unet(opts: UNetOptions, state: TrainState | None = None) -> str:
     run = RunFolder(opts.out, resume=opts.resume)
     if opts.resume and state is None:
         state = run.load_state()
+        check_resumed_with_its_options(opts, state)
     seeds = derive_seeds(opts.seed, ["data", "noise", "init", "text", "scale", "validation"])
     if state:
         model = load_stablesr([run.checkpoint_path])

@@ -34,9 +34,10 @@ from ..objective import Denoiser, Validation, latents, sample_loss
 from ..pipeline import text_context
 from ..schedule import Schedule
 from ..unet import SFT
-from ..weights import KIND_HINTS, WeightFiles, config_metadata, guess_kind
-from .engine import (Loop, Processes, RunFolder, TrainState, autocast, derive_seeds, distribute, gradient_sync,
-                     rank_seed, run_in_processes, snapshot, start_optimizer)
+from ..weights import CHECKPOINT_KINDS, WeightFiles, config_metadata, guess_kind
+from .engine import (Loop, Processes, RunFolder, TrainState, autocast, check_resumed_with_its_options,
+                     check_same_options, derive_seeds, distribute, gradient_sync, rank_seed, snapshot, start_optimizer,
+                     torchrun_processes)
 from .options import RunOptions, check_option_ranges, kept, persisting, stored
 from .networks import check_gt_size, default_init, warn_time_blind, zero_init_like_official
 
@@ -75,7 +76,7 @@ def base_config(paths: list[str], config: str | None, time_aware: bool) -> Stabl
     kind = guess_kind(files.keys())
     if kind not in ("stablesr", "sd2"):
         raise WeightsError(f"{files.describe()}: --base needs a StableSR or Stable Diffusion 2.x checkpoint, "
-                           f"but this is {KIND_HINTS[kind].split(':')[0]}")
+                           f"but this is {CHECKPOINT_KINDS[kind]}")
     cfg = StableSRConfig.from_dict(resolve_config(files, config).to_dict())  # a copy we may change
     cfg.unet.use_sft = True
     cfg.time_encoder.time_aware = time_aware
@@ -128,29 +129,33 @@ class SROptions(RunOptions):  # kept / stored: what a resumed run keeps of them 
     #                                 "auto": on at the official crop size (gt_size >= 512), off below (small photos padded)
 
 
-def run_train_sr(args) -> str:
-    """`python -m stablesr_min train sr ...` (or `torchrun ... -m stablesr_min train sr ...`)."""
-    return run_in_processes(args, SROptions, {"base": "--base FILE", "data": "--data DIR"}, train_sr)
-
-
 def check_options(opts: SROptions) -> None:
     check_option_ranges(opts, ("steps", "batch_size", "grad_accum"), ("save_every", "val_every"), ("lr",))
 
 
-def train_sr(opts: SROptions, procs: Processes, state: TrainState | None = None) -> str:
-    """Fine-tune for `opts.steps` steps in all, in this process of the run; with `state` (and
-    `opts.resume`), continue that run. Returns how it ended: engine.FINISHED, STOPPED or TERMINATED (stopped by
-    a signal, and saved)."""
+def train_sr(opts: SROptions, procs: Processes | None = None, state: TrainState | None = None) -> str:
+    """Fine-tune for `opts.steps` steps in all, in this process of the run (None: this process, or every
+    process of a torchrun); with `opts.resume`, continue the run in `opts.out` (`state`: its state, if read
+    already; `engine.resume_options` gives the options to continue it with). Returns how it ended:
+    engine.FINISHED, STOPPED or TERMINATED (stopped by a signal, and saved).
+
+        train_sr(SROptions(out="runs/sr", steps=1000, base=["v2-1_512-ema-pruned.safetensors"], data=["photos/"]))
+    """
+    if procs is None:
+        with torchrun_processes(opts.device) as procs:
+            return train_sr(opts, procs, state)
     from .data import TrainingPairs, smallest_gt_size  # the data pipeline loads only for training
     from ..degradation import ORDERS, DegradationConfig
 
     check_options(opts)
+    check_same_options(procs, opts)
     run = RunFolder(opts.out, resume=opts.resume, writer=procs.is_main)
     device = procs.device
     dtype = pick_dtype(opts.dtype, device)
     seeds = derive_seeds(opts.seed, ["data", "noise", "init", "validation"])
     if opts.resume and state is None:
         state = run.load_state()
+        check_resumed_with_its_options(opts, state)
 
     # The model's config (the model itself loads once the data is found): the run's last checkpoint's, or
     # the base file's

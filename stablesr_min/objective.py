@@ -42,7 +42,7 @@ def posterior_latent(model: StableSR, image: torch.Tensor, generator: torch.Gene
 class Denoiser(nn.Module):
     """eps_theta(z_t, t, c, s(z_lr, t)): the UNet conditioned by the time-aware encoder, the networks that
     a training step runs with gradients, as one module. With several processes, DistributedDataParallel
-    wraps this module (engine.distribute): it holds every trainable parameter, and DDP leaves its
+    wraps this module (train.processes.distribute): it holds every trainable parameter, and DDP leaves its
     frozen ones (requires_grad False) out of the gradient all-reduce."""
 
     def __init__(self, model: StableSR):

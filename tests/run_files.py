@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from stablesr_min.train import engine as training
+from stablesr_min.train import loop as training
 
 
 def tensors(path) -> dict[str, torch.Tensor]:

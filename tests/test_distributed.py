@@ -32,8 +32,10 @@ from stablesr_min.train import sr as train_module
 from stablesr_min.train.cfw import Reconstruction, load_cfw_base, new_loss, prepare_for_training, step_gradients
 from stablesr_min.train.cfw_data import CFWSamples
 from stablesr_min.train.cfw_loss import CFWLossConfig
-from stablesr_min.train.engine import (STATE_METADATA_KEY, Processes, StopRequest, TrainState, check_same_options,
-                                       check_world_size, distribute, mean_over_ranks, torchrun_processes)
+from stablesr_min.train.loop import StopRequest
+from stablesr_min.train.processes import (Processes, check_same_options, check_world_size, distribute, mean_over_ranks,
+                                          torchrun_processes)
+from stablesr_min.train.run_folder import STATE_METADATA_KEY, TrainState
 from stablesr_min.train.sr import is_trainable, prepare_for_finetuning
 from stablesr_min.weights import save_safetensors
 

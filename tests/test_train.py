@@ -19,7 +19,8 @@ from stablesr_min.errors import UsageError
 from stablesr_min.model import load_stablesr
 from stablesr_min.pipeline import StableSRPipeline, UpscaleOptions, text_context
 from stablesr_min.time_encoder import AttentionBlock
-from stablesr_min.train import engine as training
+from stablesr_min.train import run_folder as training
+from stablesr_min.train.loop import StopRequest
 from stablesr_min.train import sr as train_module
 from stablesr_min.train.sr import base_config, is_trainable, load_base
 from stablesr_min.unet import SFT, ResBlock, timestep_embedding
@@ -356,11 +357,11 @@ def test_every_way_a_run_stops_leaves_a_folder_that_its_printed_way_out_continue
 def test_a_second_signal_within_a_second_is_the_same_stop_and_a_later_one_quits():
     """torchrun forwards the stop that reached the whole job to its workers: that second signal must not make
     them quit without saving. A person's second Ctrl-C, later, does."""
-    with training.StopRequest(announce=False) as stop:
+    with StopRequest(announce=False) as stop:
         stop._handle(signal.SIGTERM, None)
         stop._handle(signal.SIGTERM, None)  # forwarded at once: the same stop
         assert stop.requested == signal.SIGTERM
-        stop.requested_at -= training.StopRequest.SAME_STOP_WITHIN_S
+        stop.requested_at -= StopRequest.SAME_STOP_WITHIN_S
         with pytest.raises(KeyboardInterrupt):
             stop._handle(signal.SIGINT, None)
 
@@ -391,7 +392,7 @@ def test_a_learning_rate_must_be_finite(base, photos, tmp_path, capsys):
 
 def test_resuming_another_commands_run_names_it(tmp_path, capsys):
     """A `train vae` run resumed with `train sr`: one line, not a TypeError."""
-    from stablesr_min.train.engine import TrainState
+    from stablesr_min.train.run_folder import TrainState
 
     out = tmp_path / "vae_run"
     out.mkdir()

@@ -21,7 +21,7 @@ from stablesr_min.errors import WeightsError
 from stablesr_min.train.cfw import (FUSION_PREFIX, CFWOptions, Reconstruction, discriminator_from, load_cfw_base,
                                     new_loss, prepare_for_training, step_gradients, train_cfw)
 from stablesr_min.train.cfw_data import CFWSamples, DataFolder
-from stablesr_min.train.engine import FINISHED
+from stablesr_min.train.run_folder import FINISHED
 from stablesr_min.train.data import hue_rotate
 from stablesr_min.train.cfw_loss import CFWLossConfig, PatchDiscriminator
 from stablesr_min.weights import WeightFiles

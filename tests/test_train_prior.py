@@ -14,12 +14,13 @@ from PIL import Image
 from stablesr_min.app.cli import main
 from stablesr_min.config import StableSRConfig
 from stablesr_min.config import TINY_SIZES
-from stablesr_min.errors import DataError, OptionError
+from stablesr_min.errors import OptionError
 from stablesr_min.model import StableSR, load_stablesr, load_vae
 from stablesr_min.text import TextEncoder
-from stablesr_min.train import engine as training
+from stablesr_min.train import loop
+from stablesr_min.train import run_folder as training
 from stablesr_min.train.data import CleanCrops, hue_rotate
-from stablesr_min.train.engine import derive_seeds
+from stablesr_min.train.processes import derive_seeds
 from stablesr_min.train.networks import default_init
 from stablesr_min.train.prior import UNetOptions, VAEOptions, init_text_encoder, prior_config
 from stablesr_min.vae import AutoencoderKL
@@ -126,9 +127,9 @@ def test_a_vae_run_stopped_by_ctrl_c_and_resumed_equals_an_uninterrupted_one(vae
 
 
 def test_decayed_lr_is_constant_then_falls_linearly_over_the_last_steps():
-    assert [training.decayed_lr(1.0, s, 10, 4) for s in range(10)] == [1, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
-    assert [training.decayed_lr(1.0, s, 3, 0) for s in range(3)] == [1, 1, 1]  # 0: constant
-    assert training.decayed_lr(1.0, 0, 3, 6) == 0.5  # longer than the run: it starts lower
+    assert [loop.decayed_lr(1.0, s, 10, 4) for s in range(10)] == [1, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    assert [loop.decayed_lr(1.0, s, 3, 0) for s in range(3)] == [1, 1, 1]  # 0: constant
+    assert loop.decayed_lr(1.0, 0, 3, 6) == 0.5  # longer than the run: it starts lower
 
 
 def test_lr_decay_takes_the_last_steps_down_and_a_resumed_run_keeps_it(vae_run, photos, tmp_path, monkeypatch):

@@ -21,7 +21,6 @@ import math
 import os
 import signal
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -390,7 +389,7 @@ def add_run_options(parser, validation: str) -> None:
 
 def add_torchrun_options(parser) -> None:
     """The options of a training command that runs under torchrun (train sr, train cfw)."""
-    from ..train.engine import DIST_TIMEOUT
+    from ..train.processes import DIST_TIMEOUT
 
     parser.add_argument("--dist-timeout", type=float, metavar="SECONDS", default=DIST_TIMEOUT,
                         help=f"under torchrun: seconds a process waits for the others before giving up (default "
@@ -492,10 +491,10 @@ def given_options(args, options: type) -> dict:
 
 
 def command_options(args, options: type, required: dict[str, str]):
-    """A training command's options and, with --resume, its run's state (`engine.resume_options`: a resumed
+    """A training command's options and, with --resume, its run's state (`run_folder.resume_options`: a resumed
     run takes its persisting options from its state); a new run needs the `required` options ({field: how
     --help shows it})."""
-    from ..train.engine import resume_options
+    from ..train.run_folder import resume_options
 
     given = given_options(args, options)
     if args.resume:
@@ -508,7 +507,7 @@ def command_options(args, options: type, required: dict[str, str]):
 def cmd_train_sr(args) -> str:
     """`train sr`, in every process of a torchrun: each reads its own command line (train_sr checks that they
     agree)."""
-    from ..train.engine import torchrun_processes
+    from ..train.processes import torchrun_processes
     from ..train.sr import SROptions, train_sr
 
     with torchrun_processes(args.device, args.dist_timeout) as procs:
@@ -519,7 +518,7 @@ def cmd_train_sr(args) -> str:
 def cmd_train_cfw(args) -> str:
     """`train cfw`, in every process of a torchrun, as `train sr`."""
     from ..train.cfw import CFWOptions, train_cfw
-    from ..train.engine import torchrun_processes
+    from ..train.processes import torchrun_processes
 
     with torchrun_processes(args.device, args.dist_timeout) as procs:
         opts, state = command_options(args, CFWOptions, {"cfw_base": "--cfw-base FILE", "data": "--data DIR"})
@@ -528,7 +527,7 @@ def cmd_train_cfw(args) -> str:
 
 def cmd_train_prior(args) -> str:
     """`train vae` and `train unet`: one process."""
-    from ..train.engine import one_process
+    from ..train.processes import one_process
     from ..train.prior import UNetOptions, VAEOptions, train_unet, train_vae
 
     with one_process(f"train {args.what}"):
@@ -540,14 +539,14 @@ def cmd_train_prior(args) -> str:
 def cmd_train_cfw_data(args) -> None:
     """`train cfw-data`: one process; a folder that holds a generation continues it."""
     from ..train.cfw_data import GenerationOptions, continued_generation, generate
-    from ..train.engine import one_process
+    from ..train.processes import one_process
 
     with one_process("train cfw-data"):
         generate(continued_generation(given_options(args, GenerationOptions)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..train.engine import STOPPED, TERMINATED  # how a training run may end (the parser loaded train/)
+    from ..train.run_folder import STOPPED, TERMINATED  # how a training run may end (the parser loaded train/)
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -26,7 +26,7 @@ from SD 2.1's VAE, which is also StableSR's (frozen) VAE.
 
     torchrun --nproc_per_node 8 -m stablesr_min train cfw ... --batch-size 1
 
-runs this file in 8 processes, as `train sr` runs (engine.py): each process its own order of the
+runs this file in 8 processes, as `train sr` runs (processes.py): each process its own order of the
 samples, the fusion layers' gradients and the discriminator's averaged over the processes.
 """
 
@@ -48,8 +48,9 @@ from ..vae import AutoencoderKL
 from ..weights import WeightFiles, check_keys, config_metadata, guess_kind, load_module, mismatch_message
 from .cfw_data import CFWSamples
 from .cfw_loss import CFWLoss, CFWLossConfig
-from .engine import (Loop, Processes, RunFolder, TrainState, autocast, check_resumed_with_its_options,
-                     check_same_options, derive_seeds, distribute, rank_seed, restore, snapshot, torchrun_processes)
+from .loop import Loop, autocast, loss_scaler, restore_run, snapshot
+from .processes import Processes, check_same_options, derive_seeds, distribute, rank_seed, torchrun_processes
+from .run_folder import RunFolder, TrainState, check_resumed_with_its_options
 from .options import RunOptions, check_option_ranges, kept, persisting
 
 FUSION_PREFIX = "decoder.fusion_layer_"
@@ -181,7 +182,7 @@ def reconstruct(cfw: CFWAutoencoder, lr: torch.Tensor, latent: torch.Tensor,
 
 class Reconstruction(nn.Module):
     """`reconstruct` as a module: what a training step runs with gradients. With several processes,
-    DistributedDataParallel wraps it (engine.distribute): it holds every fusion layer, and DDP leaves the
+    DistributedDataParallel wraps it (processes.distribute): it holds every fusion layer, and DDP leaves the
     frozen rest of the autoencoder (requires_grad False) out of the gradient all-reduce."""
 
     def __init__(self, cfw: CFWAutoencoder):
@@ -248,8 +249,8 @@ def check_options(opts: CFWOptions) -> None:
 def train_cfw(opts: CFWOptions, procs: Processes | None = None, state: TrainState | None = None) -> str:
     """Train the fusion layers for `opts.steps` steps in all, in this process of the run (None: this process,
     or every process of a torchrun); with `opts.resume`, continue the run in `opts.out` (`state`: its state, if
-    read already; `engine.resume_options` gives the options to continue it with). Returns how it ended:
-    engine.FINISHED, STOPPED or TERMINATED (stopped by a signal, and saved).
+    read already; `run_folder.resume_options` gives the options to continue it with). Returns how it ended:
+    run_folder.FINISHED, STOPPED or TERMINATED (stopped by a signal, and saved).
 
         train_cfw(CFWOptions(out="runs/cfw", steps=1000, cfw_base="v2-1_512-ema-pruned.safetensors", data=["cfw_data"]))
     """
@@ -280,13 +281,13 @@ def train_cfw(opts: CFWOptions, procs: Processes | None = None, state: TrainStat
         discriminator_from(loss, opts.cfw_base)
     loss.to(device)
 
-    # Adam as the official (betas 0.5, 0.9, no weight decay); a loss scaler for float16; no noise stream
+    # Adam as the official (betas 0.5, 0.9, no weight decay), one parameter group per network; no noise stream;
+    # a resumed run continues from its state
     optimizer = torch.optim.Adam([{"params": list(trainable.values())},
                                   {"params": list(loss.discriminator.parameters())}], lr=opts.lr, betas=(0.5, 0.9))
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    step, seconds = 0, 0.0
-    if state:
-        step, seconds = restore(state, run, procs, trained_tensors(trainable, loss), optimizer, scaler, None, samples)
+    scaler = loss_scaler(dtype)
+    trained = trained_tensors(trainable, loss)
+    step, seconds = restore_run(state, run, procs, trained, optimizer, scaler, None, samples) if state else (0, 0.0)
 
     # Each network that learns wrapped alone, so that its gradients are averaged over the processes
     reconstruction = distribute(Reconstruction(cfw), procs)
@@ -320,16 +321,15 @@ def train_cfw(opts: CFWOptions, procs: Processes | None = None, state: TrainStat
             optimizer.zero_grad(set_to_none=True)
             g_loss, terms = step_gradients(reconstruction, discriminator, loss, optimizer, scaler,
                                            samples.next_batch(), loop.step, device, dtype)
-            g_loss = loop.checked(g_loss)
+            g_loss = loop.mean_finite_loss(g_loss)
             scaler.step(optimizer)
             scaler.update()
             record = loop.count_step(g_loss, **terms)
             if loop.validation_due():
                 with autocast(device, dtype):
                     record["val_l1"] = validation_l1(cfw, validation, device)
-            loop.log(record)
-            if loop.save_due():
-                save(loop.step, loop.seconds)
+            loop.finish_step(record)
+            loop.save_if_due(save)
     return loop.outcome
 
 

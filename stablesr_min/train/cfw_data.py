@@ -52,7 +52,7 @@ from ..progress import ProgressLine, format_seconds
 from ..schedule import check_steps
 from ..weights import WeightFiles, save_safetensors
 from .data import TrainingPairs, check_hue_rotation, hue_rotate, read_rgb
-from .engine import derive_seeds
+from .processes import derive_seeds
 from .options import KEPT, check_option_ranges, continued_options, fields_that, kept, persisting
 
 LATENT_KEY = "latent"

@@ -49,10 +49,9 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch import nn
 
 from ..config import TINY_SIZES, StableSRConfig, matching_time_encoder
 from ..devices import pick_device, pick_dtype
@@ -65,8 +64,9 @@ from ..text import TextEncoder
 from ..unet import UNet
 from ..vae import AutoencoderKL, DiagonalGaussian
 from ..weights import CHECKPOINT_KINDS, WeightFiles, config_metadata, guess_kind
-from .engine import (Loop, Processes, RunFolder, TrainState, autocast, check_resumed_with_its_options, decayed_lr,
-                     derive_seeds, set_lr, snapshot, start_optimizer)
+from .loop import Loop, autocast, decayed_lr, loss_scaler, noise_generator, restore_run, set_lr, snapshot
+from .processes import Processes, derive_seeds, one_process
+from .run_folder import RunFolder, TrainState, check_resumed_with_its_options
 from .options import RunOptions, check_option_ranges, kept, persisting, stored
 from .networks import default_init, gt_size_multiple, warn_time_blind, zero_init_like_official
 
@@ -236,128 +236,159 @@ def check_prior_options(opts: PriorOptions, multiple: int) -> None:
                          "networks is whole")
 
 
+class VAEStage:
+    """Stage 1 for the loop (`train_prior`): the VAE, all of it trainable, with L_vae, its validation and its
+    checkpoint (the VAE under `first_stage_model.`)."""
+
+    command = "train vae"
+    streams = ["data", "noise", "init", "validation"]  # its random streams (derive_seeds)
+
+    def __init__(self, opts: VAEOptions, run: RunFolder, state: TrainState | None, seeds: dict[str, int],
+                 device: torch.device):
+        from .data import CleanCrops  # the data pipeline loads only for training
+
+        self.cfg = resolve_config(WeightFiles([run.checkpoint_path]), None) if state else prior_config(opts.config)
+        check_prior_options(opts, self.cfg.vae.downscale)
+        if not opts.kl_weight >= 0:
+            raise UsageError(f"--kl-weight must be >= 0, got {opts.kl_weight}")
+        self.crops = CleanCrops(opts.data, opts.crop, opts.batch_size, seed=seeds["data"],
+                                hue_rotation=opts.hue_rotation)
+        if state:
+            self.vae = load_vae(run.checkpoint_path)
+        else:
+            self.vae = AutoencoderKL(self.cfg.vae)
+            default_init([self.vae], seeds["init"])
+        self.vae.to(device).train()
+        self.trainable = {f"first_stage_model.{k}": p for k, p in sorted(self.vae.named_parameters())}
+        self.validation = VAEValidation(CleanCrops(opts.data, opts.crop, opts.batch_size, seeds["validation"]), device)
+        self.kl_weight = opts.kl_weight
+        warn_time_blind(sr_config(self.cfg))  # the UNet and encoder that later stages will build on this config
+        self.summary = (f"{len(self.crops.files)} images; {sum(p.numel() for p in self.trainable.values()) / 1e6:.2f} M "
+                        f"parameters, {self.vae.downscale}x down to {self.cfg.vae.embed_dim} channels; batch "
+                        f"{opts.batch_size} at {opts.crop} px"
+                        + (f"; hue rotation p = {opts.hue_rotation:g}" if opts.hue_rotation else ""))
+
+    def loss(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        return vae_loss(self.vae, images * 2 - 1, generator, self.kl_weight)
+
+    def val_loss(self) -> float:
+        return self.validation.loss(self.vae)
+
+    def checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors = {f"first_stage_model.{k}": v for k, v in self.vae.state_dict().items()}
+        return tensors, config_metadata(self.cfg.to_json())
+
+
+class UNetStage:
+    """Stage 2 for the loop (`train_prior`): the UNet on the frozen VAE, with L_LDM, its validation and its
+    checkpoint (the whole SD 2.x-like tree)."""
+
+    command = "train unet"
+    streams = ["data", "noise", "init", "text", "scale", "validation"]
+
+    def __init__(self, opts: UNetOptions, run: RunFolder, state: TrainState | None, seeds: dict[str, int],
+                 device: torch.device):
+        from .data import CleanCrops  # the data pipeline loads only for training
+
+        if state:
+            self.model = load_stablesr([run.checkpoint_path])
+            cfg = self.model.cfg
+        else:
+            vae = vae_for_prior(opts.vae)
+            cfg = prior_config(opts.config)
+            cfg.vae = vae.cfg  # the VAE's sizes are the file's, whatever --config says
+        check_prior_options(opts, gt_size_multiple(cfg, 1))
+        self.crops = CleanCrops(opts.data, opts.crop, opts.batch_size, seed=seeds["data"])
+        if not state:
+            generator = torch.Generator().manual_seed(seeds["scale"])
+            batch = CleanCrops(opts.data, opts.crop, opts.batch_size, seed=seeds["scale"]).next_batch()
+            cfg.diffusion.scale_factor = scale_by_std(vae, batch, generator)
+            self.model = new_prior(cfg, vae, seeds)
+        model = self.model
+        model.to(device).requires_grad_(False).eval()
+        model.unet.requires_grad_(True).train()
+        self.trainable = {f"model.diffusion_model.{k}": p for k, p in sorted(model.unet.named_parameters())}
+        self.schedule = Schedule.from_config(cfg.diffusion)
+        with torch.no_grad():
+            self.context = text_context(model, "", opts.batch_size)
+            val_images = CleanCrops(opts.data, opts.crop, opts.batch_size, seed=seeds["validation"]).next_batch()
+            val_generator = torch.Generator().manual_seed(seeds["validation"])
+            self.validation = Validation(None, posterior_latent(model, val_images.to(device) * 2 - 1, val_generator),
+                                         val_generator, len(self.schedule))
+        warn_time_blind(sr_config(model.cfg))
+        side = opts.crop // model.vae.downscale
+        self.summary = (f"{len(self.crops.files)} images; {sum(p.numel() for p in self.trainable.values()) / 1e6:.2f} M "
+                        f"trainable parameters; latents {side} x {side} x {cfg.vae.embed_dim}, scale_factor "
+                        f"{cfg.diffusion.scale_factor:.4f}; batch {opts.batch_size}")
+
+    def loss(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        return prior_loss(self.model, self.schedule, self.context, images, generator), {}
+
+    def val_loss(self) -> float:
+        return self.validation.loss(Denoiser(self.model), self.schedule, self.context)
+
+    def checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        return self.model.state_dict(), config_metadata(self.model.cfg.to_json())
+
+
 def train_vae(opts: VAEOptions, state: TrainState | None = None) -> str:
-    """Train the VAE for `opts.steps` steps in all; with `state` (and `opts.resume`), continue that run."""
-    from .data import CleanCrops  # the data pipeline loads only for training
-
-    run = RunFolder(opts.out, resume=opts.resume)
-    if opts.resume and state is None:
-        state = run.load_state()
-        check_resumed_with_its_options(opts, state)
-    cfg = resolve_config(WeightFiles([run.checkpoint_path]), None) if state else prior_config(opts.config)
-    check_prior_options(opts, cfg.vae.downscale)
-    if not opts.kl_weight >= 0:
-        raise UsageError(f"--kl-weight must be >= 0, got {opts.kl_weight}")
-    device = pick_device(opts.device)
-    dtype = pick_dtype(opts.dtype, device)
-    seeds = derive_seeds(opts.seed, ["data", "noise", "init", "validation"])
-
-    crops = CleanCrops(opts.data, opts.crop, opts.batch_size, seed=seeds["data"], hue_rotation=opts.hue_rotation)
-    if state:
-        vae = load_vae(run.checkpoint_path)
-    else:
-        vae = AutoencoderKL(cfg.vae)
-        default_init([vae], seeds["init"])
-    vae.to(device).train()
-    trainable = {f"first_stage_model.{k}": p for k, p in sorted(vae.named_parameters())}
-    validation = VAEValidation(CleanCrops(opts.data, opts.crop, opts.batch_size, seeds["validation"]), device)
-
-    def loss(images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        return vae_loss(vae, images * 2 - 1, generator, opts.kl_weight)
-
-    def checkpoint() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        tensors = {f"first_stage_model.{k}": v for k, v in vae.state_dict().items()}
-        return tensors, config_metadata(cfg.to_json())
-
-    warn_time_blind(sr_config(cfg))  # the UNet and encoder that later stages will build on this config
-    n = sum(p.numel() for p in trainable.values())
-    summary = (f"train vae: {len(crops.files)} images; {n / 1e6:.2f} M parameters, {vae.downscale}x down to "
-               f"{cfg.vae.embed_dim} channels; batch {opts.batch_size} at {opts.crop} px"
-               + (f"; hue rotation p = {opts.hue_rotation:g}" if opts.hue_rotation else ""))
-    return fit("train vae", opts, run, state, trainable, crops, loss, lambda: validation.loss(vae), checkpoint,
-        seeds, device, dtype, summary)
+    """Train the VAE for `opts.steps` steps in all (`train_prior`)."""
+    return train_prior(opts, VAEStage, state)
 
 
 def train_unet(opts: UNetOptions, state: TrainState | None = None) -> str:
-    """Train the UNet for `opts.steps` steps in all on the frozen VAE; with `state`, continue that run."""
-    from .data import CleanCrops  # the data pipeline loads only for training
-
-    run = RunFolder(opts.out, resume=opts.resume)
-    if opts.resume and state is None:
-        state = run.load_state()
-        check_resumed_with_its_options(opts, state)
-    seeds = derive_seeds(opts.seed, ["data", "noise", "init", "text", "scale", "validation"])
-    if state:
-        model = load_stablesr([run.checkpoint_path])
-        cfg = model.cfg
-    else:
-        vae = vae_for_prior(opts.vae)
-        cfg = prior_config(opts.config)
-        cfg.vae = vae.cfg  # the VAE's sizes are the file's, whatever --config says
-    check_prior_options(opts, gt_size_multiple(cfg, 1))
-    device = pick_device(opts.device)
-    dtype = pick_dtype(opts.dtype, device)
-
-    crops = CleanCrops(opts.data, opts.crop, opts.batch_size, seed=seeds["data"])
-    if not state:
-        generator = torch.Generator().manual_seed(seeds["scale"])
-        batch = CleanCrops(opts.data, opts.crop, opts.batch_size, seed=seeds["scale"]).next_batch()
-        cfg.diffusion.scale_factor = scale_by_std(vae, batch, generator)
-        model = new_prior(cfg, vae, seeds)
-    model.to(device).requires_grad_(False).eval()
-    model.unet.requires_grad_(True).train()
-    trainable = {f"model.diffusion_model.{k}": p for k, p in sorted(model.unet.named_parameters())}
-    schedule = Schedule.from_config(cfg.diffusion)
-    with torch.no_grad():
-        context = text_context(model, "", opts.batch_size)
-        val_images = CleanCrops(opts.data, opts.crop, opts.batch_size, seed=seeds["validation"]).next_batch()
-        val_generator = torch.Generator().manual_seed(seeds["validation"])
-        validation = Validation(None, posterior_latent(model, val_images.to(device) * 2 - 1, val_generator), val_generator,
-                                len(schedule))
-
-    def loss(images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        return prior_loss(model, schedule, context, images, generator), {}
-
-    def checkpoint() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        return model.state_dict(), config_metadata(model.cfg.to_json())
-
-    warn_time_blind(sr_config(model.cfg))
-    n = sum(p.numel() for p in trainable.values())
-    summary = (f"train unet: {len(crops.files)} images; {n / 1e6:.2f} M trainable parameters; latents "
-               f"{opts.crop // model.vae.downscale} x {opts.crop // model.vae.downscale} x {cfg.vae.embed_dim}, "
-               f"scale_factor {cfg.diffusion.scale_factor:.4f}; batch {opts.batch_size}")
-    return fit("train unet", opts, run, state, trainable, crops, loss,
-        lambda: validation.loss(Denoiser(model), schedule, context), checkpoint, seeds, device, dtype, summary)
+    """Train the UNet for `opts.steps` steps in all on the frozen VAE (`train_prior`)."""
+    return train_prior(opts, UNetStage, state)
 
 
-def fit(name: str, opts: PriorOptions, run: RunFolder, state: TrainState | None,
-        trainable: dict[str, nn.Parameter], crops, loss: Callable, val_loss: Callable[[], float],
-        checkpoint: Callable, seeds: dict[str, int], device: torch.device, dtype: torch.dtype, summary: str) -> str:
-    """What both stages share: AdamW (its lr constant, or decayed at the end: --lr-decay) on the trainable
-    tensors, restoring a resumed run, and the loop over batches of crops. `loss(images, generator)` -> (loss,
-    terms to log); `val_loss()` -> a float; `checkpoint()` -> the complete model's tensors and metadata. Returns
-    engine.FINISHED, STOPPED or TERMINATED."""
-    procs = Processes(device)  # one process: the tiny prior trains on one CPU or GPU
-    optimizer, scaler, generator, step, seconds = start_optimizer(trainable, opts.lr, dtype, seeds["noise"], run,
-                                                                  state, crops, procs)
-    print(f"{summary}; {device}, {opts.dtype}; steps {step} -> {opts.steps}", file=sys.stderr)
-    with Loop(name, run, opts, procs, step, seconds, "lower --batch-size or --crop, or use --dtype bfloat16") as loop:
-        while loop.running():
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, dtype):
-                value, terms = loss(crops.next_batch().to(device), generator)
-            scaler.scale(value).backward()
-            mean_loss = loop.checked(value.item())
-            lr = decayed_lr(opts.lr, loop.step, opts.steps, opts.lr_decay)
-            set_lr(optimizer, lr)
-            scaler.step(optimizer)
-            scaler.update()
-            record = loop.count_step(mean_loss, lr, **terms)
-            if loop.validation_due():
+def train_prior(opts: PriorOptions, stage_of: type[VAEStage] | type[UNetStage], state: TrainState | None = None) -> str:
+    """A stage of the prior in this one process (the tiny prior trains on one CPU or GPU): AdamW, its lr
+    constant or decayed at the end (--lr-decay), on batches of crops. With `opts.resume`, continue the run in
+    `opts.out` (`state`: its state, if read already). Returns how it ended: run_folder.FINISHED, STOPPED or
+    TERMINATED (stopped by a signal, and saved).
+
+        train_vae(VAEOptions(out="runs/vae", steps=3000, data=["photos/"]))
+    """
+    with one_process(stage_of.command):
+        run = RunFolder(opts.out, resume=opts.resume)
+        if opts.resume and state is None:
+            state = run.load_state()
+            check_resumed_with_its_options(opts, state)
+        procs = Processes(pick_device(opts.device))
+        device, dtype = procs.device, pick_dtype(opts.dtype, procs.device)
+        seeds = derive_seeds(opts.seed, stage_of.streams)
+        stage = stage_of(opts, run, state, seeds, device)
+        crops, trainable = stage.crops, stage.trainable
+
+        # AdamW with PyTorch's defaults besides the lr; the noise of this process; a resumed run continues from its
+        # state
+        optimizer = torch.optim.AdamW(trainable.values(), lr=opts.lr)
+        scaler = loss_scaler(dtype)
+        generator = noise_generator(seeds["noise"], procs)
+        step, seconds = restore_run(state, run, procs, trainable, optimizer, scaler, generator, crops) if state else (0, 0.)
+        print(f"{stage.command}: {stage.summary}; {device}, {opts.dtype}; steps {step} -> {opts.steps}", file=sys.stderr)
+
+        def save(step: int, seconds: float) -> None:
+            run.save(*stage.checkpoint(), snapshot(step, seconds, persisting(opts), trainable, optimizer, scaler,
+                                                   generator, crops, procs))
+
+        # The loop (LDM's two stages): a batch of crops, the stage's loss, one AdamW step at this step's lr
+        hint = "lower --batch-size or --crop, or use --dtype bfloat16"
+        with Loop(stage.command, run, opts, procs, step, seconds, hint) as loop:
+            while loop.running():
+                optimizer.zero_grad(set_to_none=True)
                 with autocast(device, dtype):
-                    record["val_loss"] = val_loss()
-            loop.log(record)
-            if loop.save_due():
-                run.save(*checkpoint(), snapshot(loop.step, loop.seconds, persisting(opts), trainable, optimizer, scaler,
-                                                 generator, crops, procs))
-    return loop.outcome
+                    loss, terms = stage.loss(crops.next_batch().to(device), generator)
+                scaler.scale(loss).backward()
+                mean_loss = loop.mean_finite_loss(loss.item())
+                lr = decayed_lr(opts.lr, loop.step, opts.steps, opts.lr_decay)
+                set_lr(optimizer, lr)
+                scaler.step(optimizer)
+                scaler.update()
+                record = loop.count_step(mean_loss, lr, **terms)
+                if loop.validation_due():
+                    with autocast(device, dtype):
+                        record["val_loss"] = stage.val_loss()
+                loop.finish_step(record)
+                loop.save_if_due(save)
+        return loop.outcome

@@ -15,7 +15,7 @@ used batch 6 per GPU x 8 GPUs x 4 accumulated batches (`--grad-accum`):
     torchrun --nproc_per_node 8 -m stablesr_min train sr ... --batch-size 6 --grad-accum 4
 
 runs this file in 8 processes; what they share (joining, seeds per rank, rank 0 writing, averaging the
-gradients), with saving, resuming and Ctrl-C, is in engine.py.
+gradients), is in processes.py; saving, resuming and Ctrl-C in loop.py and run_folder.py.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ from ..pipeline import text_context
 from ..schedule import Schedule
 from ..unet import SFT
 from ..weights import CHECKPOINT_KINDS, WeightFiles, config_metadata, guess_kind
-from .engine import (Loop, Processes, RunFolder, TrainState, autocast, check_resumed_with_its_options,
-                     check_same_options, derive_seeds, distribute, gradient_sync, rank_seed, snapshot, start_optimizer,
-                     torchrun_processes)
+from .loop import Loop, autocast, loss_scaler, noise_generator, restore_run, snapshot
+from .processes import (Processes, check_same_options, derive_seeds, distribute, gradient_sync, rank_seed,
+                        torchrun_processes)
+from .run_folder import RunFolder, TrainState, check_resumed_with_its_options
 from .options import RunOptions, check_option_ranges, kept, persisting, stored
 from .networks import check_gt_size, default_init, warn_time_blind, zero_init_like_official
 
@@ -136,8 +137,8 @@ def check_options(opts: SROptions) -> None:
 def train_sr(opts: SROptions, procs: Processes | None = None, state: TrainState | None = None) -> str:
     """Fine-tune for `opts.steps` steps in all, in this process of the run (None: this process, or every
     process of a torchrun); with `opts.resume`, continue the run in `opts.out` (`state`: its state, if read
-    already; `engine.resume_options` gives the options to continue it with). Returns how it ended:
-    engine.FINISHED, STOPPED or TERMINATED (stopped by a signal, and saved).
+    already; `run_folder.resume_options` gives the options to continue it with). Returns how it ended:
+    run_folder.FINISHED, STOPPED or TERMINATED (stopped by a signal, and saved).
 
         train_sr(SROptions(out="runs/sr", steps=1000, base=["v2-1_512-ema-pruned.safetensors"], data=["photos/"]))
     """
@@ -184,9 +185,12 @@ def train_sr(opts: SROptions, procs: Processes | None = None, state: TrainState 
     network = distribute(denoiser, procs)
     schedule = Schedule.from_config(model.cfg.diffusion)
 
-    # AdamW with PyTorch's defaults besides the lr, as the official trainer
-    optimizer, scaler, generator, step, seconds = start_optimizer(trainable, opts.lr, dtype, seeds["noise"], run,
-                                                                  state, pairs, procs)
+    # AdamW with PyTorch's defaults besides the lr, as the official trainer; the noise (t, eps) of this process;
+    # a resumed run continues from its state
+    optimizer = torch.optim.AdamW(trainable.values(), lr=opts.lr)
+    scaler = loss_scaler(dtype)
+    generator = noise_generator(seeds["noise"], procs)
+    step, seconds = restore_run(state, run, procs, trainable, optimizer, scaler, generator, pairs) if state else (0, 0.)
 
     # A fixed batch for val_loss, from its own seeded pipeline (rank 0 measures it)
     validation = None
@@ -227,16 +231,15 @@ def train_sr(opts: SROptions, procs: Processes | None = None, state: TrainState 
                         loss = sample_loss(model, network, schedule, context, lr.to(device), gt.to(device), generator)
                     scaler.scale(loss / opts.grad_accum).backward()
                 loss_sum += loss.item()
-            mean_loss = loop.checked(loss_sum / opts.grad_accum)
+            mean_loss = loop.mean_finite_loss(loss_sum / opts.grad_accum)
             scaler.step(optimizer)
             scaler.update()
             record = loop.count_step(mean_loss)
             if loop.validation_due():
                 with autocast(device, dtype):
                     record["val_loss"] = validation.loss(denoiser, schedule, context)
-            loop.log(record)
-            if loop.save_due():
-                save(loop.step, loop.seconds)
+            loop.finish_step(record)
+            loop.save_if_due(save)
     return loop.outcome
 
 

@@ -1,0 +1,236 @@
+"""A training run's folder: its files, its resume state and its lock.
+
+A run folder holds three files, each replaced atomically (temp file, then rename):
+
+    RUN/last.safetensors    the complete model at the last save, its config in the metadata: loadable like
+                            any checkpoint of this project (`upscale --weights RUN/last.safetensors`)
+    RUN/state.safetensors   what resuming needs besides the model: the trainable tensors, the optimizer's
+                            moments, every random generator's state and the data pipeline's state as
+                            tensors; the step, the run's options and the optimizer's settings as JSON in
+                            the metadata. Never a pickle.
+    RUN/log.jsonl           one JSON line per step: step, loss, lr, seconds, and val_loss when measured
+
+A run continues bit-identically from its state on the CPU: a run stopped at step k and resumed computes
+the same numbers as one that never stopped (loop.py puts the state back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import atomic_write, check_output_folder
+from ..errors import UsageError
+from ..weights import WeightFiles, save_safetensors
+from .options import KEPT, continued_options, fields_that, persisting
+
+CHECKPOINT = "last.safetensors"
+STATE = "state.safetensors"
+LOG = "log.jsonl"
+STATE_METADATA_KEY = "stablesr_min.train_state"
+
+
+# ------------------------------------------------------------------------------------------------------
+# The resume state
+
+
+@dataclass
+class TrainState:
+    step: int  # optimizer steps taken
+    options: dict[str, Any]  # the run's options (JSON): a resumed run keeps them
+    weights: dict[str, torch.Tensor]  # the trainable tensors, by checkpoint key
+    optimizer: dict[str, Any]  # optimizer.state_dict()
+    generators: dict[str, torch.Tensor]  # torch.Generator.get_state() of every generator, by name
+    data: dict[str, torch.Tensor]  # the data pipeline's state_dict()
+    extra: dict[str, Any]  # anything else as JSON (seconds trained, the loss scaler's state, ...)
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Tensors under `weights.`, `optimizer.<param index>.`, `generator.`, `data.`; the rest as JSON."""
+        tensors = {f"weights.{k}": v for k, v in self.weights.items()}
+        tensors |= {f"generator.{k}": v for k, v in self.generators.items()}
+        tensors |= {f"data.{k}": v for k, v in self.data.items()}
+        per_param_json = {}
+        for index, param_state in self.optimizer["state"].items():
+            for name, value in param_state.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer.{index}.{name}"] = value
+                else:
+                    per_param_json.setdefault(str(index), {})[name] = value
+        info = {"step": self.step, "options": self.options, "extra": self.extra,
+                "optimizer": {"param_groups": self.optimizer["param_groups"], "state": per_param_json}}
+        return {k: v.detach().cpu() for k, v in tensors.items()}, {STATE_METADATA_KEY: json.dumps(info)}
+
+    @classmethod
+    def from_file(cls, path: Path) -> "TrainState":
+        files = WeightFiles([path])
+        if STATE_METADATA_KEY not in files.metadata:
+            raise UsageError(f"{path}: not a training state written by stablesr-min")
+        info = json.loads(files.metadata[STATE_METADATA_KEY])
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for key in files.keys():
+            group, name = key.split(".", 1)
+            groups.setdefault(group, {})[name] = files.tensor(key)
+        # optimizer.state_dict() keys its per-parameter state by int index
+        param_state: dict[int, dict[str, Any]] = {}
+        for name, value in groups.get("optimizer", {}).items():
+            index, field = name.split(".", 1)
+            param_state.setdefault(int(index), {})[field] = value
+        for index, fields in info["optimizer"]["state"].items():
+            param_state.setdefault(int(index), {}).update(fields)
+        optimizer = {"state": param_state, "param_groups": info["optimizer"]["param_groups"]}
+        return cls(info["step"], info["options"], groups.get("weights", {}), optimizer,
+                   groups.get("generator", {}), groups.get("data", {}), info["extra"])
+
+
+# ------------------------------------------------------------------------------------------------------
+# The run folder
+
+
+HELD_LOCKS: list[tuple[int, Path, bool]] = []  # (handle, folder, made by the lock): until `release_locks`
+
+
+def lock_folder(path: Path) -> None:
+    """An exclusive lock on the folder (created if needed) until `release_locks` (which every training command
+    calls on its way out) or the end of the process; refused in one line if another process holds it. Where
+    there is no flock (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    made = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(handle)
+        raise UsageError(f"--out {path}: another training run is using this folder; wait for it to end, or "
+                         "choose another folder") from None
+    HELD_LOCKS.append((handle, path, made))
+
+
+def release_locks() -> None:
+    """Unlock every run folder this process locked; one the lock made and nothing was written to goes again
+    (a run refused before its first write leaves nothing behind)."""
+    while HELD_LOCKS:
+        handle, path, made = HELD_LOCKS.pop()
+        os.close(handle)
+        if made and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+# How a training run ends: done, or stopped and saved by Ctrl-C or by SIGTERM (the command line: exit 0, 130, 143)
+FINISHED, STOPPED, TERMINATED = "finished", "stopped", "terminated"
+
+
+class RunFolder:
+    """A training run's folder: last.safetensors, state.safetensors, log.jsonl. A run exists once its state is
+    saved; files without a state (a run stopped before its first save, or a deleted state) are set aside as
+    *.old when a new run starts there. The process that writes (`writer`) holds a lock on the folder while it
+    runs, so that a second run on the same --out is refused; the system drops the lock if the process dies."""
+
+    def __init__(self, path: str | Path, resume: bool, writer: bool = True):
+        self.path = Path(path)
+        check_output_folder(self.path, f"--out {self.path}")
+        if resume and not self.state_path.is_file():
+            raise UsageError(f"--resume: {self.path} holds no run to resume (no {STATE}); start it without --resume")
+        if not resume and self.state_path.is_file():
+            raise UsageError(f"--out {self.path}: already holds a run; pass --resume to continue it, "
+                             "or choose another folder")
+        if writer:
+            lock_folder(self.path)
+            if not resume:
+                self.set_aside_stale_files()
+
+    def set_aside_stale_files(self) -> None:
+        """What a run that never saved its state left (a log, a checkpoint) is kept as *.old, said in one line."""
+        stale = [p for p in (self.checkpoint_path, self.log_path) if p.exists()]
+        for p in stale:
+            p.replace(p.with_name(p.name + ".old"))
+        if stale:
+            print(f"note: {self.path} held {' and '.join(p.name for p in stale)} of a run without a saved state; "
+                  "kept as *.old, starting a new run", file=sys.stderr)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / STATE
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / LOG
+
+    def save(self, checkpoint: dict[str, torch.Tensor], metadata: dict[str, str], state: TrainState) -> None:
+        """The complete model, then the resume state. A crash between the two leaves an older state,
+        which carries its own trainable tensors, so resuming from it is still consistent."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        save_safetensors({k: v.detach().cpu() for k, v in checkpoint.items()}, self.checkpoint_path,
+                         metadata={**metadata, "stablesr_min.step": str(state.step)})
+        tensors, state_metadata = state.to_tensors()
+        save_safetensors(tensors, self.state_path, metadata=state_metadata)
+
+    def load_state(self) -> TrainState:
+        return TrainState.from_file(self.state_path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def finish(self, step: int, steps: int, announce: bool = True, stopped_by: str = STOPPED) -> str:
+        """Say where the checkpoint is (`announce`: only one process of a run speaks); returns FINISHED, or
+        for a run stopped before `steps`, which --resume continues, `stopped_by` (STOPPED or TERMINATED)."""
+        if announce:
+            print(f"wrote {self.checkpoint_path} (step {step})")
+        if step < steps:
+            if announce:
+                print(f"stopped at step {step} of {steps}; continue with --resume", file=sys.stderr)
+            return stopped_by
+        return FINISHED
+
+    def keep_log_until(self, step: int) -> None:
+        """On resume: drop log lines of steps after the saved state (they will be run again)."""
+        if not self.log_path.is_file():
+            return
+        lines = [line for line in self.log_path.read_text().splitlines()
+                 if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write(self.log_path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Resuming
+
+
+def resume_options(options: type, given: dict[str, Any], command: str) -> tuple[Any, TrainState]:
+    """The `options` (a dataclass) to continue the run in `given["out"]` up to `given["steps"]`, and its state:
+    what the run stored (options.py), overridden by the rest of `given` ({field: value}, each one given; a kept
+    one must have its stored value). `command`: the command's name, for the errors."""
+    out, steps = given["out"], given["steps"]
+    state = RunFolder(out, resume=True, writer=False).load_state()
+    if steps <= state.step:
+        raise UsageError(f"--steps {steps}: the run in {out} is already at step {state.step}; "
+                         "pass a larger --steps to continue it")
+    names = {f.name for f in dataclasses.fields(options)}
+    foreign = sorted(set(state.options) - names)
+    if foreign:  # options this command does not have: another command wrote the run
+        raise UsageError(f"--resume: {out} holds a run of another training command (its options include "
+                         f"{', '.join(foreign)}; `{command}` has none of them); resume it with that command, or "
+                         "choose another --out")
+    kept = continued_options(state.options, given, fields_that(options, KEPT))
+    return options(**{**kept, "resume": True}), state
+
+
+def check_resumed_with_its_options(opts: Any, state: TrainState) -> None:
+    """A run resumed from Python with options of its own: the kept ones must be the run's (`resume_options`
+    gives them)."""
+    continued_options(state.options, persisting(opts), fields_that(type(opts), KEPT))

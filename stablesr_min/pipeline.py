@@ -38,6 +38,9 @@ from .tokenizer import tokenize
 from .vae import AutoencoderKL, DiagonalGaussian
 
 
+SAMPLERS = ("ddpm", "ddim")  # UpscaleOptions.sampler: the paper's DDPM, or the official DDIM script's
+
+
 @dataclass
 class UpscaleOptions:
     scale: float = float(SCALE)  # output size / input size
@@ -66,7 +69,7 @@ class UpscaleOptions:
         checks = [  # (holds, the field, what it must be)
             (self.scale > 0, "scale", "must be > 0"),
             (self.steps >= 1, "steps", "must be >= 1"),
-            (self.sampler in ("ddpm", "ddim"), "sampler", "must be 'ddpm' or 'ddim'"),
+            (self.sampler in SAMPLERS, "sampler", "must be 'ddpm' or 'ddim'"),
             (0 <= self.eta <= 1, "eta", "must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise)"),
             (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0, "guidance_scale",
              "must be a number >= 0 (1: no guidance)"),

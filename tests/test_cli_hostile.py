@@ -366,6 +366,8 @@ def test_bad_option_value_is_one_line(photo, tmp_path):
 
 @pytest.mark.parametrize("argv,problem", [
     (["upscale", "x.png", "--out", "o", "--colorfix", "pink"], "argument --colorfix: invalid choice: 'pink'"),
+    (["upscale", "x.png", "--out", "o", "--sampler", "euler"], "argument --sampler: invalid choice: 'euler'"),
+    (["evaluate", "--hr", "h", "--out", "o", "--dec-w", "nan"], "argument --dec-w: not a finite number: 'nan'"),
     (["upscale", "x.png"], "the following arguments are required: --out"),
     (["enlarge"], "argument command: invalid choice: 'enlarge'"),
 ])
@@ -373,7 +375,7 @@ def test_bad_options_in_process(capsys, argv, problem):
     with pytest.raises(SystemExit) as exit:
         main(argv)
     err = capsys.readouterr().err  # argparse words its choices differently across Python versions
-    prog = "python -m stablesr_min" + (" upscale" if argv[0] == "upscale" else "")
+    prog = "python -m stablesr_min" + (f" {argv[0]}" if argv[0] in ("upscale", "evaluate") else "")
     assert exit.value.code == 2 and err.startswith(f"error: {problem}") and err.count("\n") == 1
     assert err.endswith(f" (see `{prog} --help`)\n")
 

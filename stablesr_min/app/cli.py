@@ -36,7 +36,8 @@ from ..image_io import image_size, load_image, save_png_atomically, to_pil
 from ..progress import ProgressLine
 from ..weights import guess_kind
 from .convert import convert_ckpt
-from .settings import SAMPLING_OPTIONS, checked_config, choose_weights, given_values, sampling_settings
+from .settings import (SAMPLING_OPTIONS, check_not_an_input, checked_config, choose_weights, given_values,
+                       load_pipeline, sampling_settings)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -131,11 +132,9 @@ def unique_inputs(names: list[str]) -> list[Path]:
 def output_paths(inputs: list[Path], out_dir: Path) -> list[Path]:
     """DIR/<name>.png per input; refuses to overwrite an input or to write two inputs to one file."""
     outputs = [out_dir / f"{p.stem}.png" for p in inputs]
-    resolved_inputs = {p.resolve() for p in inputs}
     seen: dict[Path, Path] = {}
     for src, dst in zip(inputs, outputs):
-        if dst.resolve() in resolved_inputs:
-            raise UsageError(f"{dst}: writing it would overwrite an input; choose another --out folder")
+        check_not_an_input(dst, set(inputs))
         if dst in seen:
             raise UsageError(f"{src} and {seen[dst]} would both be written to {dst}; rename one of them")
         seen[dst] = src
@@ -186,8 +185,7 @@ def warn_unused_guidance(opts) -> None:
 
 
 def cmd_upscale(args) -> None:
-    from ..model import load_cfw, load_stablesr
-    from ..pipeline import StableSRPipeline, UpscaleOptions, official_size
+    from ..pipeline import UpscaleOptions, official_size
 
     inputs = unique_inputs(args.inputs)
     sizes = {path: image_size(path) for path in inputs}  # headers only: fails fast, decodes nothing
@@ -231,11 +229,8 @@ def cmd_upscale(args) -> None:
         for note in images[path].warnings:
             print(f"WARNING: {path}: {note}", file=sys.stderr)
 
-    if notice:
-        print(notice, file=sys.stderr)
-    model = load_stablesr(stablesr_paths, cfg, dtype=dtype, device=device)
-    cfw = load_cfw(cfw_path, args.config, dtype=dtype, device=device)
-    pipeline = StableSRPipeline(model, cfw).speed_up(args.channels_last, args.compile)
+    pipeline = load_pipeline(stablesr_paths, cfw_path, cfg, args.config, notice, device, dtype)
+    pipeline.speed_up(args.channels_last, args.compile)
 
     for path, out_path in jobs:
         image = images[path]
@@ -266,7 +261,7 @@ def tiny_sampling_defaults() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..pipeline import UpscaleOptions
+    from ..pipeline import SAMPLERS, UpscaleOptions
     parser = CommandLineParser(prog="python -m stablesr_min",
                                description="StableSR super-resolution, from the official weights.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -284,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     d, tiny = UpscaleOptions, tiny_sampling_defaults()
     up.add_argument("--steps", type=int, help=f"sampling steps (default {d.steps}; the tiny model's: {tiny.get('steps', '?')}; "
                     "turbo weights: 4)")
-    up.add_argument("--sampler", metavar="{ddpm,ddim}",
+    up.add_argument("--sampler", choices=SAMPLERS,
                     help=f"ddpm (the paper's) or ddim (the official DDIM script's, 20-50 steps); default {d.sampler}")
     up.add_argument("--eta", type=finite_float, default=d.eta,
                     help=f"DDIM noise in [0, 1]: 0 deterministic, 1 the DDPM posterior's (default {d.eta:g})")
@@ -324,8 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output", help="the .safetensors file to write")
     convert.set_defaults(run=cmd_convert)
 
-    from .evaluate import add_evaluate_parser
-
     add_evaluate_parser(sub)
 
     train = sub.add_parser("train", help="train StableSR's parts (see `train sr --help`)")
@@ -334,6 +327,40 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_cfw_parsers(train_sub)
     add_train_prior_parsers(train_sub)
     return parser
+
+
+def add_evaluate_parser(sub) -> None:
+    """`evaluate` (app/evaluate.py)."""
+    from ..pipeline import SAMPLERS
+    from .evaluate import CROP_MULTIPLE, EvalDegradation, run_evaluate
+
+    ev = sub.add_parser("evaluate", help="PSNR/SSIM/colour error of StableSR vs bicubic on degraded HR crops",
+                        description="Crop HR photos on a grid, degrade the crops with a fixed, seeded degradation "
+                                    f"({EvalDegradation().describe()}), upscale 4x with StableSR (once per seed) "
+                                    "and with bicubic, and tabulate PSNR, SSIM and colour error against the HR "
+                                    "crops, with each measure's paired difference to bicubic and its verdict.")
+    ev.add_argument("--hr", nargs="+", required=True, metavar="DIR", help="folders of HR photos (searched recursively)")
+    ev.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json, metrics.md (and images/)")
+    ev.add_argument("--crop", type=int, default=256, help=f"HR crop side in pixels, a multiple of {CROP_MULTIPLE} (default 256)")
+    ev.add_argument("--grid", type=int, default=1, help="G: G x G crops per photo, each centred in a cell of a G x G "
+                    "grid over it (default 1: the centre crop)")
+    ev.add_argument("--border", type=int, default=0, help="pixels left out at every edge by PSNR and SSIM (default 0)")
+    ev.add_argument("--weights", nargs="+", metavar="FILE", help="StableSR .safetensors (default: as upscale)")
+    ev.add_argument("--cfw", metavar="FILE", help="CFW .safetensors")
+    ev.add_argument("--config", metavar="JSON", help="model config (files written by this project carry it)")
+    ev.add_argument("--steps", type=int, help="sampling steps (default: as upscale, the weights' own or 200)")
+    ev.add_argument("--sampler", choices=SAMPLERS, help="ddpm or ddim (default: as upscale)")
+    ev.add_argument("--dec-w", type=finite_float, nargs="+", metavar="W",
+                    help="CFW weights w in [0, 1], each a column, all from one sampled latent (default: as upscale)")
+    ev.add_argument("--colorfix", choices=COLORFIX_METHODS, help="colour correction (default: as upscale)")
+    ev.add_argument("--tile", type=int, help="latent tile of aggregation sampling (default: as upscale)")
+    ev.add_argument("--overlap", type=int, help="latent overlap of tiles (default: as upscale)")
+    ev.add_argument("--seed", type=int, nargs="+", default=[42], metavar="SEED",
+                    help="sampling seeds, each used for every crop (default 42); several give the sd over seeds")
+    ev.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    ev.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype (GPU: float16/bfloat16)")
+    ev.add_argument("--save-images", action="store_true", help="also write DIR/images/<name>_{hr,lr,bicubic,sr_wW}.png")
+    ev.set_defaults(run=run_evaluate)
 
 
 def add_train_sr_parser(train_sub) -> None:

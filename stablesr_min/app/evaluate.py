@@ -27,15 +27,15 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_write, check_output_folder
-from ..colorfix import METHODS as COLORFIX_METHODS
 from ..degradation import NoiseDraw, add_noise, filter2d, gaussian_kernel, jpeg, resize
-from ..devices import DTYPES, pick_device, pick_dtype
+from ..devices import pick_device, pick_dtype
 from ..errors import UsageError
 from ..image_io import load_image, save_png_atomically, to_pil
 from ..progress import ProgressLine
 from ..train.data import find_images
 from . import metrics
-from .settings import SAMPLING_OPTIONS, checked_config, choose_weights, given_values, sampling_settings
+from .settings import (SAMPLING_OPTIONS, check_not_an_input, checked_config, choose_weights, given_values,
+                       load_pipeline, sampling_settings)
 
 CROP_MULTIPLE = 32  # HR crop sides: a multiple of 4 (the scale) x 8 (the VAE), so the LR and SR latents are whole
 
@@ -139,11 +139,10 @@ def image_outputs(crops: list[HRCrop], out_dir: Path, labels: list[str]) -> dict
     """DIR/images/<crop>_<label>.png for every crop and label; refuses to overwrite an input."""
     outputs = {c.name: {label: out_dir / "images" / f"{file_stem(c.name)}_{label}.png" for label in labels}
                for c in crops}
-    inputs = {Path(c.photo).resolve() for c in crops}
+    inputs = {Path(c.photo) for c in crops}
     for files in outputs.values():
         for file in files.values():
-            if file.resolve() in inputs:
-                raise UsageError(f"{file}: writing it would overwrite an input; choose another --out folder")
+            check_not_an_input(file, inputs)
     return outputs
 
 
@@ -240,22 +239,6 @@ def write_text(path: Path, text: str) -> None:
 # The command
 
 
-def load_pipeline(stablesr_paths, cfw_path, notice: str | None, args, device: torch.device, dtype: torch.dtype,
-                  steps: int, tile: int):
-    """The pipeline of the chosen weights (refusing more steps than their schedule has, or tiles too small
-    for them), and the files' names for the report."""
-    from ..model import load_cfw, load_stablesr
-    from ..pipeline import StableSRPipeline
-
-    cfg = checked_config(stablesr_paths, args.config, steps, tile)
-    if notice:
-        print(notice, file=sys.stderr)
-    model = load_stablesr(stablesr_paths, cfg, dtype=dtype, device=device)
-    cfw = load_cfw(cfw_path, args.config, dtype=dtype, device=device)
-    files = {"weights": [str(p) for p in stablesr_paths], "cfw": str(cfw_path)}
-    return StableSRPipeline(model, cfw), files
-
-
 def run_evaluate(args) -> None:
     from ..pipeline import UpscaleOptions  # imported here so that `--help` stays fast
 
@@ -272,12 +255,11 @@ def run_evaluate(args) -> None:
         if out_dir.resolve().is_relative_to(hr.resolve()):
             raise UsageError(f"--out {out_dir}: is inside --hr {hr}, so its saved images would be read as HR photos "
                              "by the next run; choose a folder outside the HR photos")
-    given = {name: getattr(args, name) for name in SAMPLING_OPTIONS
-             if name != "dec_w" and getattr(args, name) is not None}
+    given = given_values(args, SAMPLING_OPTIONS)
     for w in args.dec_w or []:  # the options given, checked before any weights file is opened
-        UpscaleOptions(**given, dec_w=w)
+        UpscaleOptions(**{**given, "dec_w": w})
     stablesr_paths, cfw_path, notice = choose_weights(args.weights, args.cfw)
-    sampling = sampling_settings(stablesr_paths, given_values(args, SAMPLING_OPTIONS))
+    sampling = sampling_settings(stablesr_paths, given)
     dec_ws = list(dict.fromkeys(args.dec_w or [sampling["dec_w"]]))  # each w once, in the order given
     seeds = list(dict.fromkeys(args.seed))
     methods = method_names(dec_ws)
@@ -288,8 +270,9 @@ def run_evaluate(args) -> None:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     steps = sampling["steps"]
-    pipeline, weights = load_pipeline(stablesr_paths, cfw_path, notice, args, device, dtype, steps,
-                                      sampling["tile"])
+    cfg = checked_config(stablesr_paths, args.config, steps, sampling["tile"])
+    pipeline = load_pipeline(stablesr_paths, cfw_path, cfg, args.config, notice, device, dtype)
+    weights = {"weights": [str(p) for p in stablesr_paths], "cfw": str(cfw_path)}
 
     rows = []
     for i, crop in enumerate(crops, 1):
@@ -358,33 +341,3 @@ def write_report(out_dir: Path, rows: list[dict], methods: list[str], settings: 
                + photo_table(rows, methods))
     print(table, end="")
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics.md'}", file=sys.stderr)
-
-
-def add_evaluate_parser(sub) -> None:
-    ev = sub.add_parser("evaluate", help="PSNR/SSIM/colour error of StableSR vs bicubic on degraded HR crops",
-                        description="Crop HR photos on a grid, degrade the crops with a fixed, seeded degradation "
-                                    f"({EvalDegradation().describe()}), upscale 4x with StableSR (once per seed) "
-                                    "and with bicubic, and tabulate PSNR, SSIM and colour error against the HR "
-                                    "crops, with each measure's paired difference to bicubic and its verdict.")
-    ev.add_argument("--hr", nargs="+", required=True, metavar="DIR", help="folders of HR photos (searched recursively)")
-    ev.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json, metrics.md (and images/)")
-    ev.add_argument("--crop", type=int, default=256, help=f"HR crop side in pixels, a multiple of {CROP_MULTIPLE} (default 256)")
-    ev.add_argument("--grid", type=int, default=1, help="G: G x G crops per photo, each centred in a cell of a G x G "
-                    "grid over it (default 1: the centre crop)")
-    ev.add_argument("--border", type=int, default=0, help="pixels left out at every edge by PSNR and SSIM (default 0)")
-    ev.add_argument("--weights", nargs="+", metavar="FILE", help="StableSR .safetensors (default: as upscale)")
-    ev.add_argument("--cfw", metavar="FILE", help="CFW .safetensors")
-    ev.add_argument("--config", metavar="JSON", help="model config (files written by this project carry it)")
-    ev.add_argument("--steps", type=int, help="sampling steps (default: as upscale, the weights' own or 200)")
-    ev.add_argument("--sampler", choices=["ddpm", "ddim"], help="ddpm or ddim (default: as upscale)")
-    ev.add_argument("--dec-w", type=float, nargs="+", metavar="W",
-                    help="CFW weights w in [0, 1], each a column, all from one sampled latent (default: as upscale)")
-    ev.add_argument("--colorfix", choices=COLORFIX_METHODS, help="colour correction (default: as upscale)")
-    ev.add_argument("--tile", type=int, help="latent tile of aggregation sampling (default: as upscale)")
-    ev.add_argument("--overlap", type=int, help="latent overlap of tiles (default: as upscale)")
-    ev.add_argument("--seed", type=int, nargs="+", default=[42], metavar="SEED",
-                    help="sampling seeds, each used for every crop (default 42); several give the sd over seeds")
-    ev.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
-    ev.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype (GPU: float16/bfloat16)")
-    ev.add_argument("--save-images", action="store_true", help="also write DIR/images/<name>_{hr,lr,bicubic,sr_wW}.png")
-    ev.set_defaults(run=run_evaluate)

@@ -1,7 +1,8 @@
-"""What `upscale` and `evaluate` share: which weights, which sampling settings, and their checks."""
+"""What `upscale` and `evaluate` share: which weights, which sampling settings, their checks, loading them."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..errors import UsageError
@@ -53,3 +54,21 @@ def checked_config(stablesr_paths, config, steps: int, tile: int):
         raise UsageError(f"--tile {tile}: too small for these weights (their deepest level would be under 2x2); "
                          f"use --tile {least} or more")
     return cfg
+
+
+def load_pipeline(stablesr_paths, cfw_path, cfg, config, notice: str | None, device, dtype):
+    """The pipeline of the chosen weights, `cfg` their StableSR config (`checked_config`), `config` the
+    --config given (the CFW file's config else); after the notice about which weights, if any."""
+    from ..model import load_cfw, load_stablesr
+    from ..pipeline import StableSRPipeline
+
+    if notice:
+        print(notice, file=sys.stderr)
+    model = load_stablesr(stablesr_paths, cfg, dtype=dtype, device=device)
+    return StableSRPipeline(model, load_cfw(cfw_path, config, dtype=dtype, device=device))
+
+
+def check_not_an_input(output: Path, inputs: set[Path]) -> None:
+    """Refuse an output file that is one of the `inputs` (by any path to it)."""
+    if output.resolve() in {p.resolve() for p in inputs}:
+        raise UsageError(f"{output}: writing it would overwrite an input; choose another --out folder")

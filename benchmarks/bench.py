@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from stablesr_min.app.measure import median_seconds, peak_memory_gb, timed  # noqa: E402
 from stablesr_min.cfw import CFWAutoencoder  # noqa: E402
 from stablesr_min.config import StableSRConfig  # noqa: E402
 from stablesr_min.devices import DTYPES  # noqa: E402
@@ -45,24 +44,6 @@ RESULT_KEYS = (
     "vae_encode_s_256", "vae_decode_s_256", "vae_encode_s_512", "vae_decode_s_512",
     "e2e_s_128to512", "peak_mem_gb",
 )
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(run, device: torch.device, repeats: int) -> float:
-    """One warm-up call, then the median wall time of `repeats` calls."""
-    run()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        run()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.inference_mode(False)
@@ -83,12 +64,6 @@ def random_models(device: torch.device, dtype: torch.dtype):
             p.data.uniform_(-1, 1, generator=gen).mul_((3 / fan_in) ** 0.5 if p.dim() > 1 else 0.1)
         module.to(device=device, dtype=dtype).eval()
     return model, cfw
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 @torch.inference_mode()
@@ -119,12 +94,8 @@ def measure(args) -> dict:
             results[f"vae_decode_s_{size}"] = median_seconds(decode, device, args.repeats)
     if not args.quick:
         lr = torch.rand(1, 3, args.e2e_lr, args.e2e_lr, generator=torch.Generator().manual_seed(0)) * 2 - 1
-        synchronize(device)
-        start = time.perf_counter()
-        pipe(lr, opts, generator=torch.Generator().manual_seed(0))
-        synchronize(device)
         key = "e2e_s_128to512" if args.e2e_lr == 128 else f"e2e_s_{args.e2e_lr}to{4 * args.e2e_lr}"
-        results[key] = time.perf_counter() - start
+        results[key] = timed(device, lambda: pipe(lr, opts, generator=torch.Generator().manual_seed(0)))[1]
     results["peak_mem_gb"] = peak_memory_gb(device)
     return results
 

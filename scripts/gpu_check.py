@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -55,11 +54,16 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from stablesr_min.app.cli import CommandLineParser  # noqa: E402
+from stablesr_min.app.measure import peak_memory_gb, reset_peak_memory, timed  # noqa: E402
+from stablesr_min.app.notebooks import NOTEBOOKS, execute  # noqa: E402
 from stablesr_min.atomic import atomic_write  # noqa: E402
 from stablesr_min.cfw import CFWAutoencoder  # noqa: E402
 from stablesr_min.config import StableSRConfig  # noqa: E402
-from stablesr_min.devices import DTYPES  # noqa: E402
+from stablesr_min.devices import DTYPES, pick_device  # noqa: E402
+from stablesr_min.errors import OptionError  # noqa: E402
 from stablesr_min.model import StableSR  # noqa: E402
+from stablesr_min.objective import Denoiser  # noqa: E402
 from stablesr_min.pipeline import (StableSRPipeline, UpscaleOptions, pad_canvas, text_context,  # noqa: E402
                                    tiled_cfw_decode, vae_tiles)
 from stablesr_min.sampler import tile_grid  # noqa: E402
@@ -127,37 +131,6 @@ class Check:
 # Measuring
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak_memory(device: torch.device) -> bool:
-    """Start a new peak; False where the CPU's peak resident set cannot be reset (not Linux)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak resident set becomes the current one
-        return True
-    except OSError:
-        return False
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-def timed(device: torch.device, run: Callable[[], Any]) -> tuple[Any, float]:
-    synchronize(device)
-    start = time.perf_counter()
-    result = run()
-    synchronize(device)
-    return result, time.perf_counter() - start
-
-
 def error_text(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
@@ -171,17 +144,6 @@ def free_memory() -> None:
 
 # ------------------------------------------------------------------------------------------------------
 # 1. numerics
-
-
-class DenoiseStep(nn.Module):
-    """One network call of a sampling step: the time-aware encoder on the LR latent, then the UNet."""
-
-    def __init__(self, model: StableSR):
-        super().__init__()
-        self.time_encoder, self.unet = model.time_encoder, model.unet
-
-    def forward(self, z_t, z_lr, t, context):
-        return self.unet(z_t, t, context, self.time_encoder(z_lr, t))
 
 
 def output_tensors(output) -> list[torch.Tensor]:
@@ -234,7 +196,7 @@ def numerics_cases(model: StableSR, cfw: CFWAutoencoder, latent: int, device: to
         z = model.vae.encode(image).mean  # the image's (unscaled) latent: what the decoders see in the pipeline
     cfw_options = UpscaleOptions(dec_w=0.5)
     return {
-        "unet_step": (DenoiseStep(model), lambda net, *a: net(*a), (z_t, z_lr, t, context)),
+        "unet_step": (Denoiser(model), lambda net, *a: net(*a), (z_t, t, context, z_lr)),
         "vae_encode": (model.vae, lambda vae, x: vae.encode(x).mean, (image,)),
         "vae_decode": (model.vae, lambda vae, z: vae.decode(z), (z,)),
         "cfw_decode": (cfw, lambda net, z, canvas: tiled_cfw_decode(net, z, canvas, cfw_options), (z, image)),
@@ -388,7 +350,6 @@ def notebooks(check: Check) -> dict:
     if not check.cuda:
         return {"skipped": "CUDA only: the notebook tests already run them on the CPU"}
     from nbclient.exceptions import CellExecutionError
-    from run_notebooks import NOTEBOOKS, execute  # beside this file: scripts/ is on sys.path when it runs
 
     previous = os.environ.get("STABLESR_DEVICE")
     os.environ["STABLESR_DEVICE"] = str(check.device)
@@ -541,21 +502,11 @@ def summary(section: dict) -> str:
 # Command line
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        usage_error(f"{message} (see --help)")
-
-
-def usage_error(message: str):
-    print(f"gpu_check: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = Parser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(prog="scripts/gpu_check.py", description=__doc__.splitlines()[0],
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="folder of report.json and report.md (created)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--small", action="store_true", help="small networks and images (CI)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
     args = parser.parse_args(argv)
@@ -563,34 +514,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [s for s in args.only if s not in SECTIONS]
     if unknown or not args.only:
         what = f"unknown section {', '.join(map(repr, unknown))}" if unknown else "no section given"
-        usage_error(f"--only: {what}; give some of {','.join(SECTIONS)}, comma-separated")
-    args.device = check_device(args.device)
-    check_out(args.out)
+        parser.error(f"--only: {what}; give some of {','.join(SECTIONS)}, comma-separated")
+    try:
+        args.device = pick_device(args.device)
+    except OptionError as e:
+        parser.error(f"--device {e.problem}")
+    if args.device.type not in ("cuda", "cpu"):
+        parser.error(f"--device {args.device}: only cuda and cpu are checked; use one of them")
+    check_out(args.out, parser)
     return args
 
 
-def check_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        usage_error(f"--device {name}: not a device name; use cuda, cuda:N or cpu")
-    if device.type not in ("cuda", "cpu"):
-        usage_error(f"--device {name}: only cuda and cpu are checked; use one of them")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        usage_error(f"--device {name}: CUDA is not available here; use --device cpu (with --small for a quick run)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        usage_error(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices; use cuda:0 to "
-                    f"cuda:{torch.cuda.device_count() - 1}")
-    return device
-
-
-def check_out(out: Path) -> None:
+def check_out(out: Path, parser: argparse.ArgumentParser) -> None:
     if out.exists() and not out.is_dir():
-        usage_error(f"--out {out}: is a file; name a folder (it is created if missing)")
+        parser.error(f"--out {out}: is a file; name a folder (it is created if missing)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        usage_error(f"--out {out}: cannot create it ({e.strerror}); name a folder you can write to")
+        parser.error(f"--out {out}: cannot create it ({e.strerror}); name a folder you can write to")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,26 +19,13 @@ import time
 from pathlib import Path
 
 import nbformat
-from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from stablesr_min.app.notebooks import NOTEBOOKS, execute  # noqa: E402
 from stablesr_min.atomic import atomic_write  # noqa: E402
-
-NOTEBOOKS = ROOT / "notebooks"
-KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
-TIMEOUT_S = 600  # per cell
-
-
-def execute(path: Path) -> nbformat.NotebookNode:
-    nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
-    for cell in nb.cells:
-        cell.metadata = {}
-    nb.metadata = {"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}}
-    return nb
 
 
 def main() -> None:

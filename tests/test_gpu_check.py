@@ -23,9 +23,11 @@ def gpu_check(*args, timeout=300):
                           cwd=ROOT, env=env, timeout=timeout)
 
 
-def test_small_cpu_run_reports_every_section(tmp_path):
+def test_small_cpu_run_reports_every_section_that_needs_no_training(tmp_path):
+    """The training section is left out (`--only`): the suite trains every stage already (test_train_tiny,
+    test_docs); its report then says so."""
     out = tmp_path / "report"
-    done = gpu_check("--device", "cpu", "--small", "--out", out)
+    done = gpu_check("--device", "cpu", "--small", "--out", out, "--only", "numerics,speed,memory,notebooks")
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     for name in SECTIONS:
@@ -40,8 +42,7 @@ def test_small_cpu_run_reports_every_section(tmp_path):
     assert any(row["seconds"] > 0 for row in report["speed"]["rows"])
     assert report["memory"]["peak_ratio"] > 0
     assert "skipped" in report["notebooks"]  # CUDA only
-    trained = [row for row in report["training"]["rows"] if "skipped" not in row]
-    assert trained and all(row["steps"] == 2 and row["steps_per_s"] > 0 for row in trained), trained
+    assert report["training"] == {"skipped": "not in --only"}
     markdown = (out / "report.md").read_text()
     for name in SECTIONS:
         assert f"\n## {name}\n" in markdown, name
@@ -52,5 +53,12 @@ def test_unknown_section_is_one_line(tmp_path):
     done = gpu_check("--only", "numerics,speeed", "--out", tmp_path / "report", timeout=120)
     assert done.returncode == 2
     lines = done.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gpu_check: ") and "speeed" in lines[0], done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: --only: unknown section 'speeed'"), done.stderr
+    assert lines[0].endswith("(see `scripts/gpu_check.py --help`)")
     assert not (tmp_path / "report").exists()
+
+
+def test_a_device_that_is_not_one_is_one_line(tmp_path):
+    done = gpu_check("--device", "tpu", "--out", tmp_path / "report", timeout=120)
+    assert (done.returncode, done.stderr) == (2, "error: --device 'tpu': not a device; use cpu, cuda or cuda:N (see "
+                                                 "`scripts/gpu_check.py --help`)\n")

@@ -302,9 +302,9 @@ def test_demo_loads_the_shipped_model_by_default(monkeypatch):
 
 def test_heldout_crops_are_full_resolution_pieces_of_the_heldout_photos():
     crops = heldout_crops(96, per_image=3)
-    assert len(crops) == 6 and all(c.shape == (1, 3, 96, 96) for c in crops.values())
-    names = sorted({name.split("@")[0] for name in crops})
-    assert names == ["chelsea.png", "coffee.png"]
+    photos = sorted(p.name for p in HELDOUT.glob("*.png"))
+    assert len(photos) == 10 and len(crops) == 3 * len(photos) and all(c.shape == (1, 3, 96, 96) for c in crops.values())
+    assert sorted({name.split("@")[0] for name in crops}) == photos
     chelsea = (load_image(HELDOUT / "chelsea.png").rgb + 1) / 2  # 451 x 300: crops along x, centred in y
     first, last = crops["chelsea.png@0,102"], crops["chelsea.png@355,102"]
     assert torch.equal(first, chelsea[..., 102:198, 0:96]) and torch.equal(last, chelsea[..., 102:198, 355:451])

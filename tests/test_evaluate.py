@@ -99,7 +99,7 @@ def test_writes_both_tables_with_the_right_rows(evaluated):
     psnr = report["summary"]["StableSR w=1"]["psnr"]
     assert rows[4] == (f"| PSNR (dB) | StableSR w=1 | {psnr['mean']:.2f} | - | {psnr['vs_bicubic']['mean']:+.2f} +- "
                        f"{2 * psnr['vs_bicubic']['se']:.2f} | {psnr['vs_bicubic']['verdict']} |")
-    assert len(rows) == 2 + 3 * 3
+    assert len(rows) == 2 + 4 * 3  # 4 measures x 3 methods
     bicubic = report["crops"][1]["scores"]["bicubic"]
     assert per_photo.splitlines()[3].startswith(
         f"| coffee.png | {bicubic['psnr'][0]:.2f} | {bicubic['ssim'][0]:.4f} | {bicubic['colour'][0]:.2f} |")

@@ -29,7 +29,7 @@ def test_the_headline_is_the_held_out_set_at_the_stated_settings():
     photos = {Path(row["photo"]).name for row in report["crops"]}
     assert photos == {p.name for p in (ROOT / "data" / "heldout").iterdir()}
     assert report["settings"]["seeds"] == [0, 1, 2, 3, 4] and report["settings"]["grid"] == 2
-    assert report["settings"]["crop"] == 128 and report["settings"]["dec_w"] == [1.0, 0.0]
+    assert report["settings"]["crop"] == 128 and report["settings"]["dec_w"] == [1.0, 0.5, 0.0]
     assert len(report["crops"]) == 4 * len(photos) >= 30
     assert report["rule"] == metrics.VERDICT_RULE
 
@@ -37,8 +37,8 @@ def test_the_headline_is_the_held_out_set_at_the_stated_settings():
 def fake_report(sr_psnr: list[list[float]], seeds=(0, 1)) -> dict:
     """Two photos of two crops each; one StableSR method with the given PSNR per crop and seed."""
     crops = [{"name": f"p{i // 2}.png#{i % 2}", "photo": f"p{i // 2}.png",
-              "scores": {"bicubic": {k: [20.0] for k in ("psnr", "ssim", "colour")},
-                         "StableSR w=1": {"psnr": values, "ssim": [0.5] * len(values), "colour": [2.0] * len(values)}}}
+              "scores": {"bicubic": {k: [20.0] for k in ("psnr", "ssim", "colour", "spectrum")},
+                         "StableSR w=1": {"psnr": values, **{k: [0.5] * len(values) for k in ("ssim", "colour", "spectrum")}}}}
              for i, values in enumerate(sr_psnr)]
     return {"settings": {"seeds": list(seeds)}, "crops": crops, "methods": ["bicubic", "StableSR w=1"]}
 

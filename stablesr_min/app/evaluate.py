@@ -160,17 +160,21 @@ def method_names(dec_ws: list[float]) -> list[str]:
     return ["bicubic"] + [f"StableSR w={w:g}" for w in dec_ws]
 
 
-MEASURES = ("psnr", "ssim", "colour")
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "colour": False}
-UNITS = {"psnr": ("PSNR (dB)", 2), "ssim": ("SSIM", 4), "colour": ("colour error (levels)", 2)}  # name, decimals
+MEASURES = ("psnr", "ssim", "colour", "spectrum")
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "colour": False, "spectrum": False}
+UNITS = {"psnr": ("PSNR (dB)", 2), "ssim": ("SSIM", 4), "colour": ("colour error (levels)", 2),
+         "spectrum": ("spectrum distance (log10)", 3)}  # name, decimals
 
 
 def score(result: torch.Tensor, hr: torch.Tensor, border: int) -> dict[str, float]:
-    """PSNR and SSIM of a [0, 1] image against the HR crop (without `border` pixels at each edge), and the colour
-    error (`metrics.lowpass_colour_error`, 16 px blocks of the whole crop), all on 8-bit levels."""
+    """PSNR and SSIM of a [0, 1] image against the HR crop (without `border` pixels at each edge), the colour
+    error (`metrics.lowpass_colour_error`, 16 px blocks of the whole crop) and the realism axis of notebook 03
+    (`metrics.highfreq_spectrum_distance`: how far its high-frequency power is from the HR crop's, whole crop),
+    all on 8-bit levels."""
     a, b = metrics.to_levels(result), metrics.to_levels(hr)
     return {"psnr": metrics.psnr(a, b, border).item(), "ssim": metrics.ssim(a, b, border).item(),
-            "colour": metrics.lowpass_colour_error(a, b).item()}
+            "colour": metrics.lowpass_colour_error(a, b).item(),
+            "spectrum": metrics.highfreq_spectrum_distance(a, b).item()}
 
 
 def mean_row(rows: list[dict], methods: list[str]) -> dict[str, dict[str, float]]:

@@ -38,6 +38,7 @@ from stablesr_min.train.sr import is_trainable, prepare_for_finetuning
 from stablesr_min.weights import save_safetensors
 
 from golden import relative_error
+from photos import PHOTOS
 from run_files import assert_same_run, tensors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,9 +59,8 @@ def base(golden_weights) -> Path:
 def photos(tmp_path_factory) -> Path:
     """Two photos larger than the 128 px crops of the torchrun run (batch 1 needs a 2x2 deepest level)."""
     folder = tmp_path_factory.mktemp("photos")
-    images = ROOT.parent / "shared" / "images"
-    Image.open(images / "rocket.jpg").crop((0, 0, 200, 160)).save(folder / "rocket.png")
-    Image.open(images / "astronaut.png").crop((0, 0, 160, 200)).save(folder / "astronaut.png")
+    Image.open(PHOTOS / "rocket.jpg").crop((0, 0, 200, 160)).save(folder / "rocket.png")
+    Image.open(PHOTOS / "astronaut.png").crop((0, 0, 160, 200)).save(folder / "astronaut.png")
     return folder
 
 
@@ -341,7 +341,7 @@ def test_torchrun_with_2_processes_writes_one_run_that_resumes_and_upscales(base
     trained, before = tensors(out / "last.safetensors"), tensors(base)
     assert all(torch.equal(trained[k], v) for k, v in before.items() if not is_trainable(k))
     image = tmp_path / "small.png"
-    Image.open(ROOT.parent / "shared" / "images" / "astronaut.png").crop((200, 100, 224, 120)).save(image)
+    Image.open(PHOTOS / "astronaut.png").crop((200, 100, 224, 120)).save(image)
     assert main(["upscale", str(image), "--out", str(tmp_path / "up"), "--weights", str(out / "last.safetensors"),
                  "--cfw", str(golden_weights[1]), "--steps", "2", "--tile", "16", "--overlap", "6"]) == 0
     assert Image.open(tmp_path / "up" / "small.png").size == (96, 80)

@@ -25,6 +25,8 @@ from stablesr_min.tiny import TINY_DIR, TINY_FILES, tiny_stablesr_files
 from stablesr_min.train.networks import default_init
 from stablesr_min.train.prior import prior_config, sr_config
 
+from photos import PHOTOS
+
 ROOT = Path(__file__).resolve().parent.parent
 # Relative change of an output across t = 0, 100, 500, 999 that counts as "responds to t". The time-blind
 # encoder of the first tiny model moved by about 1e-7 (rounding); one that sees t moves by 1e-2 or more.
@@ -144,7 +146,7 @@ def test_the_recipe_refuses_networks_that_cannot_see_t():
 def test_train_vae_warns_in_one_line_about_sizes_that_cannot_see_t(tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
-    Image.open(ROOT.parent / "shared" / "images" / "rocket.jpg").crop((0, 0, 64, 64)).save(photos / "rocket.png")
+    Image.open(PHOTOS / "rocket.jpg").crop((0, 0, 64, 64)).save(photos / "rocket.png")
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"unet": {"norm_groups": 32}}))
     code = main(["train", "vae", "--data", str(photos), "--out", str(tmp_path / "vae"), "--steps", "1",

@@ -24,9 +24,9 @@ from stablesr_min.train.sr import base_config, is_trainable, load_base
 from stablesr_min.unet import SFT, ResBlock, timestep_embedding
 from stablesr_min.weights import config_metadata, save_safetensors
 
+from photos import PHOTOS
 from run_files import assert_same_run, ctrl_c_after_step_1, log, metadata, signals_after_step, tensors
 
-ROOT = Path(__file__).resolve().parent.parent
 RUN_ARGS = ["--batch-size", "2", "--gt-size", "64", "--seed", "0"]
 
 
@@ -38,11 +38,10 @@ def train(*args) -> int:
 def photos(tmp_path_factory) -> Path:
     """Three photos of different sizes and modes, one in a subfolder, one smaller than the crop."""
     folder = tmp_path_factory.mktemp("photos")
-    images = ROOT.parent / "shared" / "images"
-    Image.open(images / "rocket.jpg").crop((200, 100, 296, 172)).save(folder / "rocket_96x72.jpg")
-    Image.open(images / "camera.png").crop((200, 100, 250, 140)).save(folder / "camera_50x40_grey.png")
+    Image.open(PHOTOS / "rocket.jpg").crop((200, 100, 296, 172)).save(folder / "rocket_96x72.jpg")
+    Image.open(PHOTOS / "camera.png").crop((200, 100, 250, 140)).save(folder / "camera_50x40_grey.png")
     (folder / "sub").mkdir()
-    Image.open(images / "astronaut.png").crop((150, 50, 230, 150)).save(folder / "sub" / "astronaut_80x100.png")
+    Image.open(PHOTOS / "astronaut.png").crop((150, 50, 230, 150)).save(folder / "sub" / "astronaut_80x100.png")
     return folder
 
 
@@ -127,7 +126,7 @@ def test_sigterm_stops_like_ctrl_c_saving_the_step_and_the_resume_is_bit_identic
 
 def test_a_trained_checkpoint_upscales(run_a, golden_weights, tmp_path):
     image = tmp_path / "small.png"
-    Image.open(ROOT.parent / "shared" / "images" / "astronaut.png").crop((200, 100, 224, 120)).save(image)
+    Image.open(PHOTOS / "astronaut.png").crop((200, 100, 224, 120)).save(image)
     code = main(["upscale", str(image), "--out", str(tmp_path / "out"), "--weights", str(run_a / "last.safetensors"),
                  "--cfw", str(golden_weights[1]), "--steps", "2", "--tile", "16", "--overlap", "6"])
     assert code == 0

@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +12,8 @@ from stablesr_min.weights import WeightFiles
 from golden import GoldenSet
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,3 +53,14 @@ def stablesr(golden_weights):
 @pytest.fixture(scope="session")
 def cfw(golden_weights):
     return load_cfw(golden_weights[1])
+
+
+@pytest.fixture(scope="session")
+def quick_recipe(tmp_path_factory) -> Path:
+    """`scripts/train_tiny.py --quick` (every stage of the tiny model's recipe, 2 steps each): the suite's one
+    training of the tiny model, shared by every test that needs its files."""
+    runs = tmp_path_factory.mktemp("tiny_runs")
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny.py"), "--quick", "--runs", str(runs),
+                           "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return runs

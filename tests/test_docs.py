@@ -9,6 +9,10 @@ become 2, an `upscale` or `evaluate` without `--steps` gets `--steps 2`, and in 
 stored sampling settings (`sampling_defaults`) say 2 steps (tiny sizes: what is checked is that the code runs
 and writes what the next line reads). The Quick start alone runs exactly as written, and its image is checked.
 `python -m stablesr_min` lines run in this process (`main`), others in bash; Python blocks are executed.
+
+A block with `train` lines does not train: each of them is checked against the tiny model's recipe
+(scripts/train_tiny.py: the CLI takes it, and every option it gives other than its lengths is the recipe's),
+and its other lines run on the files of the suite's one training run (`quick_recipe`), in the block's runs folder.
 """
 
 import os
@@ -23,9 +27,11 @@ import pytest
 import torch
 from PIL import Image
 
-from stablesr_min.app.cli import main
+from stablesr_min.app.cli import build_parser, main
 from stablesr_min.app.metrics import psnr
 from stablesr_min.tiny import TINY_MODEL_NOTICE
+
+from run_files import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -35,6 +41,9 @@ SHRINK = [(re.compile(r"--steps \d+"), "--steps 2"), (re.compile(r"--count \d+")
 LINKED = ["stablesr_min", "data", "examples", "scripts", "requirements.txt"]
 QUICK_START = "README.md#0"  # run exactly as written (its install left out), and its image checked
 QUICK_START_MIN_PSNR = 30  # dB; the shipped model measured 33.4 (a noise output: about 10)
+CLI = ".venv/bin/python -m stablesr_min "
+TRAIN = CLI + "train "
+LENGTHS = {"--steps", "--count"}  # a documented training line's own: every other option is the recipe's
 
 
 def blocks() -> list:
@@ -82,7 +91,16 @@ def run_line(line: str, cwd: Path, shrink: bool = True) -> None:
         assert result.returncode == 0, f"{line}\n{result.stderr[-2000:]}"
 
 
-@pytest.mark.parametrize("language, body", [b for b in blocks() if b.id != QUICK_START])
+def lines(body: str) -> list[str]:
+    stripped = [line.strip().removeprefix(INSTALL) for line in body.splitlines()]
+    return [line for line in stripped if line and not line.startswith("#")]
+
+
+def trains(body: str) -> bool:
+    return any(line.startswith(TRAIN) for line in lines(body))
+
+
+@pytest.mark.parametrize("language, body", [b for b in blocks() if b.id != QUICK_START and not trains(b.values[1])])
 def test_a_runnable_block_runs_as_written(language, body, tmp_path, monkeypatch):
     monkeypatch.chdir(workspace(tmp_path))
     if language == "python":
@@ -92,9 +110,46 @@ def test_a_runnable_block_runs_as_written(language, body, tmp_path, monkeypatch)
         monkeypatch.setattr(tiny, "sampling_defaults", lambda paths: {**stored(paths), "steps": 2})
         exec(compile(body, "<docs>", "exec"), {"__name__": "__docs__"})
         return
-    for line in body.splitlines():
-        line = line.strip().removeprefix(INSTALL)
-        if line and not line.startswith("#"):
+    for line in lines(body):
+        run_line(line, tmp_path)
+
+
+def options(words: list[str]) -> dict[str, str | None]:
+    """{"--opt": value} of a command line's words after `train WHAT` (a flag's value: None)."""
+    found = {}
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            following = words[i + 1] if i + 1 < len(words) else "--"
+            found[word] = None if following.startswith("--") else following
+    return found
+
+
+def check_against_the_recipe(line: str, runs: str) -> None:
+    """A documented `train` line is a stage of scripts/train_tiny.py's recipe (its runs folder RUNS), shortened."""
+    words = shlex.split(line.removeprefix(CLI))
+    build_parser().parse_args(words)  # the command line takes it as written
+    recipe, stages = load_recipe(), {}
+    for _, cmd, *_ in recipe.stage_commands(recipe.Recipe(), Path(runs)):
+        stages.setdefault(cmd[1], cmd)  # `train WHAT`'s first stage
+    given = {k: v for k, v in options(words[2:]).items() if k not in LENGTHS}
+    stage = options([w.replace(f"{ROOT}/", "") for w in stages[words[1]][2:]])  # data/photos as the docs name it
+    assert given == {k: stage.get(k, "not in the recipe") for k in given}, line
+
+
+@pytest.mark.parametrize("language, body", [b for b in blocks() if trains(b.values[1])])
+def test_a_training_block_is_the_recipe_and_its_other_lines_run_on_its_files(language, body, quick_recipe, tmp_path,
+                                                                             monkeypatch):
+    """Its `train` lines against the recipe; the lines that read what they write (an upscale) on the quick
+    recipe's run folders, linked where the block's lines put theirs."""
+    train = [line for line in lines(body) if line.startswith(TRAIN)]
+    runs = str(Path(options(shlex.split(train[0]))["--out"]).parent)  # runs/mine for runs/mine/vae
+    for line in train:
+        check_against_the_recipe(line, runs)
+    monkeypatch.chdir(workspace(tmp_path))
+    (tmp_path / runs).parent.mkdir(parents=True)
+    (tmp_path / runs).symlink_to(quick_recipe)
+    for line in lines(body):
+        if not line.startswith(TRAIN):
             run_line(line, tmp_path)
 
 

@@ -7,9 +7,7 @@ tests catch the class: the check that names such blocks, the sizes the project s
 and the recipe and training commands that refuse or warn.
 """
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ from stablesr_min.train.networks import default_init
 from stablesr_min.train.prior import prior_config, sr_config
 
 from photos import PHOTOS
+from run_files import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 # Relative change of an output across t = 0, 100, 500, 999 that counts as "responds to t". The time-blind
@@ -124,14 +123,6 @@ def test_both_shipped_variants_trained_their_time_embeddings():
 
 # ------------------------------------------------------------------------------------------------------
 # The recipe refuses, the training commands warn
-
-
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "scripts" / "train_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_recipe_refuses_networks_that_cannot_see_t():

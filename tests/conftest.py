@@ -14,6 +14,27 @@ from golden import GoldenSet
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
 ROOT = Path(__file__).resolve().parent.parent
+# The slow tier, each test marked with why it is slow: `pytest -q` leaves these out (pytest.ini: -m "not slow"),
+# `pytest -q -m ""` runs every test, `-m slow` the slow tier alone, `-m notebooks` one kind of it.
+SLOW_KINDS = {
+    "training": "trains: the quick recipe, or several runs of a training command (stopped, resumed, compared)",
+    "notebooks": "runs a notebook headless",
+    "distributed": "starts several training processes (torchrun, torch.multiprocessing)",
+    "commands": "runs a documented command or a script end to end (upscale, evaluate, gpu_check)",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: in the slow tier (set on every test with one of the marks below)")
+    for name, why in SLOW_KINDS.items():
+        config.addinivalue_line("markers", f"{name}: {why}")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(item.get_closest_marker(name) for name in SLOW_KINDS):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -115,6 +115,7 @@ def gradient_worker(rank: int, port: int, base: Path, out: Path) -> None:
         save_safetensors(grads, out / f"grads{rank}.safetensors")
 
 
+@pytest.mark.distributed
 def test_two_processes_of_batch_1_average_to_the_gradients_of_batch_2(base, tmp_path):
     mp.spawn(gradient_worker, args=(free_port(), base, tmp_path), nprocs=2)
     model = load_stablesr([base])
@@ -158,6 +159,7 @@ def cfw_gradient_worker(rank: int, port: int, cfw_base: Path, data: Path, out: P
         save_safetensors(cfw_gradients(cfw_base, data, rank, procs), out / f"grads{rank}.safetensors")
 
 
+@pytest.mark.distributed
 def test_train_cfw_on_2_processes_of_batch_1_averages_to_the_gradients_of_batch_2(golden_weights, cfw_data,
                                                                                    tmp_path):
     mp.spawn(cfw_gradient_worker, args=(free_port(), golden_weights[1], cfw_data, tmp_path), nprocs=2)
@@ -186,6 +188,7 @@ def hanging_worker(rank: int, port: int, err: Path) -> None:
         mean_over_ranks(procs, 1.0)
 
 
+@pytest.mark.distributed
 def test_a_process_that_stops_answering_makes_the_others_exit_after_the_timeout(tmp_path):
     port, spawn = free_port(), mp.get_context("spawn")
     ranks = [spawn.Process(target=hanging_worker, args=(rank, port, tmp_path / f"err{rank}")) for rank in (0, 1)]
@@ -218,6 +221,7 @@ def rank_error_worker(rank: int, port: int, err: Path, what: str) -> None:
         sys.exit(2)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("what", ["missing data", "other lr"])
 def test_a_user_error_on_any_rank_is_one_line_naming_the_rank(tmp_path, what):
     port, spawn = free_port(), mp.get_context("spawn")
@@ -297,6 +301,7 @@ def wait_for(condition, proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.distributed
 def test_torchrun_with_2_processes_writes_one_run_that_resumes_and_upscales(base, photos, golden_weights,
                                                                              tmp_path):
     out, stopped = tmp_path / "run", tmp_path / "stopped"
@@ -356,6 +361,7 @@ def cfw_data(base, photos, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.distributed
 def test_train_cfw_under_torchrun_with_2_processes_writes_one_run_that_resumes_and_loads(golden_weights, cfw_data,
                                                                                          tmp_path):
     cfw_base, out, stopped = golden_weights[1], tmp_path / "run", tmp_path / "stopped"

@@ -100,6 +100,7 @@ def trains(body: str) -> bool:
     return any(line.startswith(TRAIN) for line in lines(body))
 
 
+@pytest.mark.commands
 @pytest.mark.parametrize("language, body", [b for b in blocks() if b.id != QUICK_START and not trains(b.values[1])])
 def test_a_runnable_block_runs_as_written(language, body, tmp_path, monkeypatch):
     monkeypatch.chdir(workspace(tmp_path))
@@ -136,6 +137,7 @@ def check_against_the_recipe(line: str, runs: str) -> None:
     assert given == {k: stage.get(k, "not in the recipe") for k in given}, line
 
 
+@pytest.mark.training
 @pytest.mark.parametrize("language, body", [b for b in blocks() if trains(b.values[1])])
 def test_a_training_block_is_the_recipe_and_its_other_lines_run_on_its_files(language, body, quick_recipe, tmp_path,
                                                                              monkeypatch):
@@ -153,6 +155,7 @@ def test_a_training_block_is_the_recipe_and_its_other_lines_run_on_its_files(lan
             run_line(line, tmp_path)
 
 
+@pytest.mark.commands
 def test_the_quick_start_is_a_real_upscale_with_the_shipped_model(tmp_path, monkeypatch, capsys):
     """The README's first command, as written: no weights named, so the shipped tiny model at its own sampling
     settings, announced in one line; its output, scaled back down, is the input (not noise)."""

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 SECTIONS = ("numerics", "speed", "memory", "notebooks", "training")
@@ -27,6 +29,7 @@ def gpu_check(*args, timeout=300):
                           cwd=ROOT, env=env, timeout=timeout)
 
 
+@pytest.mark.commands
 def test_small_cpu_run_reports_every_section_but_training(tmp_path):
     out = tmp_path / "report"
     done = gpu_check("--device", "cpu", "--small", "--only", ",".join(UNTRAINED), "--out", out)

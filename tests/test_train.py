@@ -99,6 +99,7 @@ def test_a_run_writes_its_checkpoint_log_and_state(run_a):
     assert sorted(state.generators) == ["noise"] and "generator" in state.data
 
 
+@pytest.mark.training
 def test_a_run_stopped_by_ctrl_c_and_resumed_equals_an_uninterrupted_one(run_a, base, photos, tmp_path,
                                                                          monkeypatch):
     out = tmp_path / "b"
@@ -111,6 +112,7 @@ def test_a_run_stopped_by_ctrl_c_and_resumed_equals_an_uninterrupted_one(run_a, 
     assert_same_run(out, run_a)
 
 
+@pytest.mark.training
 def test_sigterm_stops_like_ctrl_c_saving_the_step_and_the_resume_is_bit_identical(run_a, base, photos, tmp_path,
                                                                                      monkeypatch, capsys):
     """A scheduler's stop (SIGTERM) finishes the step under way, saves it and exits 143 with the resume hint."""
@@ -155,6 +157,7 @@ def test_sd2_base_starts_the_new_layers_as_the_official_run(sd2_base):
                            other["structcond_stage_model.time_embed.0.weight"])
 
 
+@pytest.mark.training
 def test_time_blind_run_from_sd2_samples_with_t_0(sd2_base, photos, tmp_path):
     out = tmp_path / "blind"
     assert train("--base", sd2_base, "--data", photos, "--out", out, "--steps", 1, *RUN_ARGS, "--time-blind",
@@ -255,6 +258,7 @@ def test_bad_input_is_one_line_and_exit_code_2(case, base, photos, golden_weight
     assert not (tmp_path / "new").exists(), "a refused run writes nothing"
 
 
+@pytest.mark.training
 def test_a_folder_a_run_left_without_a_state_starts_a_new_run_keeping_the_old_files(run_a, base, photos, tmp_path,
                                                                                    capsys):
     """A stop before the first save (or a deleted state) leaves a log and perhaps a checkpoint but no state:
@@ -286,6 +290,7 @@ STOPS = {  # (one SIGTERM or Ctrl-C: the two tests above)
 }
 
 
+@pytest.mark.training
 @pytest.mark.parametrize("case", list(STOPS))
 def test_every_way_a_run_stops_leaves_a_folder_that_its_printed_way_out_continues(case, run_a, base, photos, tmp_path,
                                                                                    monkeypatch, capsys):

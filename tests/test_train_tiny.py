@@ -15,6 +15,7 @@ from stablesr_min.train.sr import is_trainable
 from stablesr_min.weights import WeightFiles
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.training  # the quick recipe (conftest.py), run once per session
 
 
 def test_quick_recipe_writes_loadable_files(quick_recipe):

@@ -137,19 +137,39 @@ def check_against_the_recipe(line: str, runs: str) -> None:
     assert given == {k: stage.get(k, "not in the recipe") for k in given}, line
 
 
+def training_blocks(with_other_lines: bool = False) -> list:
+    """The blocks with `train` lines (with_other_lines: and lines that are not, such as an upscale)."""
+    found = []
+    for block in blocks():
+        body = block.values[1]
+        others = [line for line in lines(body) if not line.startswith(TRAIN)]
+        if trains(body) and (others or not with_other_lines):
+            found.append(pytest.param(body, id=block.id))
+    return found
+
+
+def runs_folder(body: str) -> str:
+    """Where a training block's runs go: runs/mine for `--out runs/mine/vae` on its first line."""
+    first = next(line for line in lines(body) if line.startswith(TRAIN))
+    return str(Path(options(shlex.split(first))["--out"]).parent)
+
+
+@pytest.mark.parametrize("body", training_blocks())
+def test_a_training_blocks_train_lines_are_the_recipes(body):
+    for line in lines(body):
+        if line.startswith(TRAIN):
+            check_against_the_recipe(line, runs_folder(body))
+
+
 @pytest.mark.training
-@pytest.mark.parametrize("language, body", [b for b in blocks() if trains(b.values[1])])
-def test_a_training_block_is_the_recipe_and_its_other_lines_run_on_its_files(language, body, quick_recipe, tmp_path,
-                                                                             monkeypatch):
-    """Its `train` lines against the recipe; the lines that read what they write (an upscale) on the quick
-    recipe's run folders, linked where the block's lines put theirs."""
-    train = [line for line in lines(body) if line.startswith(TRAIN)]
-    runs = str(Path(options(shlex.split(train[0]))["--out"]).parent)  # runs/mine for runs/mine/vae
-    for line in train:
-        check_against_the_recipe(line, runs)
+@pytest.mark.parametrize("body", training_blocks(with_other_lines=True))
+def test_a_training_blocks_other_lines_run_on_the_quick_recipes_files(body, quick_recipe, tmp_path, monkeypatch):
+    """The lines that read what the `train` lines write (the README's upscale) run on the quick recipe's run
+    folders, linked where the block puts its own."""
     monkeypatch.chdir(workspace(tmp_path))
-    (tmp_path / runs).parent.mkdir(parents=True)
-    (tmp_path / runs).symlink_to(quick_recipe)
+    runs = tmp_path / runs_folder(body)
+    runs.parent.mkdir(parents=True)
+    runs.symlink_to(quick_recipe)
     for line in lines(body):
         if not line.startswith(TRAIN):
             run_line(line, tmp_path)

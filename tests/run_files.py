@@ -1,15 +1,29 @@
-"""Reading what a training run wrote (checkpoint tensors, their metadata, the log): shared by the training tests."""
+"""Reading what a training run wrote (checkpoint tensors, their metadata, the log), and the tiny model's recipe
+(scripts/train_tiny.py): shared by the training tests."""
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import signal
+import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from stablesr_min.train import loop as training
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_recipe():
+    """scripts/train_tiny.py as a module."""
+    spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "scripts" / "train_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def tensors(path) -> dict[str, torch.Tensor]:

@@ -13,15 +13,17 @@ from stablesr_min.app import cli
 from stablesr_min.app.cli import main
 from stablesr_min.devices import pick_dtype
 
+from photos import HELDOUT
+
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", "2", "--tile", "16", "--overlap", "6", "--seed", "1"]
 
 
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory):
-    """A 40x28 RGB crop of a real photo (coffee.png from ../shared/images)."""
+    """A 40x28 RGB crop of a real photo (data/heldout/coffee.png)."""
     path = tmp_path_factory.mktemp("in") / "coffee.png"
-    Image.open(ROOT.parent / "shared" / "images" / "coffee.png").crop((250, 150, 290, 178)).save(path)
+    Image.open(HELDOUT / "coffee.png").crop((250, 150, 290, 178)).save(path)
     return path
 
 

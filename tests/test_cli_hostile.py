@@ -28,6 +28,8 @@ from stablesr_min.pipeline import smallest_tile
 from stablesr_min.tiny import find_weights
 from stablesr_min.weights import WeightFiles
 
+from photos import HELDOUT
+
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", "1", "--scale", "1", "--tile", "16", "--overlap", "6"]
 
@@ -63,9 +65,9 @@ def write_png(path: Path, width: int, height: int, depth: int, colour_type: int,
 
 @pytest.fixture
 def photo(tmp_path):
-    """A 40x28 RGB crop of a real photo (coffee.png from ../shared/images)."""
+    """A 40x28 RGB crop of a real photo (data/heldout/coffee.png)."""
     path = tmp_path / "coffee.png"
-    Image.open(ROOT.parent / "shared" / "images" / "coffee.png").crop((250, 150, 290, 178)).save(path)
+    Image.open(HELDOUT / "coffee.png").crop((250, 150, 290, 178)).save(path)
     return path
 
 
@@ -309,7 +311,7 @@ def test_decompression_bomb_gets_the_memory_message(tmp_path):
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("real_run")
-    crop = np.asarray(Image.open(ROOT.parent / "shared" / "images" / "coffee.png").convert("RGB")
+    crop = np.asarray(Image.open(HELDOUT / "coffee.png").convert("RGB")
                       .crop((250, 150, 290, 178)), dtype=np.uint16)
     rows = (crop * 257).astype(">u2")  # (28, 40, 3) big-endian 16-bit samples
     png16 = write_png(folder / "deep.png", 40, 28, 16, 2, b"".join(b"\x00" + row.tobytes() for row in rows))

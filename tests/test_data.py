@@ -13,8 +13,7 @@ from stablesr_min.errors import DataError
 from stablesr_min.train.data import (MAX_SIDE, CleanCrops, TrainingPairs, augment, find_images, pad_and_crop, read_rgb,
                                      reflect_101_index, smallest_gt_size)
 
-PHOTOS = Path(__file__).resolve().parent.parent.parent / "shared" / "images"
-
+from photos import PHOTOS
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:

@@ -40,6 +40,7 @@ from stablesr_min.train.sr import is_trainable, prepare_for_finetuning
 from stablesr_min.weights import save_safetensors
 
 from golden import relative_error
+from photos import PHOTOS
 from run_files import assert_same_run, tensors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,9 +61,8 @@ def base(golden_weights) -> Path:
 def photos(tmp_path_factory) -> Path:
     """Two photos larger than the 128 px crops of the torchrun run (batch 1 needs a 2x2 deepest level)."""
     folder = tmp_path_factory.mktemp("photos")
-    images = ROOT.parent / "shared" / "images"
-    Image.open(images / "rocket.jpg").crop((0, 0, 200, 160)).save(folder / "rocket.png")
-    Image.open(images / "astronaut.png").crop((0, 0, 160, 200)).save(folder / "astronaut.png")
+    Image.open(PHOTOS / "rocket.jpg").crop((0, 0, 200, 160)).save(folder / "rocket.png")
+    Image.open(PHOTOS / "astronaut.png").crop((0, 0, 160, 200)).save(folder / "astronaut.png")
     return folder
 
 
@@ -117,6 +117,7 @@ def gradient_worker(rank: int, port: int, base: Path, out: Path) -> None:
         save_safetensors(grads, out / f"grads{rank}.safetensors")
 
 
+@pytest.mark.distributed
 def test_two_processes_of_batch_1_average_to_the_gradients_of_batch_2(base, tmp_path):
     mp.spawn(gradient_worker, args=(free_port(), base, tmp_path), nprocs=2)
     model = load_stablesr([base])
@@ -160,6 +161,7 @@ def cfw_gradient_worker(rank: int, port: int, cfw_base: Path, data: Path, out: P
         save_safetensors(cfw_gradients(cfw_base, data, rank, procs), out / f"grads{rank}.safetensors")
 
 
+@pytest.mark.distributed
 def test_train_cfw_on_2_processes_of_batch_1_averages_to_the_gradients_of_batch_2(golden_weights, cfw_data,
                                                                                    tmp_path):
     mp.spawn(cfw_gradient_worker, args=(free_port(), golden_weights[1], cfw_data, tmp_path), nprocs=2)
@@ -188,6 +190,7 @@ def hanging_worker(rank: int, port: int, err: Path) -> None:
         mean_over_ranks(procs, 1.0)
 
 
+@pytest.mark.distributed
 def test_a_process_that_stops_answering_makes_the_others_exit_after_the_timeout(tmp_path):
     port, spawn = free_port(), mp.get_context("spawn")
     ranks = [spawn.Process(target=hanging_worker, args=(rank, port, tmp_path / f"err{rank}")) for rank in (0, 1)]
@@ -220,6 +223,7 @@ def rank_error_worker(rank: int, port: int, err: Path, what: str) -> None:
         sys.exit(2)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("what", ["missing data", "other lr"])
 def test_a_user_error_on_any_rank_is_one_line_naming_the_rank(tmp_path, what):
     port, spawn = free_port(), mp.get_context("spawn")
@@ -299,6 +303,7 @@ def wait_for(condition, proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.distributed
 def test_torchrun_with_2_processes_writes_one_run_that_resumes_and_upscales(base, photos, golden_weights,
                                                                              tmp_path):
     out, stopped = tmp_path / "run", tmp_path / "stopped"
@@ -343,7 +348,7 @@ def test_torchrun_with_2_processes_writes_one_run_that_resumes_and_upscales(base
     trained, before = tensors(out / "last.safetensors"), tensors(base)
     assert all(torch.equal(trained[k], v) for k, v in before.items() if not is_trainable(k))
     image = tmp_path / "small.png"
-    Image.open(ROOT.parent / "shared" / "images" / "astronaut.png").crop((200, 100, 224, 120)).save(image)
+    Image.open(PHOTOS / "astronaut.png").crop((200, 100, 224, 120)).save(image)
     assert main(["upscale", str(image), "--out", str(tmp_path / "up"), "--weights", str(out / "last.safetensors"),
                  "--cfw", str(golden_weights[1]), "--steps", "2", "--tile", "16", "--overlap", "6"]) == 0
     assert Image.open(tmp_path / "up" / "small.png").size == (96, 80)
@@ -358,6 +363,7 @@ def cfw_data(base, photos, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.distributed
 def test_train_cfw_under_torchrun_with_2_processes_writes_one_run_that_resumes_and_loads(golden_weights, cfw_data,
                                                                                          tmp_path):
     cfw_base, out, stopped = golden_weights[1], tmp_path / "run", tmp_path / "stopped"

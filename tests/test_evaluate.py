@@ -18,7 +18,8 @@ from stablesr_min.app.evaluate import EvalDegradation, centre_crop, evaluation_l
 from stablesr_min.model import resolve_config
 from stablesr_min.weights import WeightFiles
 
-ROOT = Path(__file__).resolve().parent.parent
+from photos import HELDOUT
+
 # 2 steps; SR crops of 64 px are 8x8 latents, padded to one 16-latent tile (the golden-size UNet cannot
 # take an 8-latent tile: its deepest map would be 1x1)
 FAST = ["--steps", "2", "--crop", "64", "--tile", "16", "--overlap", "6"]
@@ -28,9 +29,8 @@ FAST = ["--steps", "2", "--crop", "64", "--tile", "16", "--overlap", "6"]
 def hr_folder(tmp_path_factory):
     """Two small crops of real photos, of different shapes: 80x72 and 72x96."""
     folder = tmp_path_factory.mktemp("hr")
-    shared = ROOT.parent / "shared" / "images"
-    Image.open(shared / "chelsea.png").convert("RGB").crop((100, 50, 180, 122)).save(folder / "chelsea.png")
-    Image.open(shared / "coffee.png").convert("RGB").crop((200, 100, 272, 196)).save(folder / "coffee.png")
+    Image.open(HELDOUT / "chelsea.png").convert("RGB").crop((100, 50, 180, 122)).save(folder / "chelsea.png")
+    Image.open(HELDOUT / "coffee.png").convert("RGB").crop((200, 100, 272, 196)).save(folder / "coffee.png")
     return folder
 
 
@@ -130,6 +130,7 @@ def test_bicubic_row_is_recomputable(evaluated, hr_folder):
         assert row["scores"]["StableSR w=1"]["psnr"] == [metrics.psnr(sr, b).item()]
 
 
+@pytest.mark.commands
 def test_several_seeds_and_a_grid(hr_folder, golden_weights, tmp_path):
     """--grid 2 crops each photo four times, --seed 1 2 samples each crop twice: one bicubic value per crop, two
     StableSR values, and the sd over seeds of the mean over crops."""
@@ -179,7 +180,7 @@ def test_sr_column_is_what_upscale_makes_of_the_lr(evaluated, golden_weights, tm
 
 
 def test_evaluation_degradation_is_fixed():
-    hr = read_png(ROOT.parent / "shared" / "images" / "coffee.png")[..., :64, :96]
+    hr = read_png(HELDOUT / "coffee.png")[..., :64, :96]
     lr = evaluation_lr(hr)
     assert lr.shape == (1, 3, 16, 24)
     assert torch.equal(lr, evaluation_lr(hr))  # seeded: the same LR every time

@@ -1,6 +1,9 @@
-"""`scripts/gpu_check.py` (issue 31): the CPU --small run writes every section, and bad options are one line.
+"""`scripts/gpu_check.py` (issue 31): the CPU --small run writes every section it is given, and bad options are
+one line.
 
-The report's numbers are not checked against any bound: timing is the script's job, never a test's.
+The report's numbers are not checked against any bound: timing is the script's job, never a test's. The training
+section is left out: its commands are the tiny model's recipe (`stage_commands` of scripts/train_tiny.py), which
+the suite runs once, in the `quick_recipe` fixture.
 """
 
 import json
@@ -10,9 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 SECTIONS = ("numerics", "speed", "memory", "notebooks", "training")
+UNTRAINED = SECTIONS[:-1]
 
 
 def gpu_check(*args, timeout=300):
@@ -23,16 +29,16 @@ def gpu_check(*args, timeout=300):
                           cwd=ROOT, env=env, timeout=timeout)
 
 
+@pytest.mark.commands
 def test_small_cpu_run_reports_every_section_that_needs_no_training(tmp_path):
-    """The training section is left out (`--only`): the suite trains every stage already (test_train_tiny,
-    test_docs); its report then says so."""
     out = tmp_path / "report"
-    done = gpu_check("--device", "cpu", "--small", "--out", out, "--only", "numerics,speed,memory,notebooks")
+    done = gpu_check("--device", "cpu", "--small", "--only", ",".join(UNTRAINED), "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    for name in SECTIONS:
+    for name in UNTRAINED:
         assert report[name], name
         assert "error" not in report[name], (name, report[name])
+    assert report["training"] == {"skipped": "not in --only"}
     # numerics: float16 against float32 for every check, a finite difference or the error that stopped it
     half = {row["check"]: row for row in report["numerics"]["rows"] if row["dtype"] == "float16"}
     assert set(half) == {"unet_step", "vae_encode", "vae_decode", "cfw_decode"}
@@ -42,7 +48,6 @@ def test_small_cpu_run_reports_every_section_that_needs_no_training(tmp_path):
     assert any(row["seconds"] > 0 for row in report["speed"]["rows"])
     assert report["memory"]["peak_ratio"] > 0
     assert "skipped" in report["notebooks"]  # CUDA only
-    assert report["training"] == {"skipped": "not in --only"}
     markdown = (out / "report.md").read_text()
     for name in SECTIONS:
         assert f"\n## {name}\n" in markdown, name

@@ -59,6 +59,7 @@ def test_notebook_is_committed_with_its_outputs(name):
     assert not [c for c in nb.cells if c.cell_type == "markdown" and "READING" in c.source]
 
 
+@pytest.mark.notebooks
 @pytest.mark.parametrize("name", sorted(MIN_FIGURES))
 def test_notebook_runs_on_the_tiny_model(name, monkeypatch):
     monkeypatch.delenv("STABLESR_WEIGHTS", raising=False)

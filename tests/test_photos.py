@@ -4,7 +4,8 @@ is also a training photo (by content, whatever its name)."""
 import hashlib
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+from photos import DATA, HELDOUT, PHOTOS
+
 HELD_OUT_KODAK = {f"kodim{i:02d}.png" for i in (3, 6, 9, 12, 15, 18, 21, 24)}  # every third image
 
 
@@ -25,15 +26,15 @@ def test_the_kodak_list_is_the_published_one():
 
 def test_the_kodak_photos_are_split_as_fixed_and_unchanged():
     hashes = published_hashes()
-    train = {p.name: sha256(p) for p in (DATA / "photos").glob("kodim*")}
-    held = {p.name: sha256(p) for p in (DATA / "heldout").glob("kodim*")}
+    train = {p.name: sha256(p) for p in PHOTOS.glob("kodim*")}
+    held = {p.name: sha256(p) for p in HELDOUT.glob("kodim*")}
     assert set(held) == HELD_OUT_KODAK
     assert set(train) == set(hashes) - HELD_OUT_KODAK
     assert {**train, **held} == hashes
 
 
 def test_no_heldout_photo_is_a_training_photo():
-    train = {sha256(p): p.name for p in (DATA / "photos").iterdir()}
-    held = {sha256(p): p.name for p in (DATA / "heldout").iterdir()}
+    train = {sha256(p): p.name for p in PHOTOS.iterdir()}
+    held = {sha256(p): p.name for p in HELDOUT.iterdir()}
     assert len(train) == 25 and len(held) == 10  # 9 + 16 Kodak; 2 + 8 Kodak (each file's bytes distinct)
     assert not train.keys() & held.keys(), [held[h] for h in train.keys() & held.keys()]

@@ -7,9 +7,7 @@ tests catch the class: the check that names such blocks, the sizes the project s
 and the recipe and training commands that refuse or warn.
 """
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,9 @@ from stablesr_min.model import StableSR, load_stablesr, time_blind_layers, time_
 from stablesr_min.tiny import TINY_DIR, TINY_FILES, tiny_stablesr_files
 from stablesr_min.train.networks import default_init
 from stablesr_min.train.prior import prior_config, sr_config
+
+from photos import PHOTOS
+from run_files import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 # Relative change of an output across t = 0, 100, 500, 999 that counts as "responds to t". The time-blind
@@ -124,14 +125,6 @@ def test_both_shipped_variants_trained_their_time_embeddings():
 # The recipe refuses, the training commands warn
 
 
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "scripts" / "train_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_recipe_refuses_networks_that_cannot_see_t():
     recipe = load_recipe()
     recipe.refuse_time_blind(tiny_config(), "train")  # the shipped sizes pass
@@ -144,7 +137,7 @@ def test_the_recipe_refuses_networks_that_cannot_see_t():
 def test_train_vae_warns_in_one_line_about_sizes_that_cannot_see_t(tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
-    Image.open(ROOT.parent / "shared" / "images" / "rocket.jpg").crop((0, 0, 64, 64)).save(photos / "rocket.png")
+    Image.open(PHOTOS / "rocket.jpg").crop((0, 0, 64, 64)).save(photos / "rocket.png")
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"unet": {"norm_groups": 32}}))
     code = main(["train", "vae", "--data", str(photos), "--out", str(tmp_path / "vae"), "--steps", "1",

@@ -26,10 +26,10 @@ from stablesr_min.train.sr import base_config, is_trainable, load_base
 from stablesr_min.unet import SFT, ResBlock, timestep_embedding
 from stablesr_min.weights import config_metadata, save_safetensors
 
+from photos import PHOTOS
 from run_files import (assert_a_resume_kept_every_option, assert_same_run, ctrl_c_after_step_1, flags, log, metadata,
                        signals_after_step, tensors)
 
-ROOT = Path(__file__).resolve().parent.parent
 RUN_ARGS = ["--batch-size", "2", "--gt-size", "64", "--seed", "0"]
 
 
@@ -41,11 +41,10 @@ def train(*args) -> int:
 def photos(tmp_path_factory) -> Path:
     """Three photos of different sizes and modes, one in a subfolder, one smaller than the crop."""
     folder = tmp_path_factory.mktemp("photos")
-    images = ROOT.parent / "shared" / "images"
-    Image.open(images / "rocket.jpg").crop((200, 100, 296, 172)).save(folder / "rocket_96x72.jpg")
-    Image.open(images / "camera.png").crop((200, 100, 250, 140)).save(folder / "camera_50x40_grey.png")
+    Image.open(PHOTOS / "rocket.jpg").crop((200, 100, 296, 172)).save(folder / "rocket_96x72.jpg")
+    Image.open(PHOTOS / "camera.png").crop((200, 100, 250, 140)).save(folder / "camera_50x40_grey.png")
     (folder / "sub").mkdir()
-    Image.open(images / "astronaut.png").crop((150, 50, 230, 150)).save(folder / "sub" / "astronaut_80x100.png")
+    Image.open(PHOTOS / "astronaut.png").crop((150, 50, 230, 150)).save(folder / "sub" / "astronaut_80x100.png")
     return folder
 
 
@@ -103,6 +102,7 @@ def test_a_run_writes_its_checkpoint_log_and_state(run_a):
     assert sorted(state.generators) == ["noise"] and "generator" in state.data
 
 
+@pytest.mark.training
 def test_a_run_stopped_by_ctrl_c_and_resumed_equals_an_uninterrupted_one(run_a, base, photos, tmp_path,
                                                                          monkeypatch):
     out = tmp_path / "b"
@@ -115,6 +115,7 @@ def test_a_run_stopped_by_ctrl_c_and_resumed_equals_an_uninterrupted_one(run_a, 
     assert_same_run(out, run_a)
 
 
+@pytest.mark.training
 def test_sigterm_stops_like_ctrl_c_saving_the_step_and_the_resume_is_bit_identical(run_a, base, photos, tmp_path,
                                                                                      monkeypatch, capsys):
     """A scheduler's stop (SIGTERM) finishes the step under way, saves it and exits 143 with the resume hint."""
@@ -158,7 +159,7 @@ def test_train_sr_runs_from_python_with_its_options_alone(base, photos, tmp_path
 
 def test_a_trained_checkpoint_upscales(run_a, golden_weights, tmp_path):
     image = tmp_path / "small.png"
-    Image.open(ROOT.parent / "shared" / "images" / "astronaut.png").crop((200, 100, 224, 120)).save(image)
+    Image.open(PHOTOS / "astronaut.png").crop((200, 100, 224, 120)).save(image)
     code = main(["upscale", str(image), "--out", str(tmp_path / "out"), "--weights", str(run_a / "last.safetensors"),
                  "--cfw", str(golden_weights[1]), "--steps", "2", "--tile", "16", "--overlap", "6"])
     assert code == 0
@@ -187,6 +188,7 @@ def test_sd2_base_starts_the_new_layers_as_the_official_run(sd2_base):
                            other["structcond_stage_model.time_embed.0.weight"])
 
 
+@pytest.mark.training
 def test_time_blind_run_from_sd2_samples_with_t_0(sd2_base, photos, tmp_path):
     out = tmp_path / "blind"
     assert train("--base", sd2_base, "--data", photos, "--out", out, "--steps", 1, *RUN_ARGS, "--time-blind",
@@ -287,6 +289,7 @@ def test_bad_input_is_one_line_and_exit_code_2(case, base, photos, golden_weight
     assert not (tmp_path / "new").exists(), "a refused run writes nothing"
 
 
+@pytest.mark.training
 def test_a_folder_a_run_left_without_a_state_starts_a_new_run_keeping_the_old_files(run_a, base, photos, tmp_path,
                                                                                    capsys):
     """A stop before the first save (or a deleted state) leaves a log and perhaps a checkpoint but no state:
@@ -318,6 +321,7 @@ STOPS = {  # (one SIGTERM or Ctrl-C: the two tests above)
 }
 
 
+@pytest.mark.training
 @pytest.mark.parametrize("case", list(STOPS))
 def test_every_way_a_run_stops_leaves_a_folder_that_its_printed_way_out_continues(case, run_a, base, photos, tmp_path,
                                                                                    monkeypatch, capsys):

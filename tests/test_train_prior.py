@@ -25,10 +25,10 @@ from stablesr_min.train.networks import default_init
 from stablesr_min.train.prior import UNetOptions, VAEOptions, init_text_encoder, prior_config
 from stablesr_min.vae import AutoencoderKL
 
+from photos import PHOTOS
 from run_files import (assert_a_resume_kept_every_option, assert_same_run, ctrl_c_after_step_1, flags, log, metadata,
                        tensors)
 
-ROOT = Path(__file__).resolve().parent.parent
 RUN_ARGS = ["--batch-size", "2", "--crop", "32", "--seed", "0"]
 
 
@@ -40,9 +40,8 @@ def train(what: str, *args) -> int:
 def photos(tmp_path_factory) -> Path:
     """Two photos of different sizes and modes, one smaller than the crop."""
     folder = tmp_path_factory.mktemp("photos")
-    images = ROOT.parent / "shared" / "images"
-    Image.open(images / "rocket.jpg").crop((200, 100, 296, 172)).save(folder / "rocket_96x72.jpg")
-    Image.open(images / "camera.png").crop((200, 100, 230, 140)).save(folder / "camera_30x40_grey.png")
+    Image.open(PHOTOS / "rocket.jpg").crop((200, 100, 296, 172)).save(folder / "rocket_96x72.jpg")
+    Image.open(PHOTOS / "camera.png").crop((200, 100, 230, 140)).save(folder / "camera_30x40_grey.png")
     return folder
 
 
@@ -211,7 +210,7 @@ def test_train_sr_and_cfw_take_the_shipped_prior_as_their_base(tmp_path, capsys)
     from stablesr_min.tiny import TINY_DIR, TINY_FILES
 
     prior = TINY_DIR / TINY_FILES["prior"]
-    assert train("sr", "--base", prior, "--data", ROOT / "data" / "photos", "--out", tmp_path / "sr", "--steps", 1,
+    assert train("sr", "--base", prior, "--data", PHOTOS, "--out", tmp_path / "sr", "--steps", 1,
                  "--batch-size", 1, "--gt-size", 64) == 0
     model = load_stablesr([tmp_path / "sr" / "last.safetensors"])
     assert model.cfg.unet.use_sft and model.cfg.unet.norm_groups == 8  # the shipped sizes, not the official

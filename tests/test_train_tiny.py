@@ -1,5 +1,5 @@
-"""`scripts/train_tiny.py --quick`: every stage of the shipped model's recipe runs (a few steps each) and the
-files it writes load strictly, as the shipped ones do."""
+"""`scripts/train_tiny.py --quick` (the `quick_recipe` fixture): every stage of the shipped model's recipe runs (a
+few steps each) and the files it writes load strictly, as the shipped ones do."""
 
 import json
 import subprocess
@@ -15,15 +15,7 @@ from stablesr_min.train.sr import is_trainable
 from stablesr_min.weights import WeightFiles
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def quick_recipe(tmp_path_factory) -> Path:
-    runs = tmp_path_factory.mktemp("tiny_runs")
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny.py"), "--quick", "--runs", str(runs),
-                           "--threads", "1"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return runs
+pytestmark = pytest.mark.training  # the quick recipe (conftest.py), run once per session
 
 
 def test_quick_recipe_writes_loadable_files(quick_recipe):

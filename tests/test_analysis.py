@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from stablesr_min import degradation as realesrgan
 from stablesr_min import objective
-from stablesr_min.app.analysis import (HELDOUT, Demo, color_shift, degradation_stages, heldout_crops, heldout_scores,
+from stablesr_min.app.analysis import (HELDOUT, NOTEBOOK_PHOTOS, Demo, color_shift, degradation_stages, heldout_crops, heldout_scores,
                                        hue_round_trip_error, jump_profile, laplacian_variance, load_demo, load_photo, log_snr_timesteps,
                                        loss_by_timestep, matched_noise, prior_alone, sample_with_previews,
                                        seam_strength, sft_feature_similarity, snr, tile_borders, timestep_at_snr,
@@ -302,9 +302,12 @@ def test_demo_loads_the_shipped_model_by_default(monkeypatch):
 
 def test_heldout_crops_are_full_resolution_pieces_of_the_heldout_photos():
     crops = heldout_crops(96, per_image=3)
-    photos = sorted(p.name for p in HELDOUT.glob("*.png"))
-    assert len(photos) == 10 and len(crops) == 3 * len(photos) and all(c.shape == (1, 3, 96, 96) for c in crops.values())
-    assert sorted({name.split("@")[0] for name in crops}) == photos
+    assert len(crops) == 6 and all(c.shape == (1, 3, 96, 96) for c in crops.values())
+    assert sorted({name.split("@")[0] for name in crops}) == ["chelsea.png", "coffee.png"]
+    assert set(NOTEBOOK_PHOTOS) < {p.name for p in HELDOUT.iterdir()}  # held-out photos, two of the ten
+    kodak = heldout_crops(96, per_image=1, photos=["kodim03.png"])  # 768 x 512: at x = 0, centred in y
+    assert list(kodak) == ["kodim03.png@0,208"]
+    assert torch.equal(kodak["kodim03.png@0,208"], ((load_image(HELDOUT / "kodim03.png").rgb + 1) / 2)[..., 208:304, 0:96])
     chelsea = (load_image(HELDOUT / "chelsea.png").rgb + 1) / 2  # 451 x 300: crops along x, centred in y
     first, last = crops["chelsea.png@0,102"], crops["chelsea.png@355,102"]
     assert torch.equal(first, chelsea[..., 102:198, 0:96]) and torch.equal(last, chelsea[..., 102:198, 355:451])

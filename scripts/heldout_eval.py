@@ -13,6 +13,11 @@ headline numbers. README.md, docs/evaluation.md and stablesr_min/tiny/MODEL_CARD
 `<!-- headline -->` and `<!-- /headline -->` (tests/test_heldout_eval.py checks that they agree with it).
 `--against` compares two results of this evaluation with the rule of `evaluate` (paired by crop and seed, one
 mean per photo): how a candidate model is judged against the shipped one.
+
+The rule for shipping a candidate, written on 2026-12-07 before the fifth version was evaluated: it replaces the
+shipped model if, at w = 1 (the default), `--against` calls it ahead in PSNR or in SSIM and behind in neither;
+otherwise the shipped model stays and the candidate's numbers are reported. The colour error and the spectrum
+distance are reported, not used for the decision.
 """
 
 from __future__ import annotations

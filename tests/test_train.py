@@ -6,6 +6,7 @@ The objective itself is checked number by number against the official trainer in
 """
 
 import contextlib
+import shutil
 import signal
 from pathlib import Path
 
@@ -256,7 +257,8 @@ BAD_INPUTS = {
     "steps": ({"--steps": "0"}, [], "error: --steps must be >= 1, got 0"),
     "dist-timeout": ({"--dist-timeout": "0"}, [], "error: --dist-timeout must be > 0 seconds, got 0.0"),
     "a run is there": ({"--out": "{run_a}"}, [], "error: --out {run_a}: already holds a run; pass --resume to "
-                                                 "continue it, or choose another folder"),
+                                                 "continue it, --restart to start a new run there (its files kept "
+                                                 "as *.old), or choose another folder"),
     "nothing to resume": ({}, ["--resume"], "error: --resume: {out} holds no run to resume (no state.safetensors); "
                                             "start it without --resume"),
     "resume to a step already taken": ({"--out": "{run_a}", "--steps": "3"}, ["--resume"],
@@ -298,9 +300,76 @@ def test_a_folder_a_run_left_without_a_state_starts_a_new_run_keeping_the_old_fi
     assert train("--out", out, "--steps", 3, "--resume") == 2
     assert "holds no run to resume (no state.safetensors); start it without --resume" in capsys.readouterr().err
     assert train("--base", base, "--data", photos, "--out", out, "--steps", 1, *RUN_ARGS) == 0
-    assert "kept as *.old, starting a new run" in capsys.readouterr().err
+    assert "kept as last.safetensors.old, log.jsonl.old, starting a new run" in capsys.readouterr().err
     assert (out / "log.jsonl.old").read_text() == '{"step": 1, "loss": 1.0}\n' and len(log(out)) == 1
     assert (out / "last.safetensors.old").read_bytes() == (run_a / "last.safetensors").read_bytes()
+    # a second dead end there: the first one's files stay, the second's go beside them (item 6 of issue 44)
+    (out / "state.safetensors").unlink()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    assert train("--base", base, "--data", photos, "--out", out, "--steps", 1, *RUN_ARGS) == 0
+    assert "kept as last.safetensors.old.1, log.jsonl.old.1, starting a new run" in capsys.readouterr().err
+    assert (out / "log.jsonl.old").read_text() == '{"step": 1, "loss": 1.0}\n'
+    assert (out / "log.jsonl.old.1").read_text() == '{"step": 1, "loss": 2.0}\n'
+    assert (out / "last.safetensors.old").read_bytes() == (run_a / "last.safetensors").read_bytes()
+    assert (out / "last.safetensors.old.1").is_file() and len(log(out)) == 1
+
+
+@pytest.fixture(scope="module")
+def run_at_step_1(base, photos, tmp_path_factory) -> Path:
+    """run_a's first step alone: resumed to --steps 3, it is run_a."""
+    out = tmp_path_factory.mktemp("runs") / "one"
+    assert train("--base", base, "--data", photos, "--out", out, "--steps", 1, *RUN_ARGS, "--val-every", 2) == 0
+    return out
+
+
+def torn_log_line(out: Path) -> None:
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 2, "lo')  # a crash while the line was written
+
+
+def truncated_state(out: Path) -> None:
+    (out / "state.safetensors").write_bytes((out / "state.safetensors").read_bytes()[:100])
+
+
+def deleted_checkpoint(out: Path) -> None:
+    (out / "last.safetensors").unlink()
+
+
+# What a crash or a person can do to a run folder saved at step 1: (the damage, what --resume says, and the way out
+# it names: "--resume" works anyway, "--restart" starts the run anew there)
+DAMAGED_FOLDERS = {
+    "torn last log line": (torn_log_line, "note: {out}/log.jsonl: dropped 1 line(s) that are not a whole step's "
+                                          "record (a write cut short)", "--resume"),
+    "truncated state": (truncated_state, "error: --resume: {out}/state.safetensors: not a readable safetensors file",
+                        "--restart"),
+    "deleted last.safetensors": (deleted_checkpoint, "error: --resume: {out} holds no last.safetensors (the model its "
+                                 "state continues); put it back, or pass --restart instead of --resume to start a "
+                                 "new run there (its files kept as *.old)", "--restart"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_FOLDERS))
+def test_a_damaged_run_folder_says_a_way_out_that_works(case, run_at_step_1, run_a, base, photos, tmp_path, capsys):
+    """No two messages that send the user to each other: --resume names its way out, and that way works (a
+    resume bit-identical to the run that never stopped, or a new run, the old files kept)."""
+    damage, says, way_out = DAMAGED_FOLDERS[case]
+    out = tmp_path / "run"
+    shutil.copytree(run_at_step_1, out)
+    damage(out)
+    command = ["--base", base, "--data", photos, "--out", out, "--steps", 3, *RUN_ARGS, "--val-every", 2]
+    code = train("--out", out, "--steps", 3, "--resume")
+    err = capsys.readouterr().err
+    assert says.format(out=out) in err and "Traceback" not in err
+    if way_out == "--resume":
+        assert code == 0
+        assert_same_run(out, run_a)
+        return
+    assert code == 2 and len(err.splitlines()) == 1 and "--restart" in err
+    assert train(*command) == 2  # without --restart, a new run there is refused naming it
+    assert "pass --resume to continue it, --restart to start a new run there" in capsys.readouterr().err
+    assert train(*command, "--restart") == 0
+    assert "kept as " in capsys.readouterr().err and (out / "state.safetensors.old").is_file()
+    assert_same_run(out, run_a)
 
 
 # How a run can stop: (signals after a step, or a non-finite loss at a step; --save-every), the exit code, and the way

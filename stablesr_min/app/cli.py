@@ -409,6 +409,8 @@ def add_run_options(parser, validation: str) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES),
                         help=f"autocast dtype on a GPU (default {d.dtype}; weights stay float32)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--restart", action="store_true", help="start a new run in --out though it holds one (its "
+                        "files kept as *.old)")
     parser.add_argument("--save-every", type=int, help=f"steps between saves (default {d.save_every}; 0: only at the "
                         "end and on Ctrl-C or SIGTERM, as always)")
     parser.add_argument("--val-every", type=int, help=f"steps between {validation} (default {d.val_every}; 0: never)")

@@ -4,7 +4,7 @@ Each field of an options dataclass says here, once, what happens to it across a 
 
     kept(...)     a resumed run keeps it from its start; given again, it must have the same value
     stored(...)   a resumed run continues with it, unless it is given again (then the new value holds)
-    plain         given anew each time (out, steps, device, resume): never stored
+    plain         given anew each time (out, steps, device, resume, restart): never stored
 
 A run stores every kept and stored option in its state (`persisting`), so `--resume` alone continues it
 with all of them. Options naming files or folders (`path=True`) are stored resolved, so that a run may be
@@ -61,6 +61,7 @@ class RunOptions:
     device: str | None = None  # cpu, cuda, cuda:N (default: cuda if available)
     dtype: str = stored("float32")  # autocast dtype on a GPU; the weights stay float32
     resume: bool = False  # continue the run in `out`
+    restart: bool = False  # start a new run in `out` though it holds one (its files kept as *.old)
     save_every: int = stored(500)  # steps between saves (and at the end, and on Ctrl-C)
     val_every: int = stored(100)  # steps between validation losses (0: never)
 

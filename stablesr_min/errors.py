@@ -41,3 +41,8 @@ USER_ERRORS = (UsageError, WeightsError, DataError, ImageError)  # each printed 
 class Terminated(BaseException):
     """SIGTERM, raised where the program is, so that `finally` blocks (temp files) run on the way out;
     the command line ends with "terminated", exit code 143."""
+
+
+def raise_terminated(signum, frame) -> None:
+    """A SIGTERM handler: `Terminated` where the program is."""
+    raise Terminated()

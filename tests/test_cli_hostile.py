@@ -381,9 +381,9 @@ def test_bad_options_in_process(capsys, argv, problem):
 
 
 # ------------------------------------------------------------------------------------------------------
-# 11. Ctrl-C while torch is still importing: "interrupted", exit code 130, as later on
+# 11. Ctrl-C or SIGTERM while torch is still importing: "interrupted", exit code 130, or "terminated", 143, as later on
 
-SIGINT_DURING_IMPORT = """
+SIGNAL_DURING_IMPORT = """
 import os, runpy, signal, sys
 
 # As in a terminal: a test runner started in the background (`cmd &` in a script) inherits SIGINT ignored.
@@ -392,7 +392,7 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 class CtrlCWhenTorchIsImported:
     def find_spec(self, name, path=None, target=None):
         if name == "torch":  # first asked for by `from .cli import main`, in __main__.py
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGNUM)
         return None
 
 sys.meta_path.insert(0, CtrlCWhenTorchIsImported())
@@ -401,8 +401,9 @@ runpy.run_module("stablesr_min", run_name="__main__", alter_sys=True)
 """
 
 
-def test_ctrl_c_during_import(photo, tmp_path):
+@pytest.mark.parametrize("signum, code, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_ctrl_c_or_sigterm_during_import(photo, tmp_path, signum, code, word):
     before = files_under(tmp_path)
-    result = cli("upscale", photo, "--out", tmp_path / "out", code=SIGINT_DURING_IMPORT)
-    assert (result.returncode, result.stderr, result.stdout) == (130, "interrupted\n", "")
+    result = cli("upscale", photo, "--out", tmp_path / "out", code=SIGNAL_DURING_IMPORT.replace("SIGNUM", signum))
+    assert (result.returncode, result.stderr, result.stdout) == (code, f"{word}\n", "")
     assert files_under(tmp_path) == before

@@ -31,7 +31,7 @@ from ..atomic import check_output_file, check_output_folder
 from ..colorfix import METHODS as COLORFIX_METHODS
 from ..degradation import ORDERS
 from ..devices import DTYPES, pick_device, pick_dtype
-from ..errors import USER_ERRORS, OptionError, Terminated, UsageError, WeightsError
+from ..errors import USER_ERRORS, OptionError, Terminated, UsageError, WeightsError, raise_terminated
 from ..image_io import image_size, load_image, save_png_atomically, to_pil
 from ..progress import ProgressLine
 from ..weights import guess_kind
@@ -94,9 +94,6 @@ def option_flags(parser: argparse.ArgumentParser) -> set[str]:
 def terminate_on_sigterm():
     """SIGTERM (`kill`, a job scheduler's stop) raises `Terminated` instead of ending the process on the
     spot, so that temp files are removed; the previous handler is back afterwards."""
-
-    def raise_terminated(signum, frame):
-        raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
@@ -568,10 +565,8 @@ def cmd_train_prior(args) -> str:
 def cmd_train_cfw_data(args) -> None:
     """`train cfw-data`: one process; a folder that holds a generation continues it."""
     from ..train.cfw_data import GenerationOptions, continued_generation, generate
-    from ..train.processes import one_process
 
-    with one_process("train cfw-data"):
-        generate(continued_generation(given_options(args, GenerationOptions)))
+    generate(continued_generation(given_options(args, GenerationOptions)))
 
 
 def main(argv: list[str] | None = None) -> int:

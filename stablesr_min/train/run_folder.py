@@ -34,6 +34,7 @@ from .options import KEPT, continued_options, fields_that, persisting
 CHECKPOINT = "last.safetensors"
 STATE = "state.safetensors"
 LOG = "log.jsonl"
+GENERATION = "generation.json"  # `train cfw-data`'s record of a data folder (cfw_data.py)
 STATE_METADATA_KEY = "stablesr_min.train_state"
 
 
@@ -136,6 +137,19 @@ def set_aside(path: Path) -> Path:
     return kept
 
 
+# What each kind of folder a training command writes holds: one kind's --out is refused on another's files
+FOLDER_KINDS = {"a training run": (CHECKPOINT, STATE, LOG), "a `train cfw-data` folder": (GENERATION, "latent")}
+
+
+def refuse_another_kind(path: Path, kind: str) -> None:
+    """Refuse an --out folder that holds the files of another kind (FOLDER_KINDS) than `kind`: they would mix."""
+    for other, names in FOLDER_KINDS.items():
+        found = [name for name in names if (path / name).exists()]
+        if other != kind and found:
+            raise UsageError(f"--out {path}: holds the files of {other} ({', '.join(found)}), which those of {kind} "
+                             "would mix with; choose another folder")
+
+
 # How a training run ends: done, or stopped and saved by Ctrl-C or by SIGTERM (the command line: exit 0, 130, 143)
 FINISHED, STOPPED, TERMINATED = "finished", "stopped", "terminated"
 
@@ -150,6 +164,7 @@ class RunFolder:
     def __init__(self, path: str | Path, resume: bool, writer: bool = True, restart: bool = False):
         self.path = Path(path)
         check_output_folder(self.path, f"--out {self.path}")
+        refuse_another_kind(self.path, "a training run")
         if resume and restart:
             raise UsageError("--resume and --restart: pass one of them (continue the run, or start it anew)")
         if resume:

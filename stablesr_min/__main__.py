@@ -1,8 +1,4 @@
 import os
-import signal
-import sys
-
-from .errors import Terminated, raise_terminated
 
 # Intel MKL's matrix products may round differently depending on where in memory their operands happen to
 # sit, so a training run resumed in a new process can drift from one that never stopped (seen with one
@@ -11,21 +7,13 @@ from .errors import Terminated, raise_terminated
 # it is set here, before anything imports torch (a program that trains from Python sets it likewise).
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
+from .app.signals import run_command_line  # noqa: E402 (imports nothing heavy)
 
-# Importing torch takes seconds, during which Ctrl-C and SIGTERM must end as they do later (the command line
-# catches them from then on; these lines, until it does and after)
-signal.signal(signal.SIGTERM, raise_terminated)
-try:
-    from .app.cli import main
 
-    code = main()
-except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    sys.exit(130)
-except Terminated:
-    print("terminated", file=sys.stderr)
-    sys.exit(128 + signal.SIGTERM)
-# The command has ended and said so: a stop that arrives while Python shuts down changes nothing
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-sys.exit(code)
+def command_line() -> int:
+    from .app.cli import main  # imports torch: seconds, during which Ctrl-C and SIGTERM end as they do later
+
+    return main()
+
+
+run_command_line(command_line)

@@ -255,6 +255,13 @@ BAD_INPUTS = {
     "every photo small": ({"--skip-small": "on"}, [], "error: every photo in {photos} has fewer pixels than 384 x 384 "
                                                      "or under 100 KiB, which --skip-small leaves out"),
     "steps": ({"--steps": "0"}, [], "error: --steps must be >= 1, got 0"),
+    # a --config that cannot build the networks, or names what a config has not: one line naming the field
+    "config of a width GroupNorm cannot split": ({"--config": "{config_7}"}, [], "error: {config_7}: "
+                                                 "unet.model_channels 7 (x unet.channel_mult 1) must be a multiple of "
+                                                 "unet.norm_groups (32), which normalise its width"),
+    "config with an unknown block": ({"--config": "{config_nonsense}"}, [], "error: {config_nonsense}: nonsense is "
+                                     "not a block of the config (the blocks: diffusion, unet, time_encoder, text, vae, "
+                                     "cfw; or a diffusion field)"),
     "dist-timeout": ({"--dist-timeout": "0"}, [], "error: --dist-timeout must be > 0 seconds, got 0.0"),
     "a run is there": ({"--out": "{run_a}"}, [], "error: --out {run_a}: already holds a run; pass --resume to "
                                                  "continue it, --restart to start a new run there (its files kept "
@@ -277,8 +284,11 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_and_exit_code_2(case, base, photos, golden_weights, run_a, empty_folder,
                                                broken_folder, tmp_path, capsys):
+    (tmp_path / "config_7.json").write_text('{"unet": {"model_channels": 7}}')
+    (tmp_path / "config_nonsense.json").write_text('{"nonsense": {"a": 1}}')
     names = {"empty": empty_folder, "broken": broken_folder, "cfw": golden_weights[1], "run_a": run_a,
-             "out": tmp_path / "new", "photos": photos}
+             "out": tmp_path / "new", "photos": photos, "config_7": tmp_path / "config_7.json",
+             "config_nonsense": tmp_path / "config_nonsense.json"}
     changes, flags, expected = BAD_INPUTS[case]
     options = {"--base": base, "--data": photos, "--out": tmp_path / "new", "--steps": 2, "--gt-size": 64,
                "--batch-size": 2} | {k: v.format(**names) for k, v in changes.items()}

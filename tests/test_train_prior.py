@@ -241,9 +241,19 @@ BAD_INPUTS = {
                                                              "(or an SD 2.x or StableSR checkpoint), but this is the "
                                                              "CFW checkpoint (vqgan_cfw_00011)"),
     "unet: not safetensors": ("unet", {"--vae": "{log}"}, "error: {log}: not a readable safetensors file"),
-    "unet: bad sizes": ("unet", {"--config": "{bad_config}"}, "error: --config {bad_config}: these sizes do not make the "
-                                                               "networks (num_channels (44) must be divisible by "
-                                                               "num_groups (8))"),
+    "unet: bad sizes": ("unet", {"--config": "{bad_config}"}, "error: --config {bad_config}: unet.model_channels 44 (x "
+                                                               "unet.channel_mult 1) must be a multiple of "
+                                                               "unet.norm_groups (8), which normalise its width"),
+    # a config that cannot build a network, or that names what a config has not: one line naming the field
+    "vae: no levels": ("vae", {"--config": "{no_levels}"}, "error: --config {no_levels}: vae.ch_mult must be a "
+                                                           "non-empty list of whole numbers >= 1, got []"),
+    "vae: unknown block": ("vae", {"--config": "{unknown_block}"}, "error: --config {unknown_block}: nonsense is not a "
+                                                                   "block of the config (the blocks: diffusion, unet, "
+                                                                   "time_encoder, text, vae, cfw; or a diffusion field)"),
+    "vae: unknown field": ("vae", {"--config": "{unknown_field}"}, "error: --config {unknown_field}: vae.nope is not a "
+                                                                   "field of the config (its vae fields: in_channels, "),
+    "vae: a block that is not one": ("vae", {"--config": "{not_a_block}"}, "error: --config {not_a_block}: vae must be "
+                                                                           "an object of fields, got 3"),
     "unet: crop": ("unet", {"--crop": "40"}, "error: --crop 40: must be a multiple of 16, so that every level of "
                                              "the networks is whole"),
 }
@@ -252,9 +262,13 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_and_exit_code_2(case, photos, vae_run, golden_weights, empty_folder, tmp_path,
                                                capsys):
-    bad_config = tmp_path / "bad.json"
-    bad_config.write_text(json.dumps({"unet": {"model_channels": 44}}))  # GroupNorm has 8 groups
-    names = {"empty": empty_folder, "cfw": golden_weights[1], "log": vae_run / "log.jsonl", "bad_config": bad_config}
+    configs = {"bad_config": {"unet": {"model_channels": 44}},  # GroupNorm has 8 groups
+               "no_levels": {"vae": {"ch_mult": []}}, "unknown_block": {"nonsense": {"a": 1}},
+               "unknown_field": {"vae": {"nope": 1}}, "not_a_block": {"vae": 3}}
+    for name, config in configs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(config))
+    names = {"empty": empty_folder, "cfw": golden_weights[1], "log": vae_run / "log.jsonl",
+             **{name: tmp_path / f"{name}.json" for name in configs}}
     what, changes, expected = BAD_INPUTS[case]
     options = {"--data": photos, "--out": tmp_path / "new", "--steps": 2, "--crop": 32}
     if what == "unet":

@@ -21,7 +21,6 @@ import math
 import os
 import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,11 +30,12 @@ from ..atomic import check_output_file, check_output_folder
 from ..colorfix import METHODS as COLORFIX_METHODS
 from ..degradation import ORDERS
 from ..devices import DTYPES, pick_device, pick_dtype
-from ..errors import USER_ERRORS, OptionError, Terminated, UsageError, WeightsError, raise_terminated
+from ..errors import USER_ERRORS, OptionError, Terminated, UsageError, WeightsError
 from ..image_io import image_size, load_image, save_png_atomically, to_pil
 from ..progress import ProgressLine
 from ..weights import guess_kind
 from .convert import convert_ckpt
+from .signals import terminate_on_sigterm
 from .settings import (SAMPLING_OPTIONS, check_not_an_input, checked_config, choose_weights, given_values,
                        load_pipeline, sampling_settings)
 
@@ -88,18 +88,6 @@ def option_flags(parser: argparse.ArgumentParser) -> set[str]:
             for sub in action.choices.values():
                 flags |= option_flags(sub)
     return flags
-
-
-@contextmanager
-def terminate_on_sigterm():
-    """SIGTERM (`kill`, a job scheduler's stop) raises `Terminated` instead of ending the process on the
-    spot, so that temp files are removed; the previous handler is back afterwards."""
-
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -55,8 +55,8 @@ import torch
 
 from ..config import TINY_SIZES, StableSRConfig, matching_time_encoder
 from ..devices import pick_device, pick_dtype
-from ..errors import UsageError, WeightsError
-from ..model import StableSR, load_stablesr, load_vae, resolve_config
+from ..errors import ConfigError, UsageError, WeightsError
+from ..model import StableSR, check_networks, load_stablesr, load_vae, resolve_config
 from ..objective import Denoiser, Validation, posterior_latent, random_timestep_loss
 from ..pipeline import draw, text_context
 from ..schedule import Schedule
@@ -84,16 +84,15 @@ def prior_config(path: str | None) -> StableSRConfig:
             raise UsageError(f"--config {path}: not a readable config JSON ({e})") from None
         if not isinstance(given, dict):
             raise UsageError(f"--config {path}: must hold a JSON object (a stablesr-min config)")
-    blocks = {name: {**TINY_SIZES.get(name, {}), **given.get(name, {})} for name in TINY_SIZES.keys() | given.keys()}
+    blocks = {name: {**TINY_SIZES.get(name, {}), **block} if isinstance(block, dict) else block
+              for name, block in ({name: {} for name in TINY_SIZES} | given).items()}
     try:
         cfg = StableSRConfig.from_dict(blocks)
         if "time_encoder" not in given:
             cfg = StableSRConfig.from_dict({**cfg.to_dict(), "time_encoder": matching_time_encoder(cfg.unet)})
-        # every network `train sr` will build on it, SFT layers included, on the meta device (no memory)
-        with torch.device("meta"):
-            StableSR(sr_config(cfg))
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"--config {path}: these sizes do not make the networks ({e})") from None
+    except ConfigError as e:
+        raise ConfigError(e.field, e.problem, f"--config {path}") from None
+    check_networks(sr_config(cfg), f"--config {path}")  # every network `train sr` will build on it, SFT included
     cfg.unet.use_sft = False
     return cfg
 

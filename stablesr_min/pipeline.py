@@ -74,7 +74,7 @@ class UpscaleOptions:
             (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0, "guidance_scale",
              "must be a number >= 0 (1: no guidance)"),
             (self.tile >= 8, "tile", "must be >= 8 latents"),
-            (0 <= self.overlap < self.tile, "overlap", "must be in [0, tile)"),
+            (0 <= self.overlap < self.tile, "overlap", f"must be >= 0 and below the tile ({self.tile})"),
             (self.tile_batch >= 1, "tile_batch", "must be >= 1"),
             (self.tile_weights in ("paper", "official"), "tile_weights", "must be 'paper' or 'official'"),
             (0 <= self.dec_w <= 1, "dec_w", "(the CFW weight w) must be in [0, 1]"),

@@ -148,11 +148,11 @@ def test_train_sr_runs_from_python_with_its_options_alone(base, photos, tmp_path
     opts = train_module.SROptions(out=str(out), steps=1, base=[str(base)], data=[str(photos)], batch_size=2, gt_size=64,
                                   val_every=0)
     assert train_module.train_sr(opts) == training.FINISHED
-    resumed, state = training.resume_options(train_module.SROptions, {"out": str(out), "steps": 2}, "train_sr")
+    resumed, state = training.resume_options(train_module.SROptions, {"out": str(out), "steps": 2})
     assert (resumed.batch_size, resumed.gt_size, resumed.resume, state.step) == (2, 64, True, 1)
     assert train_module.train_sr(resumed, state=state) == training.FINISHED
     assert [r["step"] for r in log(out)] == [1, 2]
-    with pytest.raises(UsageError, match=r"^--batch-size 6: this run was started with 2"):
+    with pytest.raises(UsageError, match=r"^--batch-size 6: this run was started with --batch-size 2"):
         train_module.train_sr(train_module.SROptions(out=str(out), steps=3, base=[str(base)], data=[str(photos)],
                                                      gt_size=64, resume=True))
 
@@ -272,12 +272,19 @@ BAD_INPUTS = {
                                        "error: --steps 3: the run in {run_a} is already at step 3; pass a larger "
                                        "--steps to continue it"),
     "resume with other options": ({"--out": "{run_a}", "--steps": "5", "--batch-size": "1"}, ["--resume"],
-                                  "error: --batch-size 1: this run was started with 2, and a resumed run keeps "
-                                  "its options; leave --batch-size out or start a new run"),
+                                  "error: --batch-size 1: this run was started with --batch-size 2, and a resumed run "
+                                  "keeps its options; leave --batch-size out or start a new run"),
     "resume with another degradation": ({"--out": "{run_a}", "--steps": "5", "--degradation": "first-order"},
                                         ["--resume"], "error: --degradation first-order: this run was started with "
-                                        "second-order, and a resumed run keeps its options; leave --degradation "
-                                        "out or start a new run"),
+                                        "--degradation second-order, and a resumed run keeps its options; leave "
+                                        "--degradation out or start a new run"),
+    # options as the user types them, not Python's values (issue 44, item 5)
+    "resume with the ablation": ({"--out": "{run_a}", "--steps": "5"}, ["--resume", "--time-blind"],
+                                 "error: --time-blind: this run was started without --time-blind, and a resumed run "
+                                 "keeps its options; leave --time-blind out or start a new run"),
+    "resume with other data": ({"--out": "{run_a}", "--steps": "5", "--data": "{empty}"}, ["--resume"],
+                               "error: --data {empty}: this run was started with --data {photos}, and a resumed run "
+                               "keeps its options; leave --data out or start a new run"),
 }
 
 
@@ -469,17 +476,19 @@ def test_a_learning_rate_must_be_finite(base, photos, tmp_path, capsys):
         check_option_ranges(train_module.SROptions(out="r", steps=1, lr=float("inf")), positive=("lr",))
 
 
-def test_resuming_another_commands_run_names_it(tmp_path, capsys):
-    """A `train vae` run resumed with `train sr`: one line, not a TypeError."""
+@pytest.mark.parametrize("checkpoint_key, writer", [("first_stage_model.encoder.conv_in.weight", "train vae"),
+                                                    ("model.diffusion_model.out.2.weight", "train unet")])
+def test_resuming_another_commands_run_names_it(tmp_path, capsys, checkpoint_key, writer):
+    """A `train vae` or `train unet` run resumed with `train sr`: one line naming the command that wrote it, not a
+    TypeError (nor the options' Python names). Each command's checkpoint is of its own kind."""
     from stablesr_min.train.run_folder import TrainState
 
-    out = tmp_path / "vae_run"
+    out = tmp_path / "run"
     out.mkdir()
     state = TrainState(1, {"data": ["x"], "kl_weight": 1e-6, "crop": 64, "batch_size": 8, "lr": 5e-4, "seed": 0},
                        {}, {"state": {}, "param_groups": []}, {}, {}, {"seconds": 1.0})
-    training.RunFolder(out, resume=False).save({"x": torch.zeros(1)}, {}, state)
+    training.RunFolder(out, resume=False).save({checkpoint_key: torch.zeros(1)}, {}, state)
     training.release_locks()
     assert train("--out", out, "--steps", 3, "--resume") == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: --resume: {out} holds a run of another training command (its options include "
-                          "crop, kl_weight; `train sr` has none of them)")
+    assert capsys.readouterr().err == (f"error: --resume: {out} holds a run of `{writer}`, not `train sr`; resume it "
+                                       f"with `{writer} --out {out} --steps N --resume`, or choose another --out\n")

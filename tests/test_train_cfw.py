@@ -311,7 +311,7 @@ def test_bad_input_ends_in_one_clear_line(golden_weights, data, tmp_path):
         "--hue-rotation must be a probability in [0, 1], got -0.5":
             ["train", "cfw", "--cfw-base", cfw, "--data", data, "--out", tmp_path / "r4", "--steps", 1,
              "--hue-rotation", -0.5],
-        "--degradation first-order: this run was started with second-order, and a resumed run keeps its options; "
+        "--degradation first-order: this run was started with --degradation second-order, and a resumed run keeps its options; "
         "leave --degradation out or start a new run":
             ["train", "cfw-data", "--out", bad, "--count", 5, "--degradation", "first-order"],
     }

@@ -512,7 +512,7 @@ def command_options(args, options: type, required: dict[str, str]):
 
     given = given_options(args, options)
     if args.resume:
-        return resume_options(options, given, f"train {args.what}")
+        return resume_options(options, given)
     if not required.keys() <= given.keys():
         raise UsageError(f"train {args.what} needs {' and '.join(required.values())} (or --resume to continue a run)")
     return options(**given), None
@@ -524,7 +524,7 @@ def cmd_train_sr(args) -> str:
     from ..train.processes import torchrun_processes
     from ..train.sr import SROptions, train_sr
 
-    with torchrun_processes(args.device, args.dist_timeout) as procs:
+    with torchrun_processes(args.device, args.dist_timeout, args.out) as procs:
         opts, state = command_options(args, SROptions, {"base": "--base FILE", "data": "--data DIR"})
         return train_sr(opts, procs, state)
 
@@ -534,7 +534,7 @@ def cmd_train_cfw(args) -> str:
     from ..train.cfw import CFWOptions, train_cfw
     from ..train.processes import torchrun_processes
 
-    with torchrun_processes(args.device, args.dist_timeout) as procs:
+    with torchrun_processes(args.device, args.dist_timeout, args.out) as procs:
         opts, state = command_options(args, CFWOptions, {"cfw_base": "--cfw-base FILE", "data": "--data DIR"})
         return train_cfw(opts, procs, state)
 
@@ -553,8 +553,10 @@ def cmd_train_prior(args) -> str:
 def cmd_train_cfw_data(args) -> None:
     """`train cfw-data`: one process; a folder that holds a generation continues it."""
     from ..train.cfw_data import GenerationOptions, continued_generation, generate
+    from ..train.processes import one_process
 
-    generate(continued_generation(given_options(args, GenerationOptions)))
+    with one_process("train cfw-data"):
+        generate(continued_generation(given_options(args, GenerationOptions)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -215,6 +215,7 @@ class PriorOptions(RunOptions):  # kept / stored: what a resumed run keeps of th
 
 @dataclass
 class VAEOptions(PriorOptions):
+    command = "train vae"
     lr: float = kept(5e-4)  # higher than LDM's 4.5e-6 x batch: a tiny model, minutes of training (and AdamW with
     #                         PyTorch's betas, as every command here; LDM's Adam betas (0.5, 0.9) suit its GAN term)
     kl_weight: float = kept(1e-6)  # SD's VAE (kl-f8)
@@ -224,6 +225,7 @@ class VAEOptions(PriorOptions):
 
 @dataclass
 class UNetOptions(PriorOptions):
+    command = "train unet"
     vae: str | None = kept(None, path=True)  # the VAE file (`train vae`'s last.safetensors, or an SD 2.x checkpoint)
     crop: int = kept(128)  # 32 x 32 latents with the tiny 4x VAE
 
@@ -239,7 +241,7 @@ class VAEStage:
     """Stage 1 for the loop (`train_prior`): the VAE, all of it trainable, with L_vae, its validation and its
     checkpoint (the VAE under `first_stage_model.`)."""
 
-    command = "train vae"
+    command = VAEOptions.command
     streams = ["data", "noise", "init", "validation"]  # its random streams (derive_seeds)
 
     def __init__(self, opts: VAEOptions, run: RunFolder, state: TrainState | None, seeds: dict[str, int],
@@ -282,7 +284,7 @@ class UNetStage:
     """Stage 2 for the loop (`train_prior`): the UNet on the frozen VAE, with L_LDM, its validation and its
     checkpoint (the whole SD 2.x-like tree)."""
 
-    command = "train unet"
+    command = UNetOptions.command
     streams = ["data", "noise", "init", "text", "scale", "validation"]
 
     def __init__(self, opts: UNetOptions, run: RunFolder, state: TrainState | None, seeds: dict[str, int],

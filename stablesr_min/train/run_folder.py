@@ -16,7 +16,6 @@ the same numbers as one that never stopped (loop.py puts the state back).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -28,13 +27,14 @@ import torch
 
 from ..atomic import atomic_write, check_output_folder
 from ..errors import UsageError, WeightsError
-from ..weights import WeightFiles, save_safetensors
+from ..weights import WeightFiles, guess_kind, save_safetensors
 from .options import KEPT, continued_options, fields_that, persisting
 
 CHECKPOINT = "last.safetensors"
 STATE = "state.safetensors"
 LOG = "log.jsonl"
-GENERATION = "generation.json"  # `train cfw-data`'s record of a data folder (cfw_data.py)
+GENERATION = "generation.json"
+WRITERS = {"stablesr": "train sr", "cfw": "train cfw", "vae": "train vae", "sd2": "train unet"}  # checkpoint kinds  # `train cfw-data`'s record of a data folder (cfw_data.py)
 STATE_METADATA_KEY = "stablesr_min.train_state"
 
 
@@ -177,6 +177,14 @@ class RunFolder:
             if not resume:
                 self.set_aside_old_files()
 
+    def command(self) -> str:
+        """The command whose run the folder holds, from the kind of checkpoint it saved (each writes its own)."""
+        kind = guess_kind(WeightFiles([self.checkpoint_path]).keys())
+        if kind not in WRITERS:
+            raise UsageError(f"--resume: {self.checkpoint_path}: not a checkpoint of any training command; pass "
+                             "--restart instead of --resume to start a new run there (its files kept as *.old)")
+        return WRITERS[kind]
+
     def check_resumable(self) -> None:
         """A run to resume: its state and its checkpoint (the model it continues), both readable; else one line
         naming the ways out."""
@@ -273,21 +281,20 @@ def log_record(line: str) -> dict[str, Any] | None:
 # Resuming
 
 
-def resume_options(options: type, given: dict[str, Any], command: str) -> tuple[Any, TrainState]:
+def resume_options(options: type, given: dict[str, Any]) -> tuple[Any, TrainState]:
     """The `options` (a dataclass) to continue the run in `given["out"]` up to `given["steps"]`, and its state:
     what the run stored (options.py), overridden by the rest of `given` ({field: value}, each one given; a kept
-    one must have its stored value). `command`: the command's name, for the errors."""
+    one must have its stored value). The run must be one of the options' command."""
     out, steps = given["out"], given["steps"]
-    state = RunFolder(out, resume=True, writer=False).load_state()
+    run = RunFolder(out, resume=True, writer=False)
+    writer = run.command()
+    if writer != options.command:
+        raise UsageError(f"--resume: {out} holds a run of `{writer}`, not `{options.command}`; resume it with "
+                         f"`{writer} --out {out} --steps N --resume`, or choose another --out")
+    state = run.load_state()
     if steps <= state.step:
         raise UsageError(f"--steps {steps}: the run in {out} is already at step {state.step}; "
                          "pass a larger --steps to continue it")
-    names = {f.name for f in dataclasses.fields(options)}
-    foreign = sorted(set(state.options) - names)
-    if foreign:  # options this command does not have: another command wrote the run
-        raise UsageError(f"--resume: {out} holds a run of another training command (its options include "
-                         f"{', '.join(foreign)}; `{command}` has none of them); resume it with that command, or "
-                         "choose another --out")
     kept = continued_options(state.options, given, fields_that(options, KEPT))
     return options(**{**kept, "resume": True}), state
 

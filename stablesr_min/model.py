@@ -29,7 +29,7 @@ from .text import TextEncoder
 from .time_encoder import TimeAwareEncoder
 from .unet import UNet, time_blind_blocks
 from .vae import AutoencoderKL
-from .weights import WeightFiles, load_module
+from .weights import CHECKPOINT_KINDS, WeightFiles, guess_kind, load_module
 
 
 class _Holder(nn.Module):
@@ -121,6 +121,18 @@ def check_networks(cfg: StableSRConfig, where: str) -> None:
             CFWAutoencoder(cfg.cfw)
     except (ValueError, TypeError, IndexError, RuntimeError, AssertionError, ZeroDivisionError) as e:
         raise UsageError(f"{where}: these sizes do not make the networks ({e})") from None
+
+
+def check_sampling_weights(files: WeightFiles) -> None:
+    """Sampling needs the whole StableSR checkpoint: the diffusion prior alone (which `load_stablesr` loads too,
+    for `train sr` to start from) is refused, as it would sample without the LR's guidance, and so are the
+    layers that go after it alone."""
+    kind = guess_kind(files.keys())
+    if kind == "sr-part":
+        raise WeightsError(f"{files.describe()}: is {CHECKPOINT_KINDS[kind]}")
+    if kind == "sd2":
+        raise WeightsError(f"{files.describe()}: is {CHECKPOINT_KINDS[kind]}; sampling needs the time-aware encoder "
+                           "and SFT layers too (the tiny model's sr.safetensors goes after its prior.safetensors)")
 
 
 def load_network(paths: Iterable[str | os.PathLike], config: StableSRConfig | str | os.PathLike | None,

@@ -45,7 +45,7 @@ from ..errors import WeightsError
 from ..model import load_cfw, resolve_config
 from ..pipeline import upsample
 from ..vae import AutoencoderKL
-from ..weights import WeightFiles, check_keys, config_metadata, guess_kind, load_module, mismatch_message
+from ..weights import CHECKPOINT_KINDS, WeightFiles, check_keys, config_metadata, guess_kind, load_module, mismatch_message
 from .cfw_data import CFWSamples
 from .cfw_loss import CFWLoss, CFWLossConfig
 from .loop import Loop, autocast, loss_scaler, restore_run, snapshot
@@ -98,7 +98,8 @@ def load_cfw_base(path: str, seed: int) -> tuple[CFWAutoencoder, StableSRConfig]
         raise WeightsError(f"{path}: is a StableSR checkpoint, which goes to `train cfw-data --weights`; "
                            "--cfw-base takes a CFW checkpoint (to continue) or a VAE or SD 2.x checkpoint")
     if kind not in ("cfw", "vae", "sd2"):
-        raise WeightsError(f"{path}: --cfw-base needs a CFW, VAE or SD 2.x checkpoint, but this is none of them")
+        raise WeightsError(f"{path}: --cfw-base needs a CFW, VAE or SD 2.x checkpoint, but this is "
+                           f"{CHECKPOINT_KINDS[kind]}")
     cfg = resolve_config(files, None)
     if kind == "cfw":
         return load_cfw(path), cfg

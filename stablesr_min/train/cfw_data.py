@@ -178,7 +178,7 @@ def generate(opts: GenerationOptions) -> None:
 
 
 def write_samples(opts: GenerationOptions) -> None:
-    from ..model import load_stablesr, resolve_config  # the models load only for generating
+    from ..model import check_sampling_weights, load_stablesr, resolve_config  # the models load only for generating
     from ..pipeline import StableSRPipeline, UpscaleOptions
 
     folder = DataFolder(opts.out)
@@ -199,7 +199,9 @@ def write_samples(opts: GenerationOptions) -> None:
 
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.dtype, device)
-    check_sizes(opts, resolve_config(WeightFiles(opts.weights), None))
+    files = WeightFiles(opts.weights)
+    check_sampling_weights(files)
+    check_sizes(opts, resolve_config(files, None))
     # Pairs are drawn one at a time from per-sample seeds: no pool (queue_size 0), see the module docstring
     degradation = DegradationConfig(queue_size=0, order=ORDERS[opts.degradation])
     pairs = TrainingPairs(opts.data, opts.gt_size, 1, cfg=degradation, scale=SCALE)

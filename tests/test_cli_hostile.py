@@ -443,3 +443,21 @@ def test_a_part_of_stablesr_alone_is_refused_naming_what_it_is(photo, tmp_path, 
     assert main([arg.format(**names) for arg in args]) == 2
     assert capsys.readouterr().err == f"error: {line.format(**names)}\n"
     assert not (tmp_path / "out").exists()
+
+
+STOP_AFTER_THE_END = """
+import atexit, os, signal, sys
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see SIGNAL_DURING_IMPORT)
+from stablesr_min.app.signals import run_command_line
+
+atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), os.kill(os.getpid(), signal.SIGTERM)))
+run_command_line(lambda: print("wrote everything") or 0)
+"""
+
+
+def test_a_stop_after_the_command_ended_changes_nothing():
+    """Ctrl-C or SIGTERM while Python shuts down, after the command said it is done: exit 0, nothing more said
+    (it was exit 130 with no message)."""
+    result = cli(code=STOP_AFTER_THE_END)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "wrote everything\n", "")

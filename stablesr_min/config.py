@@ -175,6 +175,10 @@ CHOICES = {"layer": ("last", "penultimate"), "parameterization": ("eps", "v")}
 HEADS = ("num_heads", "num_head_channels")  # -1: derived from the other one
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is no number
+
+
 def _checked(f: dataclasses.Field, value: Any, where: str) -> Any:
     """A field's value as its dataclass holds it, or a ConfigError naming the field."""
     name = f"{where}.{f.name}"
@@ -183,21 +187,22 @@ def _checked(f: dataclasses.Field, value: Any, where: str) -> Any:
             raise ConfigError(name, f"must be true or false, got {json.dumps(value)}")
     elif f.type == "int":
         least = -1 if f.name in HEADS else 1
-        if not isinstance(value, int) or isinstance(value, bool) or value < least or value == 0:
+        if not _is_int(value) or value < least or value == 0:
             raise ConfigError(name, f"must be a whole number >= 1{' (or -1)' if least < 0 else ''}, got "
                                     f"{json.dumps(value)}")
     elif f.type == "float":
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value) or value < 0:
             raise ConfigError(name, f"must be a finite number >= 0, got {json.dumps(value)}")
         value = float(value)
     elif f.type == "str":
         if value not in CHOICES[f.name]:
             raise ConfigError(name, f"must be one of {', '.join(CHOICES[f.name])}, got {json.dumps(value)}")
     elif f.type == "tuple[int, ...]":
-        if (not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
-                                                   for v in value) or ("mult" in f.name and not value)):
-            what = "a non-empty list" if "mult" in f.name else "a list"
-            raise ConfigError(name, f"must be {what} of whole numbers >= 1, got {json.dumps(value)}")
+        levels = "mult" in f.name  # a multiplier per level: at least one level
+        if (not isinstance(value, (list, tuple)) or not all(_is_int(v) and v >= 1 for v in value)
+                or (levels and not value)):
+            raise ConfigError(name, f"must be {'a non-empty' if levels else 'a'} list of whole numbers >= 1, got "
+                                    f"{json.dumps(value)}")
         value = tuple(value)
     return value
 

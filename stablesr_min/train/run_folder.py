@@ -33,8 +33,9 @@ from .options import KEPT, continued_options, fields_that, persisting
 CHECKPOINT = "last.safetensors"
 STATE = "state.safetensors"
 LOG = "log.jsonl"
-GENERATION = "generation.json"
-WRITERS = {"stablesr": "train sr", "cfw": "train cfw", "vae": "train vae", "sd2": "train unet"}  # checkpoint kinds  # `train cfw-data`'s record of a data folder (cfw_data.py)
+GENERATION = "generation.json"  # `train cfw-data`'s record of a data folder (cfw_data.py)
+# The command that writes each kind of checkpoint (`weights.guess_kind`) as its run's last.safetensors
+WRITERS = {"stablesr": "train sr", "cfw": "train cfw", "vae": "train vae", "sd2": "train unet"}
 STATE_METADATA_KEY = "stablesr_min.train_state"
 
 

@@ -262,7 +262,7 @@ BAD_INPUTS = {
     "config with an unknown block": ({"--config": "{config_nonsense}"}, [], "error: {config_nonsense}: nonsense is "
                                      "not a block of the config (the blocks: diffusion, unet, time_encoder, text, vae, "
                                      "cfw; or a diffusion field)"),
-    "dist-timeout": ({"--dist-timeout": "0"}, [], "error: --dist-timeout must be > 0 seconds, got 0.0"),
+    "dist-timeout": ({"--dist-timeout": "0"}, [], "error: --dist-timeout must be > 0 seconds, got 0"),
     "a run is there": ({"--out": "{run_a}"}, [], "error: --out {run_a}: already holds a run; pass --resume to "
                                                  "continue it, --restart to start a new run there (its files kept "
                                                  "as *.old), or choose another folder"),

@@ -236,7 +236,7 @@ BAD_INPUTS = {
                                            "the networks is whole"),
     "vae: lr decay": ("vae", {"--lr-decay": "-1"}, "error: --lr-decay must be >= 0, got -1"),
     "vae: hue rotation": ("vae", {"--hue-rotation": "2"}, "error: --hue-rotation must be a probability in [0, 1], "
-                                                          "got 2.0"),
+                                                          "got 2"),
     "unet: no images": ("unet", {"--data": "{empty}"}, "error: {empty}: no images found"),
     "unet: a CFW file as --vae": ("unet", {"--vae": "{cfw}"}, "error: {cfw}: --vae needs a VAE written by `train vae` "
                                                              "(or an SD 2.x or StableSR checkpoint), but this is the "

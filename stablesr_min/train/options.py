@@ -99,4 +99,4 @@ def check_option_ranges(opts, at_least_one: Iterable[str] = (), at_least_zero: I
         for name in names:
             value = getattr(opts, name)
             if not ok(value):  # (NaN fails every rule)
-                raise OptionError(name, f"must be {rule}, got {value}")
+                raise OptionError(name, f"must be {rule}, got {value:g}")

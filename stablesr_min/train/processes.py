@@ -133,7 +133,7 @@ def lost_a_process(error: RuntimeError) -> bool:
 
 def join_processes(device_name: str | None, timeout_s: float) -> Processes:
     if not timeout_s > 0:
-        raise UsageError(f"--dist-timeout must be > 0 seconds, got {timeout_s}")
+        raise UsageError(f"--dist-timeout must be > 0 seconds, got {timeout_s:g}")
     device = pick_device(device_name)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:

@@ -1,5 +1,4 @@
 import os
-import sys
 
 # Intel MKL's matrix products may round differently depending on where in memory their operands happen to
 # sit, so a training run resumed in a new process can drift from one that never stopped (seen with one
@@ -8,10 +7,13 @@ import sys
 # it is set here, before anything imports torch (a program that trains from Python sets it likewise).
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-try:
-    from .app.cli import main  # imports torch: seconds, during which Ctrl-C must end as it does later
-except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    sys.exit(130)
+from .app.signals import run_command_line  # noqa: E402 (imports nothing heavy)
 
-sys.exit(main())
+
+def command_line() -> int:
+    from .app.cli import main  # imports torch: seconds, during which Ctrl-C and SIGTERM end as they do later
+
+    return main()
+
+
+run_command_line(command_line)

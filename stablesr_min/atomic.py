@@ -6,7 +6,7 @@ half a file, and an existing file is replaced only once the new one is complete.
 The temp file is flushed to the disk (`fsync`) before the rename, so that after a power loss the final
 name holds either the old file or the whole new one; the folder is flushed after the rename, so that the
 new name itself survives. A `SIGTERM` reaches the cleanup below too when the program turns it into an
-exception (`app.cli.terminate_on_sigterm`).
+exception (`app.signals.terminate_on_sigterm`).
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from .errors import ConfigError
 
 
 SCALE = 4  # StableSR's upscaling factor: it is trained on LR = HR / 4 and used at x4
@@ -126,15 +128,19 @@ class StableSRConfig:
         """Build from a golden set's `config` block, or from `to_dict()` output.
 
         Flat diffusion keys (`parameterization`, `scale_factor`, ...) may sit at the top level, as in
-        cases.json. The CFW autoencoder shares the VAE's widths unless its block sets its own.
+        cases.json. The CFW autoencoder shares the VAE's widths unless its block sets its own. Every field is
+        checked here, once: a block or field the config has not, or a value that cannot build the networks, is
+        a ConfigError naming it (`vae.ch_mult must be ...`).
         """
+        if not isinstance(d, Mapping):
+            raise ConfigError("config", f"must be a JSON object of blocks ({', '.join(BLOCKS)}), got {json.dumps(d)}")
         d = dict(d)
-        diffusion = dict(d.pop("diffusion", {}))
+        diffusion = _block(d.pop("diffusion", {}), "diffusion")
         for name in _field_names(DiffusionConfig):
             if name in d:
                 diffusion[name] = d.pop(name)
         vae = _build(VAEConfig, d.pop("vae", {}), "vae")
-        cfw_block = {**dataclasses.asdict(vae), **d.pop("cfw", {})}
+        cfw_block = {**dataclasses.asdict(vae), **_block(d.pop("cfw", {}), "cfw")}
         cfg = cls(
             diffusion=_build(DiffusionConfig, diffusion, "diffusion"),
             unet=_build(UNetConfig, d.pop("unet", {}), "unet"),
@@ -143,7 +149,10 @@ class StableSRConfig:
             vae=vae,
             cfw=_build(CFWConfig, cfw_block, "cfw"),
         )
-        _warn_unknown(d, "config")
+        if d:
+            raise ConfigError(sorted(d)[0], f"is not a block of the config (the blocks: {', '.join(BLOCKS)}; or a "
+                                            "diffusion field)")
+        _check_groups(cfg)
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,22 +170,71 @@ def _field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _warn_unknown(extra: Mapping[str, Any], where: str) -> None:
-    # Official yaml files carry training-only keys (dropout, use_checkpoint, ...); they do not change
-    # what inference computes, so they are reported rather than refused.
-    if extra:
-        warnings.warn(f"{where}: ignoring unknown config keys {sorted(extra)}", stacklevel=3)
+BLOCKS = ("diffusion", "unet", "time_encoder", "text", "vae", "cfw")  # StableSRConfig's fields
+CHOICES = {"layer": ("last", "penultimate"), "parameterization": ("eps", "v")}
+HEADS = ("num_heads", "num_head_channels")  # -1: derived from the other one
 
 
-def _build(cls, block: Mapping[str, Any], where: str):
-    block = dict(block)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in block:
-            value = block.pop(f.name)
-            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
-    _warn_unknown(block, where)
-    return cls(**kwargs)
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is no number
+
+
+def _checked(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """A field's value as its dataclass holds it, or a ConfigError naming the field."""
+    name = f"{where}.{f.name}"
+    if f.type == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"must be true or false, got {json.dumps(value)}")
+    elif f.type == "int":
+        least = -1 if f.name in HEADS else 1
+        if not _is_int(value) or value < least or value == 0:
+            raise ConfigError(name, f"must be a whole number >= 1{' (or -1)' if least < 0 else ''}, got "
+                                    f"{json.dumps(value)}")
+    elif f.type == "float":
+        if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value) or value < 0:
+            raise ConfigError(name, f"must be a finite number >= 0, got {json.dumps(value)}")
+        value = float(value)
+    elif f.type == "str":
+        if value not in CHOICES[f.name]:
+            raise ConfigError(name, f"must be one of {', '.join(CHOICES[f.name])}, got {json.dumps(value)}")
+    elif f.type == "tuple[int, ...]":
+        levels = "mult" in f.name  # a multiplier per level: at least one level
+        if (not isinstance(value, (list, tuple)) or not all(_is_int(v) and v >= 1 for v in value)
+                or (levels and not value)):
+            raise ConfigError(name, f"must be {'a non-empty' if levels else 'a'} list of whole numbers >= 1, got "
+                                    f"{json.dumps(value)}")
+        value = tuple(value)
+    return value
+
+
+def _block(block: Any, where: str) -> dict[str, Any]:
+    if not isinstance(block, Mapping):
+        raise ConfigError(where, f"must be an object of fields, got {json.dumps(block)}")
+    return dict(block)
+
+
+def _build(cls, block: Any, where: str):
+    """The `where` block of a config as a `cls`, each field checked (`_checked`); a field it has not is refused."""
+    block = _block(block, where)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(block) - fields.keys())
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}", f"is not a field of the config (its {where} fields: "
+                                                   f"{', '.join(fields)})")
+    return cls(**{name: _checked(fields[name], value, where) for name, value in block.items()})
+
+
+def _check_groups(cfg: "StableSRConfig") -> None:
+    """Every width a GroupNorm normalises must split into its groups: refused naming the block's fields."""
+    widths = {"vae": ("ch", "ch_mult"), "cfw": ("ch", "ch_mult"), "unet": ("model_channels", "channel_mult"),
+              "time_encoder": ("model_channels", "channel_mult")}
+    for block, (base_name, mult_name) in widths.items():
+        part = getattr(cfg, block)
+        base, groups = getattr(part, base_name), part.norm_groups
+        for m in (1, *getattr(part, mult_name)):
+            if base * m % groups:
+                raise ConfigError(f"{block}.{base_name}", f"{base} (x {block}.{mult_name} {m}) must be a multiple of "
+                                                          f"{block}.norm_groups ({groups}), which normalise its width")
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -17,6 +17,15 @@ class OptionError(UsageError, ValueError):
         self.field, self.problem = field, problem
 
 
+class ConfigError(UsageError, ValueError):
+    """A model config's field that cannot build the networks, or that the config has not, named by its place in
+    the config (`vae.ch_mult must be ...`), and by the file it came from (`where`) once that is known."""
+
+    def __init__(self, field: str, problem: str, where: str | None = None):
+        super().__init__(f"{where + ': ' if where else ''}{field} {problem}")
+        self.field, self.problem = field, problem
+
+
 class WeightsError(ValueError):
     """A weights file that does not fit: the message is one line a user can act on. `kind`: what the file
     looks like instead (a `weights.CHECKPOINT_KINDS` key), where that was told, so that the command line can

@@ -14,7 +14,9 @@ so the diffusion prior alone can be run for comparison.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -22,12 +24,12 @@ from torch import nn
 
 from .cfw import CFWAutoencoder
 from .config import StableSRConfig
-from .errors import WeightsError
+from .errors import ConfigError, UsageError, WeightsError
 from .text import TextEncoder
 from .time_encoder import TimeAwareEncoder
 from .unet import UNet, time_blind_blocks
 from .vae import AutoencoderKL
-from .weights import WeightFiles, load_module
+from .weights import CHECKPOINT_KINDS, WeightFiles, guess_kind, load_module
 
 
 class _Holder(nn.Module):
@@ -90,11 +92,47 @@ def resolve_config(files: WeightFiles, config: StableSRConfig | str | os.PathLik
         return config
     if config is not None:
         try:
-            return StableSRConfig.from_json(open(config).read())
-        except (OSError, ValueError, TypeError) as e:
+            text = Path(config).read_text()
+            json.loads(text)
+        except (OSError, ValueError) as e:
             raise WeightsError(f"{config}: not a readable stablesr-min config JSON ({e})") from None
+        cfg = config_from_json(text, str(config))
+        check_networks(cfg, str(config))
+        return cfg
     stored = files.config_json()
-    return StableSRConfig.from_json(stored) if stored else StableSRConfig()
+    return config_from_json(stored, f"{files.describe()}: its stored config") if stored else StableSRConfig()
+
+
+def config_from_json(text: str, where: str) -> StableSRConfig:
+    """The config in a JSON `text` read from `where` (a file): a field that cannot be is one line naming `where`
+    and the field (`config.StableSRConfig.from_dict` checks them)."""
+    try:
+        return StableSRConfig.from_json(text)
+    except ConfigError as e:
+        raise ConfigError(e.field, e.problem, where) from None
+
+
+def check_networks(cfg: StableSRConfig, where: str) -> None:
+    """Build every network of `cfg` on the meta device (no memory, a fraction of a second): sizes each fine
+    alone that together do not make them are one UsageError naming `where`, in the networks' own words."""
+    try:
+        with torch.device("meta"):
+            StableSR(cfg)
+            CFWAutoencoder(cfg.cfw)
+    except (ValueError, TypeError, IndexError, RuntimeError, AssertionError, ZeroDivisionError) as e:
+        raise UsageError(f"{where}: these sizes do not make the networks ({e})") from None
+
+
+def check_sampling_weights(files: WeightFiles) -> None:
+    """Sampling needs the whole StableSR checkpoint: the diffusion prior alone (which `load_stablesr` loads too,
+    for `train sr` to start from) is refused, as it would sample without the LR's guidance, and so are the
+    layers that go after it alone."""
+    kind = guess_kind(files.keys())
+    if kind == "sr-part":
+        raise WeightsError(f"{files.describe()}: is {CHECKPOINT_KINDS[kind]}")
+    if kind == "sd2":
+        raise WeightsError(f"{files.describe()}: is {CHECKPOINT_KINDS[kind]}; sampling needs the time-aware encoder "
+                           "and SFT layers too (the tiny model's sr.safetensors goes after its prior.safetensors)")
 
 
 def load_network(paths: Iterable[str | os.PathLike], config: StableSRConfig | str | os.PathLike | None,

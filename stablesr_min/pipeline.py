@@ -74,20 +74,21 @@ class UpscaleOptions:
             (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0, "guidance_scale",
              "must be a number >= 0 (1: no guidance)"),
             (self.tile >= 8, "tile", "must be >= 8 latents"),
-            (0 <= self.overlap < self.tile, "overlap", "must be in [0, tile)"),
+            (0 <= self.overlap < self.tile, "overlap", f"must be >= 0 and below the tile ({self.tile})"),
             (self.tile_batch >= 1, "tile_batch", "must be >= 1"),
             (self.tile_weights in ("paper", "official"), "tile_weights", "must be 'paper' or 'official'"),
             (0 <= self.dec_w <= 1, "dec_w", "(the CFW weight w) must be in [0, 1]"),
             (self.colorfix in COLORFIX_METHODS, "colorfix",
              f"must be {', '.join(COLORFIX_METHODS[:-1])} or {COLORFIX_METHODS[-1]}"),
-            (self.vae_tile == 0 or (self.vae_tile % 64 == 0 and self.vae_tile > 0), "vae_tile",
-             "must be 0 or a multiple of 64"),
-            (self.vae_tile == 0 or (self.vae_overlap % 8 == 0 and 0 <= self.vae_overlap < self.vae_tile / 2),
-             "vae_overlap", f"must be a multiple of 8 below vae_tile / 2 (vae_tile {self.vae_tile})"),
+            (self.vae_overlap >= 0 and self.vae_overlap % 8 == 0, "vae_overlap", "must be a multiple of 8, >= 0"),
+            (self.vae_tile == 0 or (self.vae_tile % 64 == 0 and self.vae_tile > 2 * self.vae_overlap), "vae_tile",
+             f"must be 0 or a multiple of 64 above twice the tiles' overlap of {self.vae_overlap} px"),
         ]
         for holds, name, rule in checks:
             if not holds:
-                raise OptionError(name, f"{rule}, got {getattr(self, name)!r}")
+                value = getattr(self, name)
+                shown = f"{value:g}" if isinstance(value, float) else repr(value)  # a number as typed: 2, not 2.0
+                raise OptionError(name, f"{rule}, got {shown}")
 
     @property
     def guided(self) -> bool:

@@ -132,6 +132,9 @@ def _open_safetensors(path: Path):
 
 CHECKPOINT_KINDS = {  # guess_kind's answers, in words (the command line adds which option takes the file)
     "stablesr": "the StableSR checkpoint (stablesr_000117 or the turbo one)",
+    "sr-part": "only the time-aware encoder and SFT layers of a StableSR checkpoint (as the tiny model's "
+               "sr.safetensors), without the diffusion prior they go after (given together: prior.safetensors "
+               "sr.safetensors)",
     "sd2": "a plain Stable Diffusion 2.x checkpoint (no time-aware encoder / SFT), not StableSR's (stablesr_000117)",
     "cfw": "the CFW checkpoint (vqgan_cfw_00011)",
     "vae": "a VAE-only checkpoint, not the full StableSR one (stablesr_000117)",
@@ -146,7 +149,7 @@ def guess_kind(keys: Iterable[str]) -> str:
         return any(k.startswith(prefix) for k in keys)
 
     if has("structcond_stage_model."):
-        return "stablesr"
+        return "stablesr" if has("first_stage_model.") else "sr-part"
     if has("model.diffusion_model."):
         return "sd2"
     if has("decoder.fusion_layer_"):

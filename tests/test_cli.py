@@ -198,10 +198,10 @@ def test_guided_ddim_end_to_end(photo, weights, tmp_path, capsys, mode):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--eta", "-1"], "--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got -1.0"),
+    (["--eta", "-1"], "--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got -1"),
     (["--sampler", "ddim", "--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--guidance-scale", "-3"], "--guidance-scale must be a number >= 0 (1: no guidance), got -3.0"),
-    (["--dec-w", "2"], "--dec-w (the CFW weight w) must be in [0, 1], got 2.0"),
+    (["--guidance-scale", "-3"], "--guidance-scale must be a number >= 0 (1: no guidance), got -3"),
+    (["--dec-w", "2"], "--dec-w (the CFW weight w) must be in [0, 1], got 2"),
     (["--device", "tpu"], "--device 'tpu': not a device; use cpu, cuda or cuda:N"),
 ])
 def test_bad_sampler_options(photo, tmp_path, capsys, args, message):

@@ -383,9 +383,9 @@ def test_bad_options_in_process(capsys, argv, problem):
 
 
 # ------------------------------------------------------------------------------------------------------
-# 11. Ctrl-C while torch is still importing: "interrupted", exit code 130, as later on
+# 11. Ctrl-C or SIGTERM while torch is still importing: "interrupted", exit code 130, or "terminated", 143, as later on
 
-SIGINT_DURING_IMPORT = """
+SIGNAL_DURING_IMPORT = """
 import os, runpy, signal, sys
 
 # As in a terminal: a test runner started in the background (`cmd &` in a script) inherits SIGINT ignored.
@@ -394,7 +394,7 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 class CtrlCWhenTorchIsImported:
     def find_spec(self, name, path=None, target=None):
         if name == "torch":  # first asked for by `from .cli import main`, in __main__.py
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGNUM)
         return None
 
 sys.meta_path.insert(0, CtrlCWhenTorchIsImported())
@@ -403,8 +403,63 @@ runpy.run_module("stablesr_min", run_name="__main__", alter_sys=True)
 """
 
 
-def test_ctrl_c_during_import(photo, tmp_path):
+@pytest.mark.parametrize("signum, code, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_ctrl_c_or_sigterm_during_import(photo, tmp_path, signum, code, word):
     before = files_under(tmp_path)
-    result = cli("upscale", photo, "--out", tmp_path / "out", code=SIGINT_DURING_IMPORT)
-    assert (result.returncode, result.stderr, result.stdout) == (130, "interrupted\n", "")
+    result = cli("upscale", photo, "--out", tmp_path / "out", code=SIGNAL_DURING_IMPORT.replace("SIGNUM", signum))
+    assert (result.returncode, result.stderr, result.stdout) == (code, f"{word}\n", "")
     assert files_under(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------------------------------
+# 12. The parts of a StableSR checkpoint alone (issue 44, items 11 and 12): the diffusion prior would sample without
+# the LR's guidance; the SR part alone is no checkpoint to load. Each is said in one line, before any model loads.
+
+TINY = ROOT / "stablesr_min" / "tiny"
+SR_PART = ("only the time-aware encoder and SFT layers of a StableSR checkpoint (as the tiny model's sr.safetensors), "
+           "without the diffusion prior they go after (given together: prior.safetensors sr.safetensors)")
+PRIOR_ALONE = ("is a plain Stable Diffusion 2.x checkpoint (no time-aware encoder / SFT), not StableSR's "
+               "(stablesr_000117); sampling needs the time-aware encoder and SFT layers too (the tiny model's "
+               "sr.safetensors goes after its prior.safetensors)")
+
+
+@pytest.mark.parametrize("args, line", [
+    (["upscale", "{photo}", "--out", "{out}", "--weights", "{prior}", "--cfw", "{cfw}"], "{prior}: " + PRIOR_ALONE),
+    (["upscale", "{photo}", "--out", "{out}", "--weights", "{sr}", "--cfw", "{cfw}"], "{sr}: is " + SR_PART),
+    (["train", "cfw-data", "--weights", "{prior}", "--data", "{data}", "--out", "{out}", "--count", "1"],
+     "{prior}: " + PRIOR_ALONE),
+    (["train", "sr", "--base", "{sr}", "--data", "{data}", "--out", "{out}", "--steps", "1", "--gt-size", "64"],
+     "{sr}: --base needs a StableSR or Stable Diffusion 2.x checkpoint, but this is " + SR_PART),
+    (["train", "unet", "--vae", "{sr}", "--data", "{data}", "--out", "{out}", "--steps", "1"],
+     "{sr}: --vae needs a VAE written by `train vae` (or an SD 2.x or StableSR checkpoint), but this is " + SR_PART),
+    (["train", "cfw", "--cfw-base", "{sr}", "--data", "{data}", "--out", "{out}", "--steps", "1"],
+     "{sr}: --cfw-base needs a CFW, VAE or SD 2.x checkpoint, but this is " + SR_PART),
+], ids=["upscale prior", "upscale sr part", "cfw-data prior", "train sr sr part", "train unet sr part",
+        "train cfw sr part"])
+def test_a_part_of_stablesr_alone_is_refused_naming_what_it_is(photo, tmp_path, capsys, args, line):
+    data = tmp_path / "data"
+    data.mkdir()
+    photo.rename(data / photo.name)
+    names = {"photo": data / photo.name, "out": tmp_path / "out", "prior": TINY / "prior.safetensors",
+             "sr": TINY / "sr.safetensors", "cfw": TINY / "cfw.safetensors", "data": data}
+    assert main([arg.format(**names) for arg in args]) == 2
+    assert capsys.readouterr().err == f"error: {line.format(**names)}\n"
+    assert not (tmp_path / "out").exists()
+
+
+STOP_AFTER_THE_END = """
+import atexit, os, signal, sys
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see SIGNAL_DURING_IMPORT)
+from stablesr_min.app.signals import run_command_line
+
+atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), os.kill(os.getpid(), signal.SIGTERM)))
+run_command_line(lambda: print("wrote everything") or 0)
+"""
+
+
+def test_a_stop_after_the_command_ended_changes_nothing():
+    """Ctrl-C or SIGTERM while Python shuts down, after the command said it is done: exit 0, nothing more said
+    (it was exit 130 with no message)."""
+    result = cli(code=STOP_AFTER_THE_END)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "wrote everything\n", "")

@@ -163,11 +163,11 @@ def test_ddim_starts_from_pure_noise_and_ddpm_from_the_noised_lr_latent(stablesr
 
 @pytest.mark.parametrize("options, message", [
     ({"sampler": "euler"}, "sampler must be 'ddpm' or 'ddim', got 'euler'"),
-    ({"eta": -1.0}, "eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got -1.0"),
+    ({"eta": -1.0}, "eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got -1"),
     ({"eta": float("nan")}, "eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got nan"),
-    ({"guidance_scale": -2.0}, "guidance_scale must be a number >= 0 (1: no guidance), got -2.0"),
+    ({"guidance_scale": -2.0}, "guidance_scale must be a number >= 0 (1: no guidance), got -2"),
     ({"guidance_scale": float("inf")}, "guidance_scale must be a number >= 0 (1: no guidance), got inf"),
-    ({"dec_w": 2.0}, "dec_w (the CFW weight w) must be in [0, 1], got 2.0"),
+    ({"dec_w": 2.0}, "dec_w (the CFW weight w) must be in [0, 1], got 2"),
 ])
 def test_bad_sampler_options(options, message):
     with pytest.raises(ValueError) as error:

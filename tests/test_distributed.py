@@ -202,7 +202,8 @@ def test_a_process_that_stops_answering_makes_the_others_exit_after_the_timeout(
     assert ranks[0].exitcode == 1
     lines = (tmp_path / "err0").read_text().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: rank 0: lost the other processes of the run (")
-    assert "Timed out" in lines[0] and lines[0].endswith("); continue from the last checkpoint with --resume")
+    assert "Timed out" in lines[0] and lines[0].endswith("); nothing was saved: fix the cause (an error above, a "
+                                                         "process that died) and run the command again")
 
 
 def rank_error_worker(rank: int, port: int, err: Path, what: str) -> None:
@@ -213,9 +214,11 @@ def rank_error_worker(rank: int, port: int, err: Path, what: str) -> None:
                    "MASTER_PORT": str(port)}
     sys.stderr = open(err, "w", buffering=1)
     try:
-        with torchrun_processes("cpu", 30) as procs:
+        with torchrun_processes("cpu", 30, out=str(err.parent / "run")) as procs:
             if what == "missing data" and rank == 1:
                 raise DataError("photos/: no such folder")
+            if what == "missing data":
+                mean_over_ranks(procs, 1.0)  # rank 0 goes on to its first step's all-reduce: rank 1 is gone
             if what == "other lr":
                 check_same_options(procs, train_module.SROptions(out="run", steps=1, lr=2e-4 if rank == 0 else 1e-3))
     except (UsageError, DataError) as e:  # rank 0's error: the command line prints it
@@ -234,9 +237,12 @@ def test_a_user_error_on_any_rank_is_one_line_naming_the_rank(tmp_path, what):
     for process in ranks:
         process.join(120)
     errors = [(tmp_path / f"err{rank}").read_text().splitlines() for rank in (0, 1)]
-    if what == "missing data":
-        assert (ranks[0].exitcode, ranks[1].exitcode) == (0, 2)
-        assert errors == [[], ["error: rank 1: photos/: no such folder"]]
+    if what == "missing data":  # and rank 0 loses it: nothing was saved, so it does not send the user to --resume
+        assert (ranks[0].exitcode, ranks[1].exitcode) == (1, 2)
+        assert errors[1] == ["error: rank 1: photos/: no such folder"] and len(errors[0]) == 1
+        assert errors[0][0].startswith("error: rank 0: lost the other processes of the run (")
+        assert errors[0][0].endswith("); nothing was saved: fix the cause (an error above, a process that died) and "
+                                     "run the command again")
     else:
         assert (ranks[0].exitcode, ranks[1].exitcode) == (2, 2)
         message = ("--lr differs between the processes of the run (rank 0: 0.0002, rank 1: 0.001); give every "

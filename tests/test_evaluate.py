@@ -224,7 +224,7 @@ def bad_cases(tmp):
         "same name twice": ({"--hr": ["{hr}", str(tmp / "twin")]},
                             f"error: {tmp / 'twin' / 'chelsea.jpg'} and {{hr}}/chelsea.png have the same name; rename one of "
                             "them (rows and saved images are named by it)"),
-        "w out of range": ({"--dec-w": ["0.5", "2"]}, "error: --dec-w (the CFW weight w) must be in [0, 1], got 2.0"),
+        "w out of range": ({"--dec-w": ["0.5", "2"]}, "error: --dec-w (the CFW weight w) must be in [0, 1], got 2"),
         "out inside hr": ({"--out": ["{hr}/results"]},
                           "error: --out {hr}/results: is inside --hr {hr}, so its saved images would be read as HR "
                           "photos by the next run; choose a folder outside the HR photos"),

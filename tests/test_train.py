@@ -6,6 +6,7 @@ The objective itself is checked number by number against the official trainer in
 """
 
 import contextlib
+import shutil
 import signal
 from pathlib import Path
 
@@ -148,11 +149,11 @@ def test_train_sr_runs_from_python_with_its_options_alone(base, photos, tmp_path
     opts = train_module.SROptions(out=str(out), steps=1, base=[str(base)], data=[str(photos)], batch_size=2, gt_size=64,
                                   val_every=0)
     assert train_module.train_sr(opts) == training.FINISHED
-    resumed, state = training.resume_options(train_module.SROptions, {"out": str(out), "steps": 2}, "train_sr")
+    resumed, state = training.resume_options(train_module.SROptions, {"out": str(out), "steps": 2})
     assert (resumed.batch_size, resumed.gt_size, resumed.resume, state.step) == (2, 64, True, 1)
     assert train_module.train_sr(resumed, state=state) == training.FINISHED
     assert [r["step"] for r in log(out)] == [1, 2]
-    with pytest.raises(UsageError, match=r"^--batch-size 6: this run was started with 2"):
+    with pytest.raises(UsageError, match=r"^--batch-size 6: this run was started with --batch-size 2"):
         train_module.train_sr(train_module.SROptions(out=str(out), steps=3, base=[str(base)], data=[str(photos)],
                                                      gt_size=64, resume=True))
 
@@ -256,29 +257,47 @@ BAD_INPUTS = {
     "every photo small": ({"--skip-small": "on"}, [], "error: every photo in {photos} has fewer pixels than 384 x 384 "
                                                      "or under 100 KiB, which --skip-small leaves out"),
     "steps": ({"--steps": "0"}, [], "error: --steps must be >= 1, got 0"),
-    "dist-timeout": ({"--dist-timeout": "0"}, [], "error: --dist-timeout must be > 0 seconds, got 0.0"),
+    # a --config that cannot build the networks, or names what a config has not: one line naming the field
+    "config of a width GroupNorm cannot split": ({"--config": "{config_7}"}, [], "error: {config_7}: "
+                                                 "unet.model_channels 7 (x unet.channel_mult 1) must be a multiple of "
+                                                 "unet.norm_groups (32), which normalise its width"),
+    "config with an unknown block": ({"--config": "{config_nonsense}"}, [], "error: {config_nonsense}: nonsense is "
+                                     "not a block of the config (the blocks: diffusion, unet, time_encoder, text, vae, "
+                                     "cfw; or a diffusion field)"),
+    "dist-timeout": ({"--dist-timeout": "0"}, [], "error: --dist-timeout must be > 0 seconds, got 0"),
     "a run is there": ({"--out": "{run_a}"}, [], "error: --out {run_a}: already holds a run; pass --resume to "
-                                                 "continue it, or choose another folder"),
+                                                 "continue it, --restart to start a new run there (its files kept "
+                                                 "as *.old), or choose another folder"),
     "nothing to resume": ({}, ["--resume"], "error: --resume: {out} holds no run to resume (no state.safetensors); "
                                             "start it without --resume"),
     "resume to a step already taken": ({"--out": "{run_a}", "--steps": "3"}, ["--resume"],
                                        "error: --steps 3: the run in {run_a} is already at step 3; pass a larger "
                                        "--steps to continue it"),
     "resume with other options": ({"--out": "{run_a}", "--steps": "5", "--batch-size": "1"}, ["--resume"],
-                                  "error: --batch-size 1: this run was started with 2, and a resumed run keeps "
-                                  "its options; leave --batch-size out or start a new run"),
+                                  "error: --batch-size 1: this run was started with --batch-size 2, and a resumed run "
+                                  "keeps its options; leave --batch-size out or start a new run"),
     "resume with another degradation": ({"--out": "{run_a}", "--steps": "5", "--degradation": "first-order"},
                                         ["--resume"], "error: --degradation first-order: this run was started with "
-                                        "second-order, and a resumed run keeps its options; leave --degradation "
-                                        "out or start a new run"),
+                                        "--degradation second-order, and a resumed run keeps its options; leave "
+                                        "--degradation out or start a new run"),
+    # options as the user types them, not Python's values (issue 44, item 5)
+    "resume with the ablation": ({"--out": "{run_a}", "--steps": "5"}, ["--resume", "--time-blind"],
+                                 "error: --time-blind: this run was started without --time-blind, and a resumed run "
+                                 "keeps its options; leave --time-blind out or start a new run"),
+    "resume with other data": ({"--out": "{run_a}", "--steps": "5", "--data": "{empty}"}, ["--resume"],
+                               "error: --data {empty}: this run was started with --data {photos}, and a resumed run "
+                               "keeps its options; leave --data out or start a new run"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_and_exit_code_2(case, base, photos, golden_weights, run_a, empty_folder,
                                                broken_folder, tmp_path, capsys):
+    (tmp_path / "config_7.json").write_text('{"unet": {"model_channels": 7}}')
+    (tmp_path / "config_nonsense.json").write_text('{"nonsense": {"a": 1}}')
     names = {"empty": empty_folder, "broken": broken_folder, "cfw": golden_weights[1], "run_a": run_a,
-             "out": tmp_path / "new", "photos": photos}
+             "out": tmp_path / "new", "photos": photos, "config_7": tmp_path / "config_7.json",
+             "config_nonsense": tmp_path / "config_nonsense.json"}
     changes, flags, expected = BAD_INPUTS[case]
     options = {"--base": base, "--data": photos, "--out": tmp_path / "new", "--steps": 2, "--gt-size": 64,
                "--batch-size": 2} | {k: v.format(**names) for k, v in changes.items()}
@@ -301,9 +320,76 @@ def test_a_folder_a_run_left_without_a_state_starts_a_new_run_keeping_the_old_fi
     assert train("--out", out, "--steps", 3, "--resume") == 2
     assert "holds no run to resume (no state.safetensors); start it without --resume" in capsys.readouterr().err
     assert train("--base", base, "--data", photos, "--out", out, "--steps", 1, *RUN_ARGS) == 0
-    assert "kept as *.old, starting a new run" in capsys.readouterr().err
+    assert "kept as last.safetensors.old, log.jsonl.old, starting a new run" in capsys.readouterr().err
     assert (out / "log.jsonl.old").read_text() == '{"step": 1, "loss": 1.0}\n' and len(log(out)) == 1
     assert (out / "last.safetensors.old").read_bytes() == (run_a / "last.safetensors").read_bytes()
+    # a second dead end there: the first one's files stay, the second's go beside them (item 6 of issue 44)
+    (out / "state.safetensors").unlink()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    assert train("--base", base, "--data", photos, "--out", out, "--steps", 1, *RUN_ARGS) == 0
+    assert "kept as last.safetensors.old.1, log.jsonl.old.1, starting a new run" in capsys.readouterr().err
+    assert (out / "log.jsonl.old").read_text() == '{"step": 1, "loss": 1.0}\n'
+    assert (out / "log.jsonl.old.1").read_text() == '{"step": 1, "loss": 2.0}\n'
+    assert (out / "last.safetensors.old").read_bytes() == (run_a / "last.safetensors").read_bytes()
+    assert (out / "last.safetensors.old.1").is_file() and len(log(out)) == 1
+
+
+@pytest.fixture(scope="module")
+def run_at_step_1(base, photos, tmp_path_factory) -> Path:
+    """run_a's first step alone: resumed to --steps 3, it is run_a."""
+    out = tmp_path_factory.mktemp("runs") / "one"
+    assert train("--base", base, "--data", photos, "--out", out, "--steps", 1, *RUN_ARGS, "--val-every", 2) == 0
+    return out
+
+
+def torn_log_line(out: Path) -> None:
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 2, "lo')  # a crash while the line was written
+
+
+def truncated_state(out: Path) -> None:
+    (out / "state.safetensors").write_bytes((out / "state.safetensors").read_bytes()[:100])
+
+
+def deleted_checkpoint(out: Path) -> None:
+    (out / "last.safetensors").unlink()
+
+
+# What a crash or a person can do to a run folder saved at step 1: (the damage, what --resume says, and the way out
+# it names: "--resume" works anyway, "--restart" starts the run anew there)
+DAMAGED_FOLDERS = {
+    "torn last log line": (torn_log_line, "note: {out}/log.jsonl: dropped 1 line(s) that are not a whole step's "
+                                          "record (a write cut short)", "--resume"),
+    "truncated state": (truncated_state, "error: --resume: {out}/state.safetensors: not a readable safetensors file",
+                        "--restart"),
+    "deleted last.safetensors": (deleted_checkpoint, "error: --resume: {out} holds no last.safetensors (the model its "
+                                 "state continues); put it back, or pass --restart instead of --resume to start a "
+                                 "new run there (its files kept as *.old)", "--restart"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_FOLDERS))
+def test_a_damaged_run_folder_says_a_way_out_that_works(case, run_at_step_1, run_a, base, photos, tmp_path, capsys):
+    """No two messages that send the user to each other: --resume names its way out, and that way works (a
+    resume bit-identical to the run that never stopped, or a new run, the old files kept)."""
+    damage, says, way_out = DAMAGED_FOLDERS[case]
+    out = tmp_path / "run"
+    shutil.copytree(run_at_step_1, out)
+    damage(out)
+    command = ["--base", base, "--data", photos, "--out", out, "--steps", 3, *RUN_ARGS, "--val-every", 2]
+    code = train("--out", out, "--steps", 3, "--resume")
+    err = capsys.readouterr().err
+    assert says.format(out=out) in err and "Traceback" not in err
+    if way_out == "--resume":
+        assert code == 0
+        assert_same_run(out, run_a)
+        return
+    assert code == 2 and len(err.splitlines()) == 1 and "--restart" in err
+    assert train(*command) == 2  # without --restart, a new run there is refused naming it
+    assert "pass --resume to continue it, --restart to start a new run there" in capsys.readouterr().err
+    assert train(*command, "--restart") == 0
+    assert "kept as " in capsys.readouterr().err and (out / "state.safetensors.old").is_file()
+    assert_same_run(out, run_a)
 
 
 # How a run can stop: (signals after a step, or a non-finite loss at a step; --save-every), the exit code, and the way
@@ -394,17 +480,19 @@ def test_a_learning_rate_must_be_finite(base, photos, tmp_path, capsys):
         check_option_ranges(train_module.SROptions(out="r", steps=1, lr=float("inf")), positive=("lr",))
 
 
-def test_resuming_another_commands_run_names_it(tmp_path, capsys):
-    """A `train vae` run resumed with `train sr`: one line, not a TypeError."""
+@pytest.mark.parametrize("checkpoint_key, writer", [("first_stage_model.encoder.conv_in.weight", "train vae"),
+                                                    ("model.diffusion_model.out.2.weight", "train unet")])
+def test_resuming_another_commands_run_names_it(tmp_path, capsys, checkpoint_key, writer):
+    """A `train vae` or `train unet` run resumed with `train sr`: one line naming the command that wrote it, not a
+    TypeError (nor the options' Python names). Each command's checkpoint is of its own kind."""
     from stablesr_min.train.run_folder import TrainState
 
-    out = tmp_path / "vae_run"
+    out = tmp_path / "run"
     out.mkdir()
     state = TrainState(1, {"data": ["x"], "kl_weight": 1e-6, "crop": 64, "batch_size": 8, "lr": 5e-4, "seed": 0},
                        {}, {"state": {}, "param_groups": []}, {}, {}, {"seconds": 1.0})
-    training.RunFolder(out, resume=False).save({"x": torch.zeros(1)}, {}, state)
+    training.RunFolder(out, resume=False).save({checkpoint_key: torch.zeros(1)}, {}, state)
     training.release_locks()
     assert train("--out", out, "--steps", 3, "--resume") == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: --resume: {out} holds a run of another training command (its options include "
-                          "crop, kl_weight; `train sr` has none of them)")
+    assert capsys.readouterr().err == (f"error: --resume: {out} holds a run of `{writer}`, not `train sr`; resume it "
+                                       f"with `{writer} --out {out} --steps N --resume`, or choose another --out\n")

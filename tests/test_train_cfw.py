@@ -311,7 +311,7 @@ def test_bad_input_ends_in_one_clear_line(golden_weights, data, tmp_path):
         "--hue-rotation must be a probability in [0, 1], got -0.5":
             ["train", "cfw", "--cfw-base", cfw, "--data", data, "--out", tmp_path / "r4", "--steps", 1,
              "--hue-rotation", -0.5],
-        "--degradation first-order: this run was started with second-order, and a resumed run keeps its options; "
+        "--degradation first-order: this run was started with --degradation second-order, and a resumed run keeps its options; "
         "leave --degradation out or start a new run":
             ["train", "cfw-data", "--out", bad, "--count", 5, "--degradation", "first-order"],
     }
@@ -338,3 +338,66 @@ def test_cfw_data_refuses_an_out_folder_inside_its_data_and_too_many_steps(golde
                  "--count", "2", "--steps", "1001", "--gt-size", "64", "--batch-size", "2"]) == 2
     assert "--steps 1001: the schedule has 1000 steps; use at most 1000" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------------
+# A data folder's lock, its kind, and a stopped generation (issue 44, items 13, 14, 18)
+
+
+def test_a_second_generation_into_a_folder_in_use_is_refused(golden_weights, photos, tmp_path, capsys):
+    from stablesr_min.train.run_folder import lock_folder, release_locks
+
+    out = tmp_path / "DATA"
+    lock_folder(out)  # as a generation running in another process holds it
+    try:
+        code = main(["train", "cfw-data", "--weights", str(golden_weights[0]), "--data", str(photos), "--out",
+                     str(out), *GENERATE])
+    finally:
+        release_locks()
+    assert code == 2
+    assert capsys.readouterr().err == (f"error: --out {out}: another training run is using this folder; wait for it "
+                                       "to end, or choose another folder\n")
+    assert not out.exists()
+
+
+def test_a_folder_of_another_kind_is_refused_as_out(golden_weights, photos, data, runs, capsys):
+    run, _ = runs
+    before = sorted(p.name for p in run.iterdir())
+    assert main(["train", "cfw-data", "--weights", str(golden_weights[0]), "--data", str(photos), "--out", str(run),
+                 *GENERATE]) == 2
+    assert capsys.readouterr().err == (f"error: --out {run}: holds the files of a training run (last.safetensors, "
+                                       "state.safetensors, log.jsonl), which those of a `train cfw-data` folder would "
+                                       "mix with; choose another folder\n")
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert main(["train", "cfw", "--cfw-base", str(golden_weights[1]), "--data", str(data), "--out", str(data),
+                 "--steps", "1"]) == 2
+    assert capsys.readouterr().err == (f"error: --out {data}: holds the files of a `train cfw-data` folder "
+                                       "(generation.json, latent), which those of a training run would mix with; "
+                                       "choose another folder\n")
+    assert not (data / "log.jsonl").exists()
+
+
+def test_a_stopped_generation_says_the_same_command_continues_it(golden_weights, photos, data, tmp_path, monkeypatch,
+                                                                capsys):
+    from stablesr_min.train import cfw_data
+
+    out = tmp_path / "DATA"
+    command = ["train", "cfw-data", "--weights", str(golden_weights[0]), "--data", str(photos), "--out", str(out),
+               *GENERATE]
+    update = cfw_data.GenerationProgress.update
+
+    def ctrl_c_after_the_first_sample(self, done, dropped):
+        update(self, done, dropped)
+        if done == 1:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(cfw_data.GenerationProgress, "update", ctrl_c_after_the_first_sample)
+        assert main(command) == 130
+    err = capsys.readouterr().err
+    assert err.endswith(f"train cfw-data: stopped with 1 of 4 samples in {out}; the same command continues it\n"
+                        "interrupted\n") and "Traceback" not in err
+    assert main(command) == 0
+    for sub in ("lr", "gt", "latent"):
+        for path in sorted((data / sub).iterdir()):
+            assert (out / sub / path.name).read_bytes() == path.read_bytes(), path

@@ -5,6 +5,7 @@ Runs here are 32 px crops, batch 2, a few steps, at the default tiny sizes.
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -234,15 +235,25 @@ BAD_INPUTS = {
                                            "the networks is whole"),
     "vae: lr decay": ("vae", {"--lr-decay": "-1"}, "error: --lr-decay must be >= 0, got -1"),
     "vae: hue rotation": ("vae", {"--hue-rotation": "2"}, "error: --hue-rotation must be a probability in [0, 1], "
-                                                          "got 2.0"),
+                                                          "got 2"),
     "unet: no images": ("unet", {"--data": "{empty}"}, "error: {empty}: no images found"),
     "unet: a CFW file as --vae": ("unet", {"--vae": "{cfw}"}, "error: {cfw}: --vae needs a VAE written by `train vae` "
                                                              "(or an SD 2.x or StableSR checkpoint), but this is the "
                                                              "CFW checkpoint (vqgan_cfw_00011)"),
     "unet: not safetensors": ("unet", {"--vae": "{log}"}, "error: {log}: not a readable safetensors file"),
-    "unet: bad sizes": ("unet", {"--config": "{bad_config}"}, "error: --config {bad_config}: these sizes do not make the "
-                                                               "networks (num_channels (44) must be divisible by "
-                                                               "num_groups (8))"),
+    "unet: bad sizes": ("unet", {"--config": "{bad_config}"}, "error: --config {bad_config}: unet.model_channels 44 (x "
+                                                               "unet.channel_mult 1) must be a multiple of "
+                                                               "unet.norm_groups (8), which normalise its width"),
+    # a config that cannot build a network, or that names what a config has not: one line naming the field
+    "vae: no levels": ("vae", {"--config": "{no_levels}"}, "error: --config {no_levels}: vae.ch_mult must be a "
+                                                           "non-empty list of whole numbers >= 1, got []"),
+    "vae: unknown block": ("vae", {"--config": "{unknown_block}"}, "error: --config {unknown_block}: nonsense is not a "
+                                                                   "block of the config (the blocks: diffusion, unet, "
+                                                                   "time_encoder, text, vae, cfw; or a diffusion field)"),
+    "vae: unknown field": ("vae", {"--config": "{unknown_field}"}, "error: --config {unknown_field}: vae.nope is not a "
+                                                                   "field of the config (its vae fields: in_channels, "),
+    "vae: a block that is not one": ("vae", {"--config": "{not_a_block}"}, "error: --config {not_a_block}: vae must be "
+                                                                           "an object of fields, got 3"),
     "unet: crop": ("unet", {"--crop": "40"}, "error: --crop 40: must be a multiple of 16, so that every level of "
                                              "the networks is whole"),
 }
@@ -251,9 +262,13 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_and_exit_code_2(case, photos, vae_run, golden_weights, empty_folder, tmp_path,
                                                capsys):
-    bad_config = tmp_path / "bad.json"
-    bad_config.write_text(json.dumps({"unet": {"model_channels": 44}}))  # GroupNorm has 8 groups
-    names = {"empty": empty_folder, "cfw": golden_weights[1], "log": vae_run / "log.jsonl", "bad_config": bad_config}
+    configs = {"bad_config": {"unet": {"model_channels": 44}},  # GroupNorm has 8 groups
+               "no_levels": {"vae": {"ch_mult": []}}, "unknown_block": {"nonsense": {"a": 1}},
+               "unknown_field": {"vae": {"nope": 1}}, "not_a_block": {"vae": 3}}
+    for name, config in configs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(config))
+    names = {"empty": empty_folder, "cfw": golden_weights[1], "log": vae_run / "log.jsonl",
+             **{name: tmp_path / f"{name}.json" for name in configs}}
     what, changes, expected = BAD_INPUTS[case]
     options = {"--data": photos, "--out": tmp_path / "new", "--steps": 2, "--crop": 32}
     if what == "unet":
@@ -267,13 +282,22 @@ def test_bad_input_is_one_line_and_exit_code_2(case, photos, vae_run, golden_wei
 
 
 @pytest.mark.parametrize("command", ["vae", "unet", "cfw-data"])
-def test_the_one_process_commands_refuse_torchrun_with_several(command, monkeypatch, capsys):
+def test_the_one_process_commands_run_on_rank_0_alone_under_torchrun(command, monkeypatch, capsys):
+    """Under torchrun with several processes, rank 0 runs the command as one process, saying so, and the others
+    end at once with exit code 0: a worker that exits with an error makes torchrun print its own traceback."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
     amount = ["--count", "1"] if command == "cfw-data" else ["--steps", "1"]
-    assert main(["train", command, "--out", "nowhere", *amount]) == 2
-    assert capsys.readouterr().err == (f"error: train {command} runs as one process, not under torchrun with 2; "
-                                       "start it with python -m stablesr_min\n")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as end:
+        main(["train", command, "--out", "nowhere", *amount])
+    assert end.value.code == 0 and capsys.readouterr() == ("", "")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", command, "--out", "nowhere", *amount]) == 2  # then as one process: here, no --data
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"note: train {command} runs as one process: rank 0 runs it alone, the other 1 process(es) end "
+                      "now (python -m stablesr_min starts it as one)")
+    assert len(err) == 2 and err[1].startswith(f"error: train {command} needs ")
+    assert os.environ["WORLD_SIZE"] == "1"
 
 
 def test_an_out_folder_that_cannot_be_written_is_refused_before_any_work(photos, tmp_path, capsys):

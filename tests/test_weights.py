@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 from stablesr_min.app.cli import main
 from stablesr_min.app.convert import convert_ckpt
-from stablesr_min.config import VAEConfig
-from stablesr_min.errors import WeightsError
+from stablesr_min.config import StableSRConfig, VAEConfig
+from stablesr_min.errors import ConfigError, WeightsError
 from stablesr_min.vae import AutoencoderKL
 from stablesr_min.weights import WeightFiles, load_module
 
@@ -105,7 +105,6 @@ def test_weights_split_over_two_files_load(tmp_path):
 
 
 def test_files_loaded_together_carry_one_models_config_or_a_prior_and_its_sft_parts(tmp_path):
-    from stablesr_min.config import StableSRConfig
     from stablesr_min.train.prior import prior_config, sr_config
     from stablesr_min.weights import CONFIG_METADATA_KEY
 
@@ -236,3 +235,23 @@ def test_pickle_without_state_dict(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.ckpt")
     with pytest.raises(WeightsError, match="holds no state_dict"):
         convert_ckpt(tmp_path / "list.ckpt", tmp_path / "out.safetensors")
+
+
+@pytest.mark.parametrize("config, field, problem", [
+    ({"unet": {"model_channels": 7}}, "unet.model_channels",
+     "7 (x unet.channel_mult 1) must be a multiple of unet.norm_groups (32), which normalise its width"),
+    ({"vae": {"ch_mult": []}}, "vae.ch_mult", "must be a non-empty list of whole numbers >= 1, got []"),
+    ({"vae": {"nope": 1}}, "vae.nope", "is not a field of the config (its vae fields: in_channels, out_ch, ch, "
+                                       "ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, embed_dim, "
+                                       "norm_groups)"),
+    ({"nonsense": {}}, "nonsense", "is not a block of the config (the blocks: diffusion, unet, time_encoder, text, "
+                                   "vae, cfw; or a diffusion field)"),
+    ({"text": {"layer": "first"}}, "text.layer", 'must be one of last, penultimate, got "first"'),
+    ({"unet": {"use_sft": 1}}, "unet.use_sft", "must be true or false, got 1"),
+    ({"timesteps": 1.5}, "diffusion.timesteps", "must be a whole number >= 1, got 1.5"),
+])
+def test_a_config_that_cannot_build_the_networks_is_refused_naming_the_field(config, field, problem):
+    """Checked once, where a config is built (issue 44, item 9): not an IndexError or a warning later."""
+    with pytest.raises(ConfigError) as refused:
+        StableSRConfig.from_dict(config)
+    assert (refused.value.field, refused.value.problem) == (field, problem)

@@ -21,7 +21,6 @@ import math
 import os
 import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,6 +35,7 @@ from ..image_io import image_size, load_image, save_png_atomically, to_pil
 from ..progress import ProgressLine
 from ..weights import guess_kind
 from .convert import convert_ckpt
+from .signals import terminate_on_sigterm
 from .settings import (SAMPLING_OPTIONS, check_not_an_input, checked_config, choose_weights, given_values,
                        load_pipeline, sampling_settings)
 
@@ -88,21 +88,6 @@ def option_flags(parser: argparse.ArgumentParser) -> set[str]:
             for sub in action.choices.values():
                 flags |= option_flags(sub)
     return flags
-
-
-@contextmanager
-def terminate_on_sigterm():
-    """SIGTERM (`kill`, a job scheduler's stop) raises `Terminated` instead of ending the process on the
-    spot, so that temp files are removed; the previous handler is back afterwards."""
-
-    def raise_terminated(signum, frame):
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -409,6 +394,8 @@ def add_run_options(parser, validation: str) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES),
                         help=f"autocast dtype on a GPU (default {d.dtype}; weights stay float32)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--restart", action="store_true", help="start a new run in --out though it holds one (its "
+                        "files kept as *.old)")
     parser.add_argument("--save-every", type=int, help=f"steps between saves (default {d.save_every}; 0: only at the "
                         "end and on Ctrl-C or SIGTERM, as always)")
     parser.add_argument("--val-every", type=int, help=f"steps between {validation} (default {d.val_every}; 0: never)")
@@ -525,7 +512,7 @@ def command_options(args, options: type, required: dict[str, str]):
 
     given = given_options(args, options)
     if args.resume:
-        return resume_options(options, given, f"train {args.what}")
+        return resume_options(options, given)
     if not required.keys() <= given.keys():
         raise UsageError(f"train {args.what} needs {' and '.join(required.values())} (or --resume to continue a run)")
     return options(**given), None
@@ -537,7 +524,7 @@ def cmd_train_sr(args) -> str:
     from ..train.processes import torchrun_processes
     from ..train.sr import SROptions, train_sr
 
-    with torchrun_processes(args.device, args.dist_timeout) as procs:
+    with torchrun_processes(args.device, args.dist_timeout, args.out) as procs:
         opts, state = command_options(args, SROptions, {"base": "--base FILE", "data": "--data DIR"})
         return train_sr(opts, procs, state)
 
@@ -547,7 +534,7 @@ def cmd_train_cfw(args) -> str:
     from ..train.cfw import CFWOptions, train_cfw
     from ..train.processes import torchrun_processes
 
-    with torchrun_processes(args.device, args.dist_timeout) as procs:
+    with torchrun_processes(args.device, args.dist_timeout, args.out) as procs:
         opts, state = command_options(args, CFWOptions, {"cfw_base": "--cfw-base FILE", "data": "--data DIR"})
         return train_cfw(opts, procs, state)
 

@@ -41,13 +41,15 @@ def sampling_settings(stablesr_paths, given: dict | None = None) -> dict:
 
 
 def checked_config(stablesr_paths, config, steps: int, tile: int):
-    """The weights' config (read from the files' headers only), refusing more steps than its schedule has
-    and tiles smaller than its networks can take."""
-    from ..model import resolve_config
+    """The weights' config (read from the files' headers only), refusing the diffusion prior alone, more steps
+    than its schedule has and tiles smaller than its networks can take."""
+    from ..model import check_sampling_weights, resolve_config
     from ..pipeline import smallest_tile
     from ..schedule import check_steps
 
-    cfg = resolve_config(WeightFiles(stablesr_paths), config)
+    files = WeightFiles(stablesr_paths)
+    check_sampling_weights(files)
+    cfg = resolve_config(files, config)
     check_steps(cfg.diffusion.timesteps, steps)
     least = smallest_tile(cfg)
     if tile < least:

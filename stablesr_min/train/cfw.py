@@ -45,7 +45,7 @@ from ..errors import WeightsError
 from ..model import load_cfw, resolve_config
 from ..pipeline import upsample
 from ..vae import AutoencoderKL
-from ..weights import WeightFiles, check_keys, config_metadata, guess_kind, load_module, mismatch_message
+from ..weights import CHECKPOINT_KINDS, WeightFiles, check_keys, config_metadata, guess_kind, load_module, mismatch_message
 from .cfw_data import CFWSamples
 from .cfw_loss import CFWLoss, CFWLossConfig
 from .loop import Loop, autocast, loss_scaler, restore_run, snapshot
@@ -98,7 +98,8 @@ def load_cfw_base(path: str, seed: int) -> tuple[CFWAutoencoder, StableSRConfig]
         raise WeightsError(f"{path}: is a StableSR checkpoint, which goes to `train cfw-data --weights`; "
                            "--cfw-base takes a CFW checkpoint (to continue) or a VAE or SD 2.x checkpoint")
     if kind not in ("cfw", "vae", "sd2"):
-        raise WeightsError(f"{path}: --cfw-base needs a CFW, VAE or SD 2.x checkpoint, but this is none of them")
+        raise WeightsError(f"{path}: --cfw-base needs a CFW, VAE or SD 2.x checkpoint, but this is "
+                           f"{CHECKPOINT_KINDS[kind]}")
     cfg = resolve_config(files, None)
     if kind == "cfw":
         return load_cfw(path), cfg
@@ -233,6 +234,7 @@ def step_gradients(reconstruction: nn.Module, discriminator: nn.Module, loss: CF
 
 @dataclass
 class CFWOptions(RunOptions):  # val_every: validation L1 losses (w = 1); kept: a resumed run keeps it (options.py)
+    command = "train cfw"
     cfw_base: str | None = kept(None, path=True)  # a CFW, VAE or SD 2.x safetensors file
     data: list[str] | None = kept(None, path=True)  # folders written by `train cfw-data`
     batch_size: int = kept(8)  # samples per step (official: 1 with 8 accumulated)
@@ -255,11 +257,11 @@ def train_cfw(opts: CFWOptions, procs: Processes | None = None, state: TrainStat
         train_cfw(CFWOptions(out="runs/cfw", steps=1000, cfw_base="v2-1_512-ema-pruned.safetensors", data=["cfw_data"]))
     """
     if procs is None:
-        with torchrun_processes(opts.device) as procs:
+        with torchrun_processes(opts.device, out=opts.out) as procs:
             return train_cfw(opts, procs, state)
     check_options(opts)
     check_same_options(procs, opts)
-    run = RunFolder(opts.out, resume=opts.resume, writer=procs.is_main)
+    run = RunFolder(opts.out, resume=opts.resume, writer=procs.is_main, restart=opts.restart)
     device = procs.device
     dtype = pick_dtype(opts.dtype, device)
     seeds = derive_seeds(opts.seed, ["data", "init", "discriminator"])
@@ -316,7 +318,7 @@ def train_cfw(opts: CFWOptions, procs: Processes | None = None, state: TrainStat
             run.save(cfw.state_dict() | trained, config_metadata(cfg.to_json()), state)
 
     # The loop (Sec. 3.2): a batch of (LR, GT, sampled latent), L_G (and L_D from disc_start), one Adam step
-    with Loop("train cfw", run, opts, procs, step, seconds, "lower --batch-size, or use --dtype bfloat16") as loop:
+    with Loop(opts.command, run, opts, procs, step, seconds, "lower --batch-size, or use --dtype bfloat16") as loop:
         while loop.running():
             optimizer.zero_grad(set_to_none=True)
             g_loss, terms = step_gradients(reconstruction, discriminator, loss, optimizer, scaler,

@@ -46,18 +46,18 @@ from ..atomic import atomic_write, check_output_folder
 from ..config import SCALE
 from ..degradation import ORDERS, DegradationConfig
 from ..devices import pick_device, pick_dtype
-from ..errors import DataError, ImageError, UsageError
+from ..errors import DataError, ImageError, Terminated, UsageError
 from ..image_io import image_size, save_png_atomically, to_pil
 from ..progress import ProgressLine, format_seconds
 from ..schedule import check_steps
 from ..weights import WeightFiles, save_safetensors
 from .data import TrainingPairs, check_hue_rotation, hue_rotate, read_rgb
-from .processes import derive_seeds
+from .processes import derive_seeds, one_process
+from .run_folder import GENERATION, lock_folder, refuse_another_kind
 from .options import KEPT, check_option_ranges, continued_options, fields_that, kept, persisting
 
 LATENT_KEY = "latent"
 SCALE_FACTOR_KEY = "stablesr_min.scale_factor"
-GENERATION = "generation.json"
 
 # ------------------------------------------------------------------------------------------------------
 # The folder
@@ -166,15 +166,29 @@ def check_sizes(opts: GenerationOptions, cfg) -> None:
 
 
 def generate(opts: GenerationOptions) -> None:
-    from ..model import load_stablesr, resolve_config  # the models load only for generating
+    """Generate into `opts.out` until it holds `opts.count` samples, in this one process; stopped (Ctrl-C,
+    SIGTERM), it says that the same command continues it."""
+    with one_process("train cfw-data"):
+        try:
+            write_samples(opts)
+        except (KeyboardInterrupt, Terminated):
+            print(f"\ntrain cfw-data: stopped with {DataFolder(opts.out).complete_count()} of {opts.count} samples "
+                  f"in {opts.out}; the same command continues it", file=sys.stderr, flush=True)
+            raise
+
+
+def write_samples(opts: GenerationOptions) -> None:
+    from ..model import check_sampling_weights, load_stablesr, resolve_config  # the models load only for generating
     from ..pipeline import StableSRPipeline, UpscaleOptions
 
     folder = DataFolder(opts.out)
     check_output_folder(folder.path, f"--out {folder.path}")
+    refuse_another_kind(folder.path, "a `train cfw-data` folder")
     for data in map(Path, opts.data):
         if folder.path.resolve().is_relative_to(data.resolve()):
             raise UsageError(f"--out {folder.path}: is inside --data {data}, so its images would become training "
                              "photos when it continues; choose a folder outside the data")
+    lock_folder(folder.path)  # one generation per folder at a time (released by the command on its way out)
     record = folder.read_record()
     if record is None and folder.indices():
         raise UsageError(f"--out {folder.path}: holds samples but no {GENERATION}; choose another folder")
@@ -185,7 +199,9 @@ def generate(opts: GenerationOptions) -> None:
 
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.dtype, device)
-    check_sizes(opts, resolve_config(WeightFiles(opts.weights), None))
+    files = WeightFiles(opts.weights)
+    check_sampling_weights(files)
+    check_sizes(opts, resolve_config(files, None))
     # Pairs are drawn one at a time from per-sample seeds: no pool (queue_size 0), see the module docstring
     degradation = DegradationConfig(queue_size=0, order=ORDERS[opts.degradation])
     pairs = TrainingPairs(opts.data, opts.gt_size, 1, cfg=degradation, scale=SCALE)

@@ -119,7 +119,7 @@ def augment(img: torch.Tensor, gen: torch.Generator, hflip: bool, rot: bool) -> 
 def check_hue_rotation(p: float) -> None:
     """The probability of turning a sample's hues (CleanCrops, CFWSamples; the option `hue_rotation`)."""
     if not 0 <= p <= 1:
-        raise OptionError("hue_rotation", f"must be a probability in [0, 1], got {p}")
+        raise OptionError("hue_rotation", f"must be a probability in [0, 1], got {p:g}")
 
 
 def hue_rotate(img: torch.Tensor, angle: float) -> torch.Tensor:

@@ -55,8 +55,8 @@ import torch
 
 from ..config import TINY_SIZES, StableSRConfig, matching_time_encoder
 from ..devices import pick_device, pick_dtype
-from ..errors import UsageError, WeightsError
-from ..model import StableSR, load_stablesr, load_vae, resolve_config
+from ..errors import ConfigError, UsageError, WeightsError
+from ..model import StableSR, check_networks, load_stablesr, load_vae, resolve_config
 from ..objective import Denoiser, Validation, posterior_latent, random_timestep_loss
 from ..pipeline import draw, text_context
 from ..schedule import Schedule
@@ -84,16 +84,15 @@ def prior_config(path: str | None) -> StableSRConfig:
             raise UsageError(f"--config {path}: not a readable config JSON ({e})") from None
         if not isinstance(given, dict):
             raise UsageError(f"--config {path}: must hold a JSON object (a stablesr-min config)")
-    blocks = {name: {**TINY_SIZES.get(name, {}), **given.get(name, {})} for name in TINY_SIZES.keys() | given.keys()}
+    blocks = {name: {**TINY_SIZES.get(name, {}), **block} if isinstance(block, dict) else block
+              for name, block in ({name: {} for name in TINY_SIZES} | given).items()}
     try:
         cfg = StableSRConfig.from_dict(blocks)
         if "time_encoder" not in given:
             cfg = StableSRConfig.from_dict({**cfg.to_dict(), "time_encoder": matching_time_encoder(cfg.unet)})
-        # every network `train sr` will build on it, SFT layers included, on the meta device (no memory)
-        with torch.device("meta"):
-            StableSR(sr_config(cfg))
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"--config {path}: these sizes do not make the networks ({e})") from None
+    except ConfigError as e:
+        raise ConfigError(e.field, e.problem, f"--config {path}") from None
+    check_networks(sr_config(cfg), f"--config {path}")  # every network `train sr` will build on it, SFT included
     cfg.unet.use_sft = False
     return cfg
 
@@ -216,6 +215,7 @@ class PriorOptions(RunOptions):  # kept / stored: what a resumed run keeps of th
 
 @dataclass
 class VAEOptions(PriorOptions):
+    command = "train vae"
     lr: float = kept(5e-4)  # higher than LDM's 4.5e-6 x batch: a tiny model, minutes of training (and AdamW with
     #                         PyTorch's betas, as every command here; LDM's Adam betas (0.5, 0.9) suit its GAN term)
     kl_weight: float = kept(1e-6)  # SD's VAE (kl-f8)
@@ -225,6 +225,7 @@ class VAEOptions(PriorOptions):
 
 @dataclass
 class UNetOptions(PriorOptions):
+    command = "train unet"
     vae: str | None = kept(None, path=True)  # the VAE file (`train vae`'s last.safetensors, or an SD 2.x checkpoint)
     crop: int = kept(128)  # 32 x 32 latents with the tiny 4x VAE
 
@@ -240,7 +241,7 @@ class VAEStage:
     """Stage 1 for the loop (`train_prior`): the VAE, all of it trainable, with L_vae, its validation and its
     checkpoint (the VAE under `first_stage_model.`)."""
 
-    command = "train vae"
+    command = VAEOptions.command
     streams = ["data", "noise", "init", "validation"]  # its random streams (derive_seeds)
 
     def __init__(self, opts: VAEOptions, run: RunFolder, state: TrainState | None, seeds: dict[str, int],
@@ -283,7 +284,7 @@ class UNetStage:
     """Stage 2 for the loop (`train_prior`): the UNet on the frozen VAE, with L_LDM, its validation and its
     checkpoint (the whole SD 2.x-like tree)."""
 
-    command = "train unet"
+    command = UNetOptions.command
     streams = ["data", "noise", "init", "text", "scale", "validation"]
 
     def __init__(self, opts: UNetOptions, run: RunFolder, state: TrainState | None, seeds: dict[str, int],
@@ -350,7 +351,7 @@ def train_prior(opts: PriorOptions, stage_of: type[VAEStage] | type[UNetStage], 
         train_vae(VAEOptions(out="runs/vae", steps=3000, data=["photos/"]))
     """
     with one_process(stage_of.command):
-        run = RunFolder(opts.out, resume=opts.resume)
+        run = RunFolder(opts.out, resume=opts.resume, restart=opts.restart)
         if opts.resume and state is None:
             state = run.load_state()
             check_resumed_with_its_options(opts, state)

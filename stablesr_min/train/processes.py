@@ -19,6 +19,7 @@ import re
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -28,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..devices import pick_device
 from ..errors import USER_ERRORS, Terminated, UsageError
-from .run_folder import TrainState, release_locks
+from .run_folder import STATE, TrainState, release_locks
 
 # ------------------------------------------------------------------------------------------------------
 # Seeds
@@ -65,11 +66,13 @@ class Processes:
 
 
 @contextlib.contextmanager
-def torchrun_processes(device_name: str | None, timeout_s: float = DIST_TIMEOUT) -> Iterator[Processes]:
+def torchrun_processes(device_name: str | None, timeout_s: float = DIST_TIMEOUT,
+                       out: str | None = None) -> Iterator[Processes]:
     """Join the run's other processes (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
     MASTER_PORT in each one's environment): NCCL between GPUs, gloo between CPUs, every collective
     operation given up after `timeout_s`, so that a process that died makes the others
-    exit rather than hang. A user error on rank r > 0 is printed as one line naming the rank."""
+    exit rather than hang, saying whether the run folder `out` holds a save to resume. A user error on
+    rank r > 0 is printed as one line naming the rank."""
     rank = int(os.environ.get("RANK", 0))
     try:
         procs = join_processes(device_name, timeout_s)
@@ -96,22 +99,26 @@ def torchrun_processes(device_name: str | None, timeout_s: float = DIST_TIMEOUT)
         if not lost_a_process(e):
             raise
         first_line = str(e).strip().splitlines()[0]
-        print(f"error: rank {rank}: lost the other processes of the run ({first_line}); continue from the "
-              "last checkpoint with --resume", file=sys.stderr)
+        way = (f"{out} keeps the last save: once the cause (an error above, a process that died) is fixed, "
+               "continue with --resume" if out is not None and (Path(out) / STATE).is_file() else
+               "nothing was saved: fix the cause (an error above, a process that died) and run the command again")
+        print(f"error: rank {rank}: lost the other processes of the run ({first_line}); {way}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
 @contextlib.contextmanager
 def one_process(command: str) -> Iterator[None]:
-    """A command that runs as one process (`train vae`, `train unet`, `train cfw-data`): refused in one line
-    under torchrun with several (each process would do the whole job into the same folder); the run folder's
-    lock released on the way out."""
+    """A command that runs as one process (`train vae`, `train unet`, `train cfw-data`; each process would do the
+    whole job into the same folder): under torchrun with several, rank 0 runs it alone, saying so, and the others
+    end at once. (Refusing it would end in torchrun's own traceback: it prints one for any worker that exits
+    with an error.) The run folder's lock released on the way out."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size > 1:
         if int(os.environ.get("RANK", 0)) != 0:
-            raise SystemExit(2)  # rank 0 says it
-        raise UsageError(f"{command} runs as one process, not under torchrun with {world_size}; start it with "
-                         "python -m stablesr_min")
+            raise SystemExit(0)
+        print(f"note: {command} runs as one process: rank 0 runs it alone, the other {world_size - 1} process(es) "
+              "end now (python -m stablesr_min starts it as one)", file=sys.stderr)
+        os.environ |= {"WORLD_SIZE": "1", "RANK": "0"}  # from here on, a run of one process
     try:
         yield
     finally:
@@ -126,7 +133,7 @@ def lost_a_process(error: RuntimeError) -> bool:
 
 def join_processes(device_name: str | None, timeout_s: float) -> Processes:
     if not timeout_s > 0:
-        raise UsageError(f"--dist-timeout must be > 0 seconds, got {timeout_s}")
+        raise UsageError(f"--dist-timeout must be > 0 seconds, got {timeout_s:g}")
     device = pick_device(device_name)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:

@@ -16,7 +16,6 @@ the same numbers as one that never stopped (loop.py puts the state back).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -27,13 +26,16 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write, check_output_folder
-from ..errors import UsageError
-from ..weights import WeightFiles, save_safetensors
+from ..errors import UsageError, WeightsError
+from ..weights import WeightFiles, guess_kind, save_safetensors
 from .options import KEPT, continued_options, fields_that, persisting
 
 CHECKPOINT = "last.safetensors"
 STATE = "state.safetensors"
 LOG = "log.jsonl"
+GENERATION = "generation.json"  # `train cfw-data`'s record of a data folder (cfw_data.py)
+# The command that writes each kind of checkpoint (`weights.guess_kind`) as its run's last.safetensors
+WRITERS = {"stablesr": "train sr", "cfw": "train cfw", "vae": "train vae", "sd2": "train unet"}
 STATE_METADATA_KEY = "stablesr_min.train_state"
 
 
@@ -71,7 +73,7 @@ class TrainState:
     def from_file(cls, path: Path) -> "TrainState":
         files = WeightFiles([path])
         if STATE_METADATA_KEY not in files.metadata:
-            raise UsageError(f"{path}: not a training state written by stablesr-min")
+            raise ValueError(f"{path}: not a training state written by stablesr-min")
         info = json.loads(files.metadata[STATE_METADATA_KEY])
         groups: dict[str, dict[str, torch.Tensor]] = {}
         for key in files.keys():
@@ -126,6 +128,29 @@ def release_locks() -> None:
             path.rmdir()
 
 
+def set_aside(path: Path) -> Path:
+    """Rename `path` to PATH.old, or PATH.old.1, .old.2, ... (the first not taken): nothing kept is replaced."""
+    kept, n = path.with_name(path.name + ".old"), 0
+    while kept.exists():
+        n += 1
+        kept = path.with_name(f"{path.name}.old.{n}")
+    path.replace(kept)
+    return kept
+
+
+# What each kind of folder a training command writes holds: one kind's --out is refused on another's files
+FOLDER_KINDS = {"a training run": (CHECKPOINT, STATE, LOG), "a `train cfw-data` folder": (GENERATION, "latent")}
+
+
+def refuse_another_kind(path: Path, kind: str) -> None:
+    """Refuse an --out folder that holds the files of another kind (FOLDER_KINDS) than `kind`: they would mix."""
+    for other, names in FOLDER_KINDS.items():
+        found = [name for name in names if (path / name).exists()]
+        if other != kind and found:
+            raise UsageError(f"--out {path}: holds the files of {other} ({', '.join(found)}), which those of {kind} "
+                             "would mix with; choose another folder")
+
+
 # How a training run ends: done, or stopped and saved by Ctrl-C or by SIGTERM (the command line: exit 0, 130, 143)
 FINISHED, STOPPED, TERMINATED = "finished", "stopped", "terminated"
 
@@ -133,30 +158,57 @@ FINISHED, STOPPED, TERMINATED = "finished", "stopped", "terminated"
 class RunFolder:
     """A training run's folder: last.safetensors, state.safetensors, log.jsonl. A run exists once its state is
     saved; files without a state (a run stopped before its first save, or a deleted state) are set aside as
-    *.old when a new run starts there. The process that writes (`writer`) holds a lock on the folder while it
-    runs, so that a second run on the same --out is refused; the system drops the lock if the process dies."""
+    *.old when a new run starts there, and so are a run's files when it is started anew (`restart`). The
+    process that writes (`writer`) holds a lock on the folder while it runs, so that a second run on the same
+    --out is refused; the system drops the lock if the process dies."""
 
-    def __init__(self, path: str | Path, resume: bool, writer: bool = True):
+    def __init__(self, path: str | Path, resume: bool, writer: bool = True, restart: bool = False):
         self.path = Path(path)
         check_output_folder(self.path, f"--out {self.path}")
-        if resume and not self.state_path.is_file():
-            raise UsageError(f"--resume: {self.path} holds no run to resume (no {STATE}); start it without --resume")
-        if not resume and self.state_path.is_file():
-            raise UsageError(f"--out {self.path}: already holds a run; pass --resume to continue it, "
-                             "or choose another folder")
+        refuse_another_kind(self.path, "a training run")
+        if resume and restart:
+            raise UsageError("--resume and --restart: pass one of them (continue the run, or start it anew)")
+        if resume:
+            self.check_resumable()
+        elif self.state_path.is_file() and not restart:
+            raise UsageError(f"--out {self.path}: already holds a run; pass --resume to continue it, --restart to "
+                             "start a new run there (its files kept as *.old), or choose another folder")
         if writer:
             lock_folder(self.path)
             if not resume:
-                self.set_aside_stale_files()
+                self.set_aside_old_files()
 
-    def set_aside_stale_files(self) -> None:
-        """What a run that never saved its state left (a log, a checkpoint) is kept as *.old, said in one line."""
-        stale = [p for p in (self.checkpoint_path, self.log_path) if p.exists()]
-        for p in stale:
-            p.replace(p.with_name(p.name + ".old"))
-        if stale:
-            print(f"note: {self.path} held {' and '.join(p.name for p in stale)} of a run without a saved state; "
-                  "kept as *.old, starting a new run", file=sys.stderr)
+    def command(self) -> str:
+        """The command whose run the folder holds, from the kind of checkpoint it saved (each writes its own)."""
+        kind = guess_kind(WeightFiles([self.checkpoint_path]).keys())
+        if kind not in WRITERS:
+            raise UsageError(f"--resume: {self.checkpoint_path}: not a checkpoint of any training command; pass "
+                             "--restart instead of --resume to start a new run there (its files kept as *.old)")
+        return WRITERS[kind]
+
+    def check_resumable(self) -> None:
+        """A run to resume: its state and its checkpoint (the model it continues), both readable; else one line
+        naming the ways out."""
+        if not self.state_path.is_file():
+            raise UsageError(f"--resume: {self.path} holds no run to resume (no {STATE}); start it without --resume")
+        if not self.checkpoint_path.is_file():
+            raise UsageError(f"--resume: {self.path} holds no {CHECKPOINT} (the model its state continues); put it "
+                             f"back, or pass --restart instead of --resume to start a new run there (its files kept "
+                             "as *.old)")
+        for path in (self.checkpoint_path, self.state_path):
+            try:
+                WeightFiles([path])
+            except WeightsError as e:
+                raise UsageError(f"--resume: {e}; pass --restart instead of --resume to start a new run there (its "
+                                 "files kept as *.old), or choose another folder") from None
+
+    def set_aside_old_files(self) -> None:
+        """What a run left that a new one would replace (a log, a checkpoint, a state) is kept as *.old (*.old.1,
+        ... when one is there already), said in one line."""
+        kept = [set_aside(p) for p in (self.checkpoint_path, self.state_path, self.log_path) if p.exists()]
+        if kept:
+            print(f"note: {self.path} held the files of an earlier run; kept as {', '.join(p.name for p in kept)}, "
+                  "starting a new run", file=sys.stderr)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -180,7 +232,12 @@ class RunFolder:
         save_safetensors(tensors, self.state_path, metadata=state_metadata)
 
     def load_state(self) -> TrainState:
-        return TrainState.from_file(self.state_path)
+        try:
+            return TrainState.from_file(self.state_path)
+        except (ValueError, KeyError, TypeError):  # readable safetensors, but not a state of this project's
+            raise UsageError(f"--resume: {self.state_path}: not a training state written by stablesr-min; pass "
+                             "--restart instead of --resume to start a new run there (its files kept as *.old), "
+                             "or choose another folder") from None
 
     def log(self, record: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -199,33 +256,46 @@ class RunFolder:
         return FINISHED
 
     def keep_log_until(self, step: int) -> None:
-        """On resume: drop log lines of steps after the saved state (they will be run again)."""
+        """On resume: drop log lines of steps after the saved state (they will be run again), and lines that
+        are not a step's record (a write cut short by a crash), saying so."""
         if not self.log_path.is_file():
             return
-        lines = [line for line in self.log_path.read_text().splitlines()
-                 if line.strip() and json.loads(line)["step"] <= step]
+        records = [(line, log_record(line)) for line in self.log_path.read_text().splitlines() if line.strip()]
+        torn = sum(record is None for _, record in records)
+        if torn:
+            print(f"note: {self.log_path}: dropped {torn} line(s) that are not a whole step's record (a write cut "
+                  "short); the log continues from the saved step", file=sys.stderr)
+        lines = [line for line, record in records if record is not None and record["step"] <= step]
         atomic_write(self.log_path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
+
+
+def log_record(line: str) -> dict[str, Any] | None:
+    """A log line's record, or None for a line that is not one (a write cut short)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 # ------------------------------------------------------------------------------------------------------
 # Resuming
 
 
-def resume_options(options: type, given: dict[str, Any], command: str) -> tuple[Any, TrainState]:
+def resume_options(options: type, given: dict[str, Any]) -> tuple[Any, TrainState]:
     """The `options` (a dataclass) to continue the run in `given["out"]` up to `given["steps"]`, and its state:
     what the run stored (options.py), overridden by the rest of `given` ({field: value}, each one given; a kept
-    one must have its stored value). `command`: the command's name, for the errors."""
+    one must have its stored value). The run must be one of the options' command."""
     out, steps = given["out"], given["steps"]
-    state = RunFolder(out, resume=True, writer=False).load_state()
+    run = RunFolder(out, resume=True, writer=False)
+    writer = run.command()
+    if writer != options.command:
+        raise UsageError(f"--resume: {out} holds a run of `{writer}`, not `{options.command}`; resume it with "
+                         f"`{writer} --out {out} --steps N --resume`, or choose another --out")
+    state = run.load_state()
     if steps <= state.step:
         raise UsageError(f"--steps {steps}: the run in {out} is already at step {state.step}; "
                          "pass a larger --steps to continue it")
-    names = {f.name for f in dataclasses.fields(options)}
-    foreign = sorted(set(state.options) - names)
-    if foreign:  # options this command does not have: another command wrote the run
-        raise UsageError(f"--resume: {out} holds a run of another training command (its options include "
-                         f"{', '.join(foreign)}; `{command}` has none of them); resume it with that command, or "
-                         "choose another --out")
     kept = continued_options(state.options, given, fields_that(options, KEPT))
     return options(**{**kept, "resume": True}), state
 

@@ -116,6 +116,7 @@ def stablesr_from_sd2(paths: list[str], cfg: StableSRConfig, seed: int) -> Stabl
 
 @dataclass
 class SROptions(RunOptions):  # kept / stored: what a resumed run keeps of them (options.py)
+    command = "train sr"
     base: list[str] | None = kept(None, path=True)  # StableSR or SD 2.x safetensors
     data: list[str] | None = kept(None, path=True)  # folders of HR photos
     config: str | None = kept(None, path=True)  # model config JSON (default: the one stored in --base)
@@ -143,14 +144,14 @@ def train_sr(opts: SROptions, procs: Processes | None = None, state: TrainState 
         train_sr(SROptions(out="runs/sr", steps=1000, base=["v2-1_512-ema-pruned.safetensors"], data=["photos/"]))
     """
     if procs is None:
-        with torchrun_processes(opts.device) as procs:
+        with torchrun_processes(opts.device, out=opts.out) as procs:
             return train_sr(opts, procs, state)
     from .data import TrainingPairs, smallest_gt_size  # the data pipeline loads only for training
     from ..degradation import ORDERS, DegradationConfig
 
     check_options(opts)
     check_same_options(procs, opts)
-    run = RunFolder(opts.out, resume=opts.resume, writer=procs.is_main)
+    run = RunFolder(opts.out, resume=opts.resume, writer=procs.is_main, restart=opts.restart)
     device = procs.device
     dtype = pick_dtype(opts.dtype, device)
     seeds = derive_seeds(opts.seed, ["data", "noise", "init", "validation"])
@@ -220,7 +221,7 @@ def train_sr(opts: SROptions, procs: Processes | None = None, state: TrainState 
     # The loop (Sec. 3.1): degraded pairs, the objective at a random t, backward, one AdamW step
     hint = ("lower --batch-size or --gt-size (--grad-accum keeps the effective batch), use --checkpointing, "
             "or use --dtype bfloat16")
-    with Loop("train sr", run, opts, procs, step, seconds, hint) as loop:
+    with Loop(opts.command, run, opts, procs, step, seconds, hint) as loop:
         while loop.running():
             optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0

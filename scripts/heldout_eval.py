@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from stablesr_min.app import metrics  # noqa: E402
 from stablesr_min.app.cli import main as cli  # noqa: E402
-from stablesr_min.app.evaluate import HIGHER_IS_BETTER, MEASURES, UNITS  # noqa: E402
+from stablesr_min.app.evaluate import HIGHER_IS_BETTER, MEASURES, UNITS, photo_means  # noqa: E402
 
 HEADLINE = ["--hr", "data/heldout", "--crop", "128", "--grid", "2", "--seed", "0", "1", "2", "3", "4",
             "--dec-w", "1", "0.5", "0"]
@@ -86,13 +86,11 @@ def compare(candidate: dict, shipped: dict) -> str:
             [r["name"] for r in candidate["crops"]] != [r["name"] for r in shipped["crops"]]:
         sys.exit("heldout_eval: the two results are not of the same crops and seeds; run both with HEADLINE")
     lines = ["| method | measure | candidate - shipped (+- 2 se over photos) | verdict |", "|---|---|---|---|"]
-    photos = list(dict.fromkeys(row["photo"] for row in candidate["crops"]))
     for method in candidate["methods"][1:]:
         for k in MEASURES:
-            per_photo = [metrics.mean([a - b for ra, rb in zip(candidate["crops"], shipped["crops"]) if ra["photo"] == p
-                                       for a, b in zip(ra["scores"][method][k], rb["scores"][method][k])])
-                         for p in photos]
-            v = metrics.paired_verdict(per_photo, HIGHER_IS_BETTER[k])
+            differences = [[a - b for a, b in zip(ra["scores"][method][k], rb["scores"][method][k])]
+                           for ra, rb in zip(candidate["crops"], shipped["crops"])]
+            v = metrics.paired_verdict(photo_means(candidate["crops"], differences), HIGHER_IS_BETTER[k])
             d = UNITS[k][1]
             lines.append(f"| {method} | {UNITS[k][0]} | {v['mean']:+.{d}f} +- {2 * v['se']:.{d}f} | {v['verdict']} |")
     return "\n".join(lines) + "\n"

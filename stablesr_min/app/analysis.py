@@ -426,13 +426,14 @@ def loss_by_timestep(model: StableSR, lr: torch.Tensor, hr: torch.Tensor, bands:
 def heldout_scores(pipe: StableSRPipeline, crops: dict[str, torch.Tensor], opts: UpscaleOptions,
                    seed: int = 42) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, torch.Tensor]]]:
     """Each held-out crop degraded by the evaluation degradation (`evaluate.evaluation_lr`), upscaled by
-    bicubic and by `pipe` at `opts` (seeded as `evaluate` does), and scored by `evaluate.score` (PSNR and
-    SSIM on 8-bit RGB): ({method: {"psnr", "ssim"} means}, {crop name: {"lr", "bicubic", "sr": image}})."""
+    bicubic and by `pipe` at `opts` (seeded as `evaluate` does), and scored by `evaluate.score` (on 8-bit RGB):
+    ({method: {measure: mean over the crops}}, {crop name: {"lr", "bicubic", "sr": image}})."""
     methods = ["bicubic", "sr"]
     images, rows = {}, []
     for name, hr in crops.items():
         lr, results = upscale_both_ways(pipe, hr, [opts], methods, EvalDegradation(), seed)
         images[name] = {"lr": lr, **results}
-        rows.append({"scores": {m: score(image, hr, 0) for m, image in results.items()}})
+        scores = {m: score(image, hr, 0) for m, image in results.items()}
+        rows.append({"scores": {m: {k: [v] for k, v in s.items()} for m, s in scores.items()}})  # one seed
     means = mean_row(rows, methods)
     return means, images

@@ -319,11 +319,12 @@ def add_evaluate_parser(sub) -> None:
     from ..pipeline import SAMPLERS
     from .evaluate import CROP_MULTIPLE, EvalDegradation, run_evaluate
 
-    ev = sub.add_parser("evaluate", help="PSNR/SSIM/colour error of StableSR vs bicubic on degraded HR crops",
+    ev = sub.add_parser("evaluate", help="PSNR/SSIM/colour/realism of StableSR vs bicubic on degraded HR crops",
                         description="Crop HR photos on a grid, degrade the crops with a fixed, seeded degradation "
                                     f"({EvalDegradation().describe()}), upscale 4x with StableSR (once per seed) "
-                                    "and with bicubic, and tabulate PSNR, SSIM and colour error against the HR "
-                                    "crops, with each measure's paired difference to bicubic and its verdict.")
+                                    "and with bicubic, and tabulate PSNR, SSIM, colour error and the spectrum "
+                                    "distance (a realism axis) against the HR crops, with each measure's paired "
+                                    "difference to bicubic and its verdict.")
     ev.add_argument("--hr", nargs="+", required=True, metavar="DIR", help="folders of HR photos (searched recursively)")
     ev.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json, metrics.md (and images/)")
     ev.add_argument("--crop", type=int, default=256, help=f"HR crop side in pixels, a multiple of {CROP_MULTIPLE} (default 256)")

@@ -1,13 +1,13 @@
-"""`python -m stablesr_min evaluate`: PSNR, SSIM and colour error of StableSR beside bicubic, on degraded HR
-crops, over several sampling seeds, with a verdict per measure.
+"""`python -m stablesr_min evaluate`: PSNR, SSIM, colour error and a realism axis of StableSR beside bicubic, on
+degraded HR crops, over several sampling seeds, with a verdict per measure.
 
     python -m stablesr_min evaluate --hr photos/ --out eval/ --crop 128 --grid 2 --seed 0 1 2 3 4
 
 For each HR photo: `--grid` x `--grid` crops of `--crop` pixels, one centred in each cell of a grid over the
 photo (`grid_crops`; grid 1 is the centre crop), each degraded by the fixed evaluation degradation below into
 an LR image a quarter of the size, upscaled 4x by bicubic interpolation and by StableSR once per `--seed`, and
-compared with the HR crop (`score`: `metrics.psnr`, `metrics.ssim`, `metrics.lowpass_colour_error`, on 8-bit
-RGB). The fusion weight w only enters at the CFW decode, so all `--dec-w` values are finished from ONE sampled
+compared with the HR crop (`score`: `metrics.psnr`, `metrics.ssim`, `metrics.lowpass_colour_error`,
+`metrics.highfreq_spectrum_distance`, on 8-bit RGB). The fusion weight w only enters at the CFW decode, so all `--dec-w` values are finished from ONE sampled
 latent per crop and seed (`StableSRPipeline.sample_latent`, then `finish` per w): the columns differ only by w.
 
 The summary gives, per method and measure, the mean over crops and seeds, the standard deviation over seeds
@@ -153,7 +153,7 @@ def file_stem(crop_name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Results: one row per image, a mean row; written as JSON and as a Markdown table
+# Results: one row per crop (a value per seed), a summary per method and measure; written as JSON and Markdown
 
 
 def method_names(dec_ws: list[float]) -> list[str]:
@@ -178,18 +178,20 @@ def score(result: torch.Tensor, hr: torch.Tensor, border: int) -> dict[str, floa
 
 
 def mean_row(rows: list[dict], methods: list[str]) -> dict[str, dict[str, float]]:
-    """The mean over rows (crops) of each method's measures; a row's measure may hold one value per seed."""
-    def values(row: dict, m: str, k: str) -> list[float]:
-        v = row["scores"][m][k]
-        return v if isinstance(v, list) else [v]
+    """The mean over rows (crops) and their values (one per seed) of each method's measures."""
+    return {m: {k: metrics.mean([x for row in rows for x in row["scores"][m][k]]) for k in MEASURES} for m in methods}
 
-    return {m: {k: metrics.mean([x for row in rows for x in values(row, m, k)]) for k in MEASURES} for m in methods}
+
+def photo_means(rows: list[dict], differences: list[list[float]]) -> list[float]:
+    """Paired differences grouped by photo, the unit of `metrics.paired_verdict`: one mean per photo (in the rows'
+    order) of the differences of its rows (row i's: `differences[i]`, one per seed)."""
+    photos = list(dict.fromkeys(row["photo"] for row in rows))
+    return [metrics.mean([d for row, ds in zip(rows, differences) if row["photo"] == p for d in ds]) for p in photos]
 
 
 def summarise(rows: list[dict], methods: list[str], n_seeds: int) -> dict[str, dict[str, dict]]:
     """{method: {measure: {"mean", "seed_sd", and for StableSR "vs_bicubic": metrics.paired_verdict(...)}}}.
     Each row's StableSR scores hold one value per seed, bicubic's one value (it draws no noise)."""
-    photos = list(dict.fromkeys(row["photo"] for row in rows))
     out = {}
     for m in methods:
         out[m] = {}
@@ -199,10 +201,9 @@ def summarise(rows: list[dict], methods: list[str], n_seeds: int) -> dict[str, d
             noisy = m != "bicubic" and n_seeds > 1
             entry = {"mean": metrics.mean(per_seed), "seed_sd": metrics.sample_sd(per_seed) if noisy else None}
             if m != "bicubic":
-                # paired: each crop and seed against bicubic on the same crop; one mean difference per photo
-                per_photo = [metrics.mean([x - row["scores"]["bicubic"][k][0] for row in rows if row["photo"] == p
-                                           for x in row["scores"][m][k]]) for p in photos]
-                entry["vs_bicubic"] = metrics.paired_verdict(per_photo, HIGHER_IS_BETTER[k])
+                # paired: each crop and seed against bicubic on the same crop
+                differences = [[x - row["scores"]["bicubic"][k][0] for x in row["scores"][m][k]] for row in rows]
+                entry["vs_bicubic"] = metrics.paired_verdict(photo_means(rows, differences), HIGHER_IS_BETTER[k])
             out[m][k] = entry
     return out
 
@@ -224,7 +225,7 @@ def summary_table(summary: dict, methods: list[str]) -> str:
 
 
 def photo_table(rows: list[dict], methods: list[str]) -> str:
-    """Per photo, each method's PSNR, SSIM and colour error: the mean over its crops and seeds."""
+    """Per photo, each method's measures: the mean over its crops and seeds."""
     header = ["photo"] + [f"{m} {UNITS[k][0].split(' (')[0]}" for m in methods for k in MEASURES]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     photos = list(dict.fromkeys(row["photo"] for row in rows))

@@ -1,6 +1,6 @@
 """The time-awareness ablation of the tiny model, with its noise floor (MODEL_CARD.md, "Time-awareness").
 
-    python scripts/ablation.py                      # after scripts/train_tiny.py; about 10 minutes on 2 cores
+    python scripts/ablation.py                      # after scripts/train_tiny.py (10 minutes on 2 cores at the earlier 2 crops; the 40 are untimed)
     python scripts/ablation.py --runs DIR --out DIR --sampling-seeds 0 1 2 3 4
 
 Two arms, `train sr` time-aware and `--time-blind`, each trained at every training seed of the recipe
@@ -10,7 +10,8 @@ that arm's samples: `cfw`, `cfw_blind`). On the held-out crops of the headline e
 grid of 128 px crops per photo, the fixed evaluation degradation) and at the shipped
 sampling defaults, every model is sampled at every sampling seed; for each it records PSNR and SSIM at
 w = 1 (the default) and w = 0 (the sampler's own output, where the encoder's guidance acts alone), the
-colour error against HR (`metrics.lowpass_colour_error`), and the `train sr` loss per timestep band on the
+colour error against HR (`metrics.lowpass_colour_error`) and the spectrum distance (`evaluate.score`'s fourth
+measure), and the `train sr` loss per timestep band on the
 same crops (`analysis.loss_by_timestep`). The paired aware-minus-blind difference (same training seed, same
 sampling seed) is reported with its spread, beside the spread between training seeds of one arm: a
 difference no larger than that is inside the noise. Writes OUT/ablation.json (read by notebook 06 through

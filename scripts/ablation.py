@@ -1,6 +1,6 @@
 """The time-awareness ablation of the tiny model, with its noise floor (MODEL_CARD.md, "Time-awareness").
 
-    python scripts/ablation.py                      # after scripts/train_tiny.py (10 minutes on 2 cores at the earlier 2 crops; the 40 are untimed)
+    python scripts/ablation.py                      # after train_tiny.py (10 min at the earlier 2 crops; 40 untimed)
     python scripts/ablation.py --runs DIR --out DIR --sampling-seeds 0 1 2 3 4
 
 Two arms, `train sr` time-aware and `--time-blind`, each trained at every training seed of the recipe

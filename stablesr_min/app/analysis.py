@@ -437,3 +437,25 @@ def heldout_scores(pipe: StableSRPipeline, crops: dict[str, torch.Tensor], opts:
         rows.append({"scores": {m: {k: [v] for k, v in s.items()} for m, s in scores.items()}})  # one seed
     means = mean_row(rows, methods)
     return means, images
+
+
+# ------------------------------------------------------------------------------------------------------
+# Noise floors and controls for notebooks 01-03 (issue 42)
+
+
+def block_correlation(a: torch.Tensor, b: torch.Tensor, block: int) -> float:
+    """How alike the low frequencies of two (B, C, H, W) maps are: the Pearson correlation of their `block` x
+    `block` means (`F.avg_pool2d`), over every image, channel and block together. 1 for a map and itself plus any
+    pattern whose block means are 0; -1 against its negative; about 0 against independent noise."""
+    means_a, means_b = (F.avg_pool2d(x.double(), block).flatten() for x in (a, b))
+    return torch.corrcoef(torch.stack([means_a, means_b]))[0, 1].item()
+
+
+@torch.no_grad()
+def encoder_input_change(model: StableSR, z_lrs: list[torch.Tensor], t: int = 0) -> float:
+    """How far the time-aware encoder's features s(z_lr, t) (every level, flattened together) move as its LR
+    latent input changes at one fixed t (`relative_change` from the first of `z_lrs`): the floor that
+    `t_sensitivity`'s movement across t is read against (two posterior draws of one LR latent, or two crops)."""
+    ts = torch.full((z_lrs[0].shape[0],), t, device=z_lrs[0].device)
+    features = [model.time_encoder(z, ts) for z in z_lrs]
+    return relative_change([torch.cat([f[k].flatten() for k in sorted(f)]) for f in features])

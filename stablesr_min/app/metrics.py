@@ -158,11 +158,8 @@ def highfreq_spectrum_distance(a: torch.Tensor, b: torch.Tensor, band: tuple[flo
     (`radial_power_spectrum`), per image (B,). 0 when a has b's spectrum there; a blurred image (too little
     power) and a noisy one (too much) both score higher. It sees texture statistics, not where the texture is:
     a faithful image and one with invented texture of the right amount score alike (PSNR tells them apart)."""
-    freqs, pa = radial_power_spectrum(a)
-    _, pb = radial_power_spectrum(b)
-    sel = (freqs >= band[0]) & (freqs <= band[1])
-    tiny = 1e-12  # a flat image has no power at all
-    return (torch.log10(pa[:, sel] + tiny) - torch.log10(pb[:, sel] + tiny)).abs().mean(dim=1)
+    freqs, ratio = log_power_ratio(a, b)
+    return ratio[:, (freqs >= band[0]) & (freqs <= band[1])].abs().mean(dim=1)
 
 
 def mean(values: list[float]) -> float:
@@ -193,3 +190,17 @@ def paired_verdict(per_photo: list[float], higher_is_better: bool) -> dict:
     better = m if higher_is_better else -m
     verdict = "ahead" if better > 2 * se else "behind" if better < -2 * se else "level"
     return {"mean": m, "se": se, "verdict": verdict}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Notebook 03 (issue 42): on which side of the HR spectrum an image lies, ring by ring
+
+
+def log_power_ratio(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log10 P_a(f) - log10 P_b(f) per ring of `radial_power_spectrum`: (frequencies in cycles per pixel,
+    (B, R)). Negative where a has less power than b (smoother), positive where more; 1 is ten times the power.
+    `highfreq_spectrum_distance` is the mean of its absolute value over a band."""
+    freqs, pa = radial_power_spectrum(a)
+    _, pb = radial_power_spectrum(b)
+    tiny = 1e-12  # a flat image has no power at all
+    return freqs, torch.log10(pa + tiny) - torch.log10(pb + tiny)

@@ -11,6 +11,7 @@ so the tests of this module (`tests/test_analysis.py`) cover every number they s
     Sec. 3.3 aggregation     flat_weights, tile_borders, jump_profile, seam_strength
     Sec. 3.4 colour          color_shift, hue_round_trip_error (the tiny VAE's colours)
     training, ablation       degradation_stages, loss_by_timestep, heldout_scores (and tiny.training_logs)
+    controls of 01-03        block_correlation (what of z_0 survives in x_T), encoder_input_change (t's floor)
 
 Images are (B, 3, H, W) tensors. Photos, degradations and metrics use [0, 1], the range of the pipeline's
 output; the pipeline's input and its intermediate images use [-1, 1] (`2 * x - 1` converts).

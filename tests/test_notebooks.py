@@ -13,9 +13,9 @@ from nbclient import NotebookClient
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 # Each notebook and the number of figures (image/png outputs) it draws at least.
 MIN_FIGURES = {
-    "01_walkthrough.ipynb": 8,  # input, upscale/canvas, z0, x_T, previews, CFW, colour fix, samplers
+    "01_walkthrough.ipynb": 10,  # input, canvas, z0, x_T and block means, previews, CFW, colour fix, prior, samplers, cost
     "02_time_aware_guidance.ipynb": 3,  # crops, SNR(t), similarity vs SNR (aware and blind)
-    "03_cfw_tradeoff.ipynb": 3,  # crops, w row, PSNR/SSIM/sharpness vs w
+    "03_cfw_tradeoff.ipynb": 5,  # crops, crops at w = 0/0.5/1, the measures vs w, the P-D plane, radial spectra
     "04_aggregation_sampling.ipynb": 5,  # weight maps, tile layouts, outputs, zoom, jump profiles
     "05_color_correction.ipynb": 3,  # outputs, shift bars, low-frequency bands
     "06_training_and_ablation.ipynb": 5,  # kernels, stages, loss curves, ablation images, loss by band

@@ -12,6 +12,8 @@ so the tests of this module (`tests/test_analysis.py`) cover every number they s
     Sec. 3.4 colour          color_shift, hue_round_trip_error (the tiny VAE's colours)
     training, ablation       degradation_stages, loss_by_timestep, heldout_scores (and tiny.training_logs)
     controls of 01-03        block_correlation (what of z_0 survives in x_T), encoder_input_change (t's floor)
+    controls of 04-06        finish_each_fix (every colour fix from one decode), windowed_trend (is a curve still
+                             moving), per_training_seed_difference (the ablation per training seed)
 
 Images are (B, 3, H, W) tensors. Photos, degradations and metrics use [0, 1], the range of the pipeline's
 output; the pipeline's input and its intermediate images use [-1, 1] (`2 * x - 1` converts).
@@ -460,3 +462,50 @@ def encoder_input_change(model: StableSR, z_lrs: list[torch.Tensor], t: int = 0)
     ts = torch.full((z_lrs[0].shape[0],), t, device=z_lrs[0].device)
     features = [model.time_encoder(z, ts) for z in z_lrs]
     return relative_change([torch.cat([f[k].flatten() for k in sorted(f)]) for f in features])
+
+
+# ------------------------------------------------------------------------------------------------------
+# Notebooks 04-06: one decode for every colour fix, training trends, the ablation per training seed
+
+
+def finish_each_fix(pipe: StableSRPipeline, sampled, opts: UpscaleOptions, methods: Iterable[str]
+                    ) -> dict[str, torch.Tensor]:
+    """`pipe.finish(sampled, replace(opts, colorfix=m))` for each colour fix m in `methods`, from one CFW decode
+    (the fix enters only after decoding): {m: SR image in [0, 1]}."""
+    from ..colorfix import color_fix
+
+    upsampled = sampled.upsampled
+    decoded = pipe.decode(sampled.x0, sampled.canvas, opts)[..., : upsampled.shape[-2], : upsampled.shape[-1]]
+    return {m: ((color_fix(decoded, upsampled, m) + 1) / 2).clamp(0, 1) for m in methods}
+
+
+def windowed_trend(steps: list[float], values: list[float], window: float = 0.4, min_points: int = 4,
+                   tolerance: float = 0.02) -> dict:
+    """Whether a logged curve still moves at its end: the least-squares line v = a + b * step through the points
+    in the last `window` of the run (steps >= (1 - window) * last step; at least the last `min_points`), b's standard error
+    se = sqrt(sum(residual^2) / (n - 2) / sum((step - mean step)^2)), and the change the line makes over the
+    window relative to the window's mean, change = b * (last step - first step) / mean(v). Verdict "falling"
+    when change < -tolerance and b < -2 se, "rising" when change > tolerance and b > 2 se, else "flat": one
+    outlying point moves b little and se much. {"slope", "se", "change", "points", "verdict"}."""
+    cut = (1 - window) * steps[-1]
+    n = max(min_points, sum(s >= cut for s in steps))
+    x = torch.tensor(steps[-n:], dtype=torch.float64)
+    y = torch.tensor(values[-n:], dtype=torch.float64)
+    dx = x - x.mean()
+    slope = (dx * (y - y.mean())).sum() / (dx * dx).sum()
+    residual = y - y.mean() - slope * dx
+    se = torch.sqrt((residual * residual).sum() / (n - 2) / (dx * dx).sum())
+    change = (slope * (x[-1] - x[0]) / y.mean()).item()
+    slope, se = slope.item(), se.item()
+    verdict = ("falling" if change < -tolerance and slope < -2 * se else
+               "rising" if change > tolerance and slope > 2 * se else "flat")
+    return {"slope": slope, "se": se, "change": change, "points": n, "verdict": verdict}
+
+
+def per_training_seed_difference(cell: dict, arms: tuple[str, str] = ("time-aware", "time-blind")) -> list[float]:
+    """One ablation measure's paired difference (first arm minus second) at each training seed: the difference of
+    the arms' means over the sampling seeds (`scripts/ablation.py`'s summary cell: {arm: {"training_seed_means"}}).
+    Two training seeds give two values; their spread, not the spread of the sampling seeds, is the noise of a
+    retrained model."""
+    first, second = (cell[arm]["training_seed_means"] for arm in arms)
+    return [a - b for a, b in zip(first, second)]

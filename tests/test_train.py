@@ -459,11 +459,11 @@ def test_a_second_signal_within_a_second_is_the_same_stop_and_a_later_one_quits(
 def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path):
     from stablesr_min.errors import UsageError
 
-    training.RunFolder(tmp_path / "run", resume=False)
+    training.RunFolder(tmp_path / "run", "train sr", resume=False)
     with pytest.raises(UsageError, match="another training run is using this folder"):
-        training.RunFolder(tmp_path / "run", resume=False)
+        training.RunFolder(tmp_path / "run", "train sr", resume=False)
     training.release_locks()  # as every training command does on its way out (a process that dies drops it too)
-    training.RunFolder(tmp_path / "run", resume=False)
+    training.RunFolder(tmp_path / "run", "train sr", resume=False)
     training.release_locks()
     assert not (tmp_path / "run").exists()  # made by the lock, never written to: gone again
 
@@ -484,15 +484,20 @@ def test_a_learning_rate_must_be_finite(base, photos, tmp_path, capsys):
                                                     ("model.diffusion_model.out.2.weight", "train unet")])
 def test_resuming_another_commands_run_names_it(tmp_path, capsys, checkpoint_key, writer):
     """A `train vae` or `train unet` run resumed with `train sr`: one line naming the command that wrote it, not a
-    TypeError (nor the options' Python names). Each command's checkpoint is of its own kind."""
+    TypeError (nor the options' Python names). Each command's checkpoint is of its own kind. A resume from Python
+    (the trainer given resume=True) is checked alike."""
     from stablesr_min.train.run_folder import TrainState
 
     out = tmp_path / "run"
     out.mkdir()
     state = TrainState(1, {"data": ["x"], "kl_weight": 1e-6, "crop": 64, "batch_size": 8, "lr": 5e-4, "seed": 0},
                        {}, {"state": {}, "param_groups": []}, {}, {}, {"seconds": 1.0})
-    training.RunFolder(out, resume=False).save({checkpoint_key: torch.zeros(1)}, {}, state)
+    training.RunFolder(out, "train sr", resume=False).save({checkpoint_key: torch.zeros(1)}, {}, state)
     training.release_locks()
     assert train("--out", out, "--steps", 3, "--resume") == 2
     assert capsys.readouterr().err == (f"error: --resume: {out} holds a run of `{writer}`, not `train sr`; resume it "
                                        f"with `{writer} --out {out} --steps N --resume`, or choose another --out\n")
+    with pytest.raises(UsageError) as refused:
+        train_module.train_sr(train_module.SROptions(out=str(out), steps=3, resume=True))
+    assert str(refused.value) == (f"--resume: {out} holds a run of `{writer}`, not `train sr`; resume it with "
+                                  f"`{writer} --out {out} --steps N --resume`, or choose another --out")

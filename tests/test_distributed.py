@@ -445,8 +445,9 @@ def assert_stopped_at_step_2(code: int, err: str, out: Path) -> None:
     """One line naming step 2, exit code 2; the run folder keeps step 1 (saved every step)."""
     assert code == 2 and "Traceback" not in err
     assert err.splitlines()[-1] == (f"error: step 2: the loss is nan (not finite); stopped without saving this "
-                                    f"step. {out}/last.safetensors keeps step 1; start a new run (another --out), "
-                                    "with a lower --lr (or --dtype bfloat16 rather than float16)")
+                                    f"step. {out}/last.safetensors keeps step 1; start a new run with a lower --lr "
+                                    "(or --dtype bfloat16 rather than float16): --restart to start it in this folder "
+                                    "(its files kept as *.old), or another --out")
     assert all(v.isfinite().all() for v in tensors(out / "last.safetensors").values() if v.is_floating_point())
     with safe_open(str(out / "last.safetensors"), framework="pt") as f:
         assert f.metadata()["stablesr_min.step"] == "1"

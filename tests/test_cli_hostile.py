@@ -383,7 +383,8 @@ def test_bad_options_in_process(capsys, argv, problem):
 
 
 # ------------------------------------------------------------------------------------------------------
-# 11. Ctrl-C or SIGTERM while torch is still importing: "interrupted", exit code 130, or "terminated", 143, as later on
+# 11. Ctrl-C or SIGTERM while torch is still importing: exit code 130 or 143, as later on, saying that nothing was done
+# yet and that the same command, run again, does it
 
 SIGNAL_DURING_IMPORT = """
 import os, runpy, signal, sys
@@ -407,7 +408,8 @@ runpy.run_module("stablesr_min", run_name="__main__", alter_sys=True)
 def test_ctrl_c_or_sigterm_during_import(photo, tmp_path, signum, code, word):
     before = files_under(tmp_path)
     result = cli("upscale", photo, "--out", tmp_path / "out", code=SIGNAL_DURING_IMPORT.replace("SIGNUM", signum))
-    assert (result.returncode, result.stderr, result.stdout) == (code, f"{word}\n", "")
+    said = f"{word} while starting, before the command did anything: run the same command again\n"
+    assert (result.returncode, result.stderr, result.stdout) == (code, said, "")
     assert files_under(tmp_path) == before
 
 

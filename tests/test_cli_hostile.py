@@ -5,6 +5,7 @@ unchanged. Failing-fast paths only, except one shared real upscale (tiny random 
 Variants of a case that take the same code path run in-process through `main`.
 """
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -22,6 +23,7 @@ from PIL import Image
 
 from stablesr_min.app.cli import main
 from stablesr_min.atomic import atomic_write
+from stablesr_min.errors import Terminated
 from stablesr_min.image_io import image_size
 from stablesr_min.model import resolve_config
 from stablesr_min.pipeline import smallest_tile
@@ -383,7 +385,8 @@ def test_bad_options_in_process(capsys, argv, problem):
 
 
 # ------------------------------------------------------------------------------------------------------
-# 11. Ctrl-C or SIGTERM while torch is still importing: "interrupted", exit code 130, or "terminated", 143, as later on
+# 11. Ctrl-C or SIGTERM while torch is still importing: exit code 130 or 143, as later on, saying that nothing was done
+# yet and that the same command, run again, does it
 
 SIGNAL_DURING_IMPORT = """
 import os, runpy, signal, sys
@@ -407,7 +410,8 @@ runpy.run_module("stablesr_min", run_name="__main__", alter_sys=True)
 def test_ctrl_c_or_sigterm_during_import(photo, tmp_path, signum, code, word):
     before = files_under(tmp_path)
     result = cli("upscale", photo, "--out", tmp_path / "out", code=SIGNAL_DURING_IMPORT.replace("SIGNUM", signum))
-    assert (result.returncode, result.stderr, result.stdout) == (code, f"{word}\n", "")
+    said = f"{word} while starting, before the command did anything: run the same command again\n"
+    assert (result.returncode, result.stderr, result.stdout) == (code, said, "")
     assert files_under(tmp_path) == before
 
 
@@ -463,3 +467,22 @@ def test_a_stop_after_the_command_ended_changes_nothing():
     (it was exit 130 with no message)."""
     result = cli(code=STOP_AFTER_THE_END)
     assert (result.returncode, result.stdout, result.stderr) == (0, "wrote everything\n", "")
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, Terminated])
+def test_a_stop_as_the_command_returns_changes_nothing(photo, tmp_path, monkeypatch, capsys, stop):
+    """Ctrl-C or SIGTERM in the instant after a command returned, before `main` does: the command has ended and
+    said so; exit 0, nothing more said (it was "interrupted", 130)."""
+    from stablesr_min.app import cli as cli_module
+
+    @contextlib.contextmanager
+    def stop_once_the_command_returned():
+        yield
+        raise stop()
+
+    monkeypatch.setattr(cli_module, "terminate_on_sigterm", stop_once_the_command_returned)
+    out = tmp_path / "out"
+    out.mkdir()
+    Image.new("RGB", (1, 1)).save(out / "coffee.png")
+    assert main(["upscale", str(photo), "--out", str(out), *FAST]) == 0
+    assert capsys.readouterr() == (f"skipped {photo}: {out / 'coffee.png'} exists (--overwrite redoes it)\n", "")

@@ -402,6 +402,23 @@ def test_train_cfw_under_torchrun_with_2_processes_writes_one_run_that_resumes_a
         assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours), name
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("what", ["vae", "unet", "cfw-data"])
+def test_the_one_process_commands_under_torchrun_are_refused_in_one_line_before_torchrun_s_report(what, tmp_path):
+    """The refusal is the first line; torchrun then reports the failed workers (exit code 2 each) with a
+    traceback of its own, whatever a worker does: no frame of it is this package's, and nothing is written."""
+    amount = ["--count", 1] if what == "cfw-data" else ["--steps", 1]
+    done = torchrun(what, "--out", tmp_path / "out", *amount, "--data", tmp_path / "nowhere")
+    lines = done.stderr.splitlines()
+    assert lines[0] == (f"error: train {what} runs as one process, not under torchrun: start it with `python -m "
+                        f"stablesr_min train {what} ...` (only `train sr` and `train cfw` run under torchrun)")
+    assert [line for line in lines if line.startswith("error:")] == lines[:1]
+    assert done.returncode == 1 and "exitcode  : 2" in done.stderr  # torchrun's own code, the worker's code 2
+    frames = [line for line in lines if line.lstrip().startswith("File ")]
+    assert frames and not any("/stablesr_min/" in frame for frame in frames), frames
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------------------
 # Fault safety
 
@@ -428,8 +445,9 @@ def assert_stopped_at_step_2(code: int, err: str, out: Path) -> None:
     """One line naming step 2, exit code 2; the run folder keeps step 1 (saved every step)."""
     assert code == 2 and "Traceback" not in err
     assert err.splitlines()[-1] == (f"error: step 2: the loss is nan (not finite); stopped without saving this "
-                                    f"step. {out}/last.safetensors keeps step 1; start a new run (another --out), "
-                                    "with a lower --lr (or --dtype bfloat16 rather than float16)")
+                                    f"step. {out}/last.safetensors keeps step 1; start a new run with a lower --lr "
+                                    "(or --dtype bfloat16 rather than float16): --restart to start it in this folder "
+                                    "(its files kept as *.old), or another --out")
     assert all(v.isfinite().all() for v in tensors(out / "last.safetensors").values() if v.is_floating_point())
     with safe_open(str(out / "last.safetensors"), framework="pt") as f:
         assert f.metadata()["stablesr_min.step"] == "1"

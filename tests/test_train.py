@@ -393,7 +393,8 @@ def test_a_damaged_run_folder_says_a_way_out_that_works(case, run_at_step_1, run
 
 
 # How a run can stop: (signals after a step, or a non-finite loss at a step; --save-every), the exit code, and the way
-# out its last line names: "--resume", "again" (the same command without --resume) or "new" (another --out)
+# out its last line names: "--resume", "again" (the same command without --resume) or "--restart" (the same command
+# with --restart, a new run in the folder)
 STOPS = {  # (one SIGTERM or Ctrl-C: the two tests above)
     "double Ctrl-C after a save": ((signal.SIGINT, signal.SIGINT), 2, 1, 130,
                                    "quit without saving: {out}/last.safetensors keeps the last save; continue with "
@@ -401,9 +402,11 @@ STOPS = {  # (one SIGTERM or Ctrl-C: the two tests above)
     "double SIGTERM before any save": ((signal.SIGTERM, signal.SIGTERM), 1, 500, 143,
                                        "quit without saving: no step was saved; run the command again without "
                                        "--resume", "again"),
-    "NaN before any save": ("nan", 1, 500, 2, "no step had been saved yet; start again, with a lower --lr", "again"),
-    "NaN after a save": ("nan", 2, 1, 2, "{out}/last.safetensors keeps step 1; start a new run (another --out), "
-                                         "with a lower --lr", "new"),
+    "NaN before any save": ("nan", 1, 500, 2, "no step had been saved yet; run the command again with a lower --lr",
+                            "again"),
+    "NaN after a save": ("nan", 2, 1, 2, "{out}/last.safetensors keeps step 1; start a new run with a lower --lr (or "
+                                         "--dtype bfloat16 rather than float16): --restart to start it in this folder "
+                                         "(its files kept as *.old), or another --out", "--restart"),
 }
 
 
@@ -439,9 +442,11 @@ def test_every_way_a_run_stops_leaves_a_folder_that_its_printed_way_out_continue
         assert "start it without --resume" in capsys.readouterr().err
         assert train(*command) == 0
         assert_same_run(out, run_a)
-    else:
-        assert train(*[tmp_path / "new" if arg == out else arg for arg in command]) == 0
-        assert_same_run(tmp_path / "new", run_a)
+    else:  # the same command alone is refused (the folder holds a run); with --restart, a new run there
+        assert train(*command) == 2 and "--restart to start a new run there" in capsys.readouterr().err
+        assert train(*command, "--restart") == 0
+        assert_same_run(out, run_a)
+        assert metadata(out / "last.safetensors.old")["stablesr_min.step"] == "1"  # the last good save, kept
 
 
 def test_a_second_signal_within_a_second_is_the_same_stop_and_a_later_one_quits():
@@ -459,11 +464,11 @@ def test_a_second_signal_within_a_second_is_the_same_stop_and_a_later_one_quits(
 def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path):
     from stablesr_min.errors import UsageError
 
-    training.RunFolder(tmp_path / "run", resume=False)
+    training.RunFolder(tmp_path / "run", "train sr", resume=False)
     with pytest.raises(UsageError, match="another training run is using this folder"):
-        training.RunFolder(tmp_path / "run", resume=False)
+        training.RunFolder(tmp_path / "run", "train sr", resume=False)
     training.release_locks()  # as every training command does on its way out (a process that dies drops it too)
-    training.RunFolder(tmp_path / "run", resume=False)
+    training.RunFolder(tmp_path / "run", "train sr", resume=False)
     training.release_locks()
     assert not (tmp_path / "run").exists()  # made by the lock, never written to: gone again
 
@@ -484,15 +489,20 @@ def test_a_learning_rate_must_be_finite(base, photos, tmp_path, capsys):
                                                     ("model.diffusion_model.out.2.weight", "train unet")])
 def test_resuming_another_commands_run_names_it(tmp_path, capsys, checkpoint_key, writer):
     """A `train vae` or `train unet` run resumed with `train sr`: one line naming the command that wrote it, not a
-    TypeError (nor the options' Python names). Each command's checkpoint is of its own kind."""
+    TypeError (nor the options' Python names). Each command's checkpoint is of its own kind. A resume from Python
+    (the trainer given resume=True) is checked alike."""
     from stablesr_min.train.run_folder import TrainState
 
     out = tmp_path / "run"
     out.mkdir()
     state = TrainState(1, {"data": ["x"], "kl_weight": 1e-6, "crop": 64, "batch_size": 8, "lr": 5e-4, "seed": 0},
                        {}, {"state": {}, "param_groups": []}, {}, {}, {"seconds": 1.0})
-    training.RunFolder(out, resume=False).save({checkpoint_key: torch.zeros(1)}, {}, state)
+    training.RunFolder(out, "train sr", resume=False).save({checkpoint_key: torch.zeros(1)}, {}, state)
     training.release_locks()
     assert train("--out", out, "--steps", 3, "--resume") == 2
     assert capsys.readouterr().err == (f"error: --resume: {out} holds a run of `{writer}`, not `train sr`; resume it "
                                        f"with `{writer} --out {out} --steps N --resume`, or choose another --out\n")
+    with pytest.raises(UsageError) as refused:
+        train_module.train_sr(train_module.SROptions(out=str(out), steps=3, resume=True))
+    assert str(refused.value) == (f"--resume: {out} holds a run of `{writer}`, not `train sr`; resume it with "
+                                  f"`{writer} --out {out} --steps N --resume`, or choose another --out")

@@ -401,3 +401,86 @@ def test_a_stopped_generation_says_the_same_command_continues_it(golden_weights,
     for sub in ("lr", "gt", "latent"):
         for path in sorted((data / sub).iterdir()):
             assert (out / sub / path.name).read_bytes() == path.read_bytes(), path
+
+
+# A stop at each moment of `train cfw-data` in a process of its own (`python -m stablesr_min`, SIGINT or SIGTERM sent
+# to itself): what it says and its exit code. Before the command runs, nothing was done; while it generates, the same
+# command continues it; once the folder holds --count samples, the work is done, whatever comes after.
+STOP_CFW_DATA = """
+import builtins, os, runpy, signal, sys
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background test runner ignores it)
+
+def stop():
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGNUM)
+
+WHEN
+sys.argv[0] = "stablesr_min"
+runpy.run_module("stablesr_min", run_name="__main__", alter_sys=True)
+"""
+STOP_WHEN = {
+    "importing torch": """
+class StopWhenTorchIsImported:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            stop()
+        return None
+
+sys.meta_path.insert(0, StopWhenTorchIsImported())
+""",
+    "loading the model": """
+from stablesr_min import model
+load_stablesr = model.load_stablesr
+model.load_stablesr = lambda *args, **kwargs: stop() or load_stablesr(*args, **kwargs)
+""",
+    "after the last sample": """
+from stablesr_min.train.cfw_data import DataFolder
+write = DataFolder.write
+
+def write_then_stop(self, *args):
+    write(self, *args)
+    if self.complete_count() == 4:
+        stop()
+
+DataFolder.write = write_then_stop
+""",
+    "after 'wrote'": """
+print_ = builtins.print
+builtins.print = lambda *args, **kwargs: (print_(*args, **kwargs), str(args[0]).startswith("wrote ") and stop())
+""",
+}
+DONE = "train cfw-data: {out} holds the 4 samples asked for: the stop came after the last one, and the work is done\n"
+STOP_SAYS = {  # (when, signal): exit code, the end of stderr
+    ("importing torch", "SIGTERM"): (143, "terminated while starting, before the command did anything: run the same "
+                                         "command again\n"),
+    ("loading the model", "SIGTERM"): (143, "train cfw-data: stopped with 0 of 4 samples in {out}; the same command "
+                                           "continues it\nterminated\n"),
+    ("after the last sample", "SIGINT"): (0, DONE),
+    ("after the last sample", "SIGTERM"): (0, DONE),
+    ("after 'wrote'", "SIGINT"): (0, DONE),
+    ("after 'wrote'", "SIGTERM"): (0, DONE),
+}
+
+
+@pytest.mark.commands
+@pytest.mark.parametrize("when, signum", list(STOP_SAYS), ids=[" ".join(case) for case in STOP_SAYS])
+def test_a_stop_of_train_cfw_data_at_each_moment_says_what_is_true(golden_weights, photos, data, tmp_path, when,
+                                                                    signum):
+    out = tmp_path / "DATA"
+    command = ["train", "cfw-data", "--weights", str(golden_weights[0]), "--data", str(photos), "--out", str(out),
+               *GENERATE]
+    code = STOP_CFW_DATA.replace("WHEN", STOP_WHEN[when]).replace("SIGNUM", signum)
+    result = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, cwd=ROOT)
+    expected_code, says = STOP_SAYS[when, signum]
+    assert result.returncode == expected_code, result.stderr
+    assert result.stderr.endswith(says.format(out=out)) and "Traceback" not in result.stderr, result.stderr
+    assert ("wrote " in result.stdout) == (when == "after 'wrote'")
+    if expected_code == 0:
+        assert DataFolder(out).complete_count() == 4
+        return
+    assert not (out / "latent").exists() or not any((out / "latent").iterdir())
+    assert main(command) == 0  # the way out it names
+    for sub in ("lr", "gt", "latent"):
+        for path in sorted((data / sub).iterdir()):
+            assert (out / sub / path.name).read_bytes() == path.read_bytes(), path

@@ -5,7 +5,6 @@ Runs here are 32 px crops, batch 2, a few steps, at the default tiny sizes.
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -282,22 +281,22 @@ def test_bad_input_is_one_line_and_exit_code_2(case, photos, vae_run, golden_wei
 
 
 @pytest.mark.parametrize("command", ["vae", "unet", "cfw-data"])
-def test_the_one_process_commands_run_on_rank_0_alone_under_torchrun(command, monkeypatch, capsys):
-    """Under torchrun with several processes, rank 0 runs the command as one process, saying so, and the others
-    end at once with exit code 0: a worker that exits with an error makes torchrun print its own traceback."""
+def test_the_one_process_commands_are_refused_under_torchrun(command, monkeypatch, capsys, tmp_path):
+    """Under torchrun with several processes, refused before any work: one line, from each machine's first process
+    (LOCAL_RANK 0), and exit code 2 from every process (what torchrun then prints: tests/test_distributed.py)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    amount = ["--count", "1"] if command == "cfw-data" else ["--steps", "1"]
-    monkeypatch.setenv("RANK", "1")
+    argv = ["train", command, "--out", str(tmp_path / "out"), *(["--count", "1"] if command == "cfw-data" else
+                                                                 ["--steps", "1"])]
+    monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(SystemExit) as end:
-        main(["train", command, "--out", "nowhere", *amount])
-    assert end.value.code == 0 and capsys.readouterr() == ("", "")
-    monkeypatch.setenv("RANK", "0")
-    assert main(["train", command, "--out", "nowhere", *amount]) == 2  # then as one process: here, no --data
-    err = capsys.readouterr().err.splitlines()
-    assert err[0] == (f"note: train {command} runs as one process: rank 0 runs it alone, the other 1 process(es) end "
-                      "now (python -m stablesr_min starts it as one)")
-    assert len(err) == 2 and err[1].startswith(f"error: train {command} needs ")
-    assert os.environ["WORLD_SIZE"] == "1"
+        main(argv)
+    assert end.value.code == 2 and capsys.readouterr() == ("", "")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"error: train {command} runs as one process, not under torchrun: start it with "
+                                       f"`python -m stablesr_min train {command} ...` (only `train sr` and `train cfw` "
+                                       "run under torchrun)\n")
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_out_folder_that_cannot_be_written_is_refused_before_any_work(photos, tmp_path, capsys):

@@ -552,12 +552,18 @@ def cmd_train_prior(args) -> str:
 
 
 def cmd_train_cfw_data(args) -> None:
-    """`train cfw-data`: one process; a folder that holds a generation continues it."""
-    from ..train.cfw_data import GenerationOptions, continued_generation, generate
+    """`train cfw-data`: one process; a folder that holds a generation continues it. A stop (Ctrl-C, SIGTERM) at
+    any moment of the command says what the folder holds and that the same command continues it; a stop once it
+    holds --count samples changes nothing (the work is done)."""
+    from ..train.cfw_data import GenerationOptions, continued_generation, generate, stopped_generation
     from ..train.processes import one_process
 
-    with one_process("train cfw-data"):
-        generate(continued_generation(given_options(args, GenerationOptions)))
+    try:
+        with one_process("train cfw-data"):
+            generate(continued_generation(given_options(args, GenerationOptions)))
+    except (KeyboardInterrupt, Terminated):
+        if stopped_generation(args.out, args.count):
+            raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -567,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     endings = {STOPPED: ("interrupted", 130), TERMINATED: ("terminated", 128 + signal.SIGTERM)}
     speak = os.environ.get("RANK", "0") == "0"  # a training run under torchrun: one process says how it ended
+    running = outcome = object()  # until the command returns: a stop after that changes nothing
     try:
         with terminate_on_sigterm():
             outcome = args.run(args)  # the training commands say how they ended (saved); the others return None
@@ -574,9 +581,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {in_flags(e, option_flags(parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
-        outcome, speak = STOPPED, True
+        if outcome is running:
+            outcome, speak = STOPPED, True
     except Terminated:
-        outcome, speak = TERMINATED, True
+        if outcome is running:
+            outcome, speak = TERMINATED, True
     if outcome not in endings:
         return 0
     word, code = endings[outcome]

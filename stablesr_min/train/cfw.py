@@ -261,7 +261,7 @@ def train_cfw(opts: CFWOptions, procs: Processes | None = None, state: TrainStat
             return train_cfw(opts, procs, state)
     check_options(opts)
     check_same_options(procs, opts)
-    run = RunFolder(opts.out, resume=opts.resume, writer=procs.is_main, restart=opts.restart)
+    run = RunFolder(opts.out, opts.command, resume=opts.resume, writer=procs.is_main, restart=opts.restart)
     device = procs.device
     dtype = pick_dtype(opts.dtype, device)
     seeds = derive_seeds(opts.seed, ["data", "init", "discriminator"])

@@ -46,7 +46,7 @@ from ..atomic import atomic_write, check_output_folder
 from ..config import SCALE
 from ..degradation import ORDERS, DegradationConfig
 from ..devices import pick_device, pick_dtype
-from ..errors import DataError, ImageError, Terminated, UsageError
+from ..errors import DataError, ImageError, UsageError
 from ..image_io import image_size, save_png_atomically, to_pil
 from ..progress import ProgressLine, format_seconds
 from ..schedule import check_steps
@@ -166,15 +166,24 @@ def check_sizes(opts: GenerationOptions, cfg) -> None:
 
 
 def generate(opts: GenerationOptions) -> None:
-    """Generate into `opts.out` until it holds `opts.count` samples, in this one process; stopped (Ctrl-C,
-    SIGTERM), it says that the same command continues it."""
+    """Generate into `opts.out` until it holds `opts.count` samples, in this one process (stopped, the same call
+    continues it: `stopped_generation`)."""
     with one_process("train cfw-data"):
-        try:
-            write_samples(opts)
-        except (KeyboardInterrupt, Terminated):
-            print(f"\ntrain cfw-data: stopped with {DataFolder(opts.out).complete_count()} of {opts.count} samples "
-                  f"in {opts.out}; the same command continues it", file=sys.stderr, flush=True)
-            raise
+        write_samples(opts)
+
+
+def stopped_generation(out: str, count: int) -> bool:
+    """A generation into `out` of `count` samples stopped (Ctrl-C, SIGTERM) at any moment: say in one line what
+    the folder holds and that the same command continues it; or, if it holds `count` samples already (the stop
+    came after the last one), that the work is done. Whether it was left unfinished."""
+    done = DataFolder(out).complete_count()
+    if done >= count:
+        print(f"train cfw-data: {out} holds the {count} samples asked for: the stop came after the last one, and "
+              "the work is done", file=sys.stderr, flush=True)
+        return False
+    print(f"\ntrain cfw-data: stopped with {done} of {count} samples in {out}; the same command continues it",
+          file=sys.stderr, flush=True)
+    return True
 
 
 def write_samples(opts: GenerationOptions) -> None:

@@ -100,11 +100,13 @@ def stop_on_non_finite(loss: float, step: int, saved_step: int | None, checkpoin
     the run folder keeps its last good checkpoint."""
     if math.isfinite(loss):
         return
-    # not "--resume": it would repeat this step with the same data and noise, and the run keeps its --lr
-    kept = (f"{checkpoint} keeps step {saved_step}; start a new run (another --out)" if saved_step is not None
-            else "no step had been saved yet; start again")
-    raise UsageError(f"step {step}: the loss is {loss} (not finite); stopped without saving this step. {kept}, "
-                     "with a lower --lr (or --dtype bfloat16 rather than float16)")
+    # not "--resume": it would repeat this step with the same data and noise, and the run keeps its --lr; a saved
+    # state makes the same command refuse the folder without --restart
+    change = "with a lower --lr (or --dtype bfloat16 rather than float16)"
+    way = (f"{checkpoint} keeps step {saved_step}; start a new run {change}: --restart to start it in this folder "
+           "(its files kept as *.old), or another --out" if saved_step is not None
+           else f"no step had been saved yet; run the command again {change}")
+    raise UsageError(f"step {step}: the loss is {loss} (not finite); stopped without saving this step. {way}")
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -351,7 +351,7 @@ def train_prior(opts: PriorOptions, stage_of: type[VAEStage] | type[UNetStage], 
         train_vae(VAEOptions(out="runs/vae", steps=3000, data=["photos/"]))
     """
     with one_process(stage_of.command):
-        run = RunFolder(opts.out, resume=opts.resume, restart=opts.restart)
+        run = RunFolder(opts.out, stage_of.command, resume=opts.resume, restart=opts.restart)
         if opts.resume and state is None:
             state = run.load_state()
             check_resumed_with_its_options(opts, state)

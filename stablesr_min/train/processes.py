@@ -108,17 +108,19 @@ def torchrun_processes(device_name: str | None, timeout_s: float = DIST_TIMEOUT,
 
 @contextlib.contextmanager
 def one_process(command: str) -> Iterator[None]:
-    """A command that runs as one process (`train vae`, `train unet`, `train cfw-data`; each process would do the
-    whole job into the same folder): under torchrun with several, rank 0 runs it alone, saying so, and the others
-    end at once. (Refusing it would end in torchrun's own traceback: it prints one for any worker that exits
-    with an error.) The run folder's lock released on the way out."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1:
-        if int(os.environ.get("RANK", 0)) != 0:
-            raise SystemExit(0)
-        print(f"note: {command} runs as one process: rank 0 runs it alone, the other {world_size - 1} process(es) "
-              "end now (python -m stablesr_min starts it as one)", file=sys.stderr)
-        os.environ |= {"WORLD_SIZE": "1", "RANK": "0"}  # from here on, a run of one process
+    """A command that runs as one process (`train vae`, `train unet`, `train cfw-data`: each process of a torchrun
+    would do the whole job into the same folder), the run folder's lock released on the way out. Under torchrun
+    with several processes it is refused before any work, in one line naming the command to run instead (said
+    by each machine's first process; every process exits with code 2)."""
+    # Refused, not run on rank 0 alone: torchrun prints its own traceback and exits 1 whenever a worker exits with
+    # an error (its ChildFailedError; seen with exit code 2), so no worker can make it report a failure cleanly.
+    # Rank 0 alone avoided that report only while nothing went wrong, and held the other devices idle for the whole
+    # run; the refusal comes at once, its line first, and names the one way these commands run.
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if os.environ.get("LOCAL_RANK", "0") != "0":
+            raise SystemExit(2)
+        raise UsageError(f"{command} runs as one process, not under torchrun: start it with `python -m "
+                         f"stablesr_min {command} ...` (only `train sr` and `train cfw` run under torchrun)")
     try:
         yield
     finally:

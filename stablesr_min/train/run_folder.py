@@ -158,18 +158,19 @@ FINISHED, STOPPED, TERMINATED = "finished", "stopped", "terminated"
 class RunFolder:
     """A training run's folder: last.safetensors, state.safetensors, log.jsonl. A run exists once its state is
     saved; files without a state (a run stopped before its first save, or a deleted state) are set aside as
-    *.old when a new run starts there, and so are a run's files when it is started anew (`restart`). The
-    process that writes (`writer`) holds a lock on the folder while it runs, so that a second run on the same
-    --out is refused; the system drops the lock if the process dies."""
+    *.old when a new run starts there, and so are a run's files when it is started anew (`restart`). A run
+    resumed (from the command line or from Python) must be one of `command`'s. The process that writes
+    (`writer`) holds a lock on the folder while it runs, so that a second run on the same --out is refused; the
+    system drops the lock if the process dies."""
 
-    def __init__(self, path: str | Path, resume: bool, writer: bool = True, restart: bool = False):
+    def __init__(self, path: str | Path, command: str, resume: bool, writer: bool = True, restart: bool = False):
         self.path = Path(path)
         check_output_folder(self.path, f"--out {self.path}")
         refuse_another_kind(self.path, "a training run")
         if resume and restart:
             raise UsageError("--resume and --restart: pass one of them (continue the run, or start it anew)")
         if resume:
-            self.check_resumable()
+            self.check_resumable(command)
         elif self.state_path.is_file() and not restart:
             raise UsageError(f"--out {self.path}: already holds a run; pass --resume to continue it, --restart to "
                              "start a new run there (its files kept as *.old), or choose another folder")
@@ -178,7 +179,7 @@ class RunFolder:
             if not resume:
                 self.set_aside_old_files()
 
-    def command(self) -> str:
+    def held_command(self) -> str:
         """The command whose run the folder holds, from the kind of checkpoint it saved (each writes its own)."""
         kind = guess_kind(WeightFiles([self.checkpoint_path]).keys())
         if kind not in WRITERS:
@@ -186,9 +187,9 @@ class RunFolder:
                              "--restart instead of --resume to start a new run there (its files kept as *.old)")
         return WRITERS[kind]
 
-    def check_resumable(self) -> None:
-        """A run to resume: its state and its checkpoint (the model it continues), both readable; else one line
-        naming the ways out."""
+    def check_resumable(self, command: str) -> None:
+        """A run of `command` to resume: its state and its checkpoint (the model it continues), both readable;
+        else one line naming the ways out."""
         if not self.state_path.is_file():
             raise UsageError(f"--resume: {self.path} holds no run to resume (no {STATE}); start it without --resume")
         if not self.checkpoint_path.is_file():
@@ -201,6 +202,10 @@ class RunFolder:
             except WeightsError as e:
                 raise UsageError(f"--resume: {e}; pass --restart instead of --resume to start a new run there (its "
                                  "files kept as *.old), or choose another folder") from None
+        writer = self.held_command()
+        if writer != command:
+            raise UsageError(f"--resume: {self.path} holds a run of `{writer}`, not `{command}`; resume it with "
+                             f"`{writer} --out {self.path} --steps N --resume`, or choose another --out")
 
     def set_aside_old_files(self) -> None:
         """What a run left that a new one would replace (a log, a checkpoint, a state) is kept as *.old (*.old.1,
@@ -285,13 +290,9 @@ def log_record(line: str) -> dict[str, Any] | None:
 def resume_options(options: type, given: dict[str, Any]) -> tuple[Any, TrainState]:
     """The `options` (a dataclass) to continue the run in `given["out"]` up to `given["steps"]`, and its state:
     what the run stored (options.py), overridden by the rest of `given` ({field: value}, each one given; a kept
-    one must have its stored value). The run must be one of the options' command."""
+    one must have its stored value). The run must be one of the options' command (RunFolder checks it)."""
     out, steps = given["out"], given["steps"]
-    run = RunFolder(out, resume=True, writer=False)
-    writer = run.command()
-    if writer != options.command:
-        raise UsageError(f"--resume: {out} holds a run of `{writer}`, not `{options.command}`; resume it with "
-                         f"`{writer} --out {out} --steps N --resume`, or choose another --out")
+    run = RunFolder(out, options.command, resume=True, writer=False)
     state = run.load_state()
     if steps <= state.step:
         raise UsageError(f"--steps {steps}: the run in {out} is already at step {state.step}; "

@@ -151,7 +151,7 @@ def train_sr(opts: SROptions, procs: Processes | None = None, state: TrainState 
 
     check_options(opts)
     check_same_options(procs, opts)
-    run = RunFolder(opts.out, resume=opts.resume, writer=procs.is_main, restart=opts.restart)
+    run = RunFolder(opts.out, opts.command, resume=opts.resume, writer=procs.is_main, restart=opts.restart)
     device = procs.device
     dtype = pick_dtype(opts.dtype, device)
     seeds = derive_seeds(opts.seed, ["data", "noise", "init", "validation"])

@@ -15,7 +15,7 @@ measure), and the `train sr` loss per timestep band on the
 same crops (`analysis.loss_by_timestep`). The paired aware-minus-blind difference (same training seed, same
 sampling seed) is reported with its spread, beside the spread between training seeds of one arm: a
 difference no larger than that is inside the noise. Writes OUT/ablation.json (read by notebook 06 through
-`tiny.ablation()`) and OUT/ablation.md (the model card's table).
+`tiny.ablation()`) and OUT/ablation.md; with the default OUT, the model card's `<!-- ablation -->` block too.
 """
 
 from __future__ import annotations
@@ -142,12 +142,6 @@ def markdown(summary: dict, bicubic_row: dict, training_seeds: list[int], seeds:
     return "\n".join(lines) + "\n"
 
 
-def from_root(path) -> str:
-    """A path as the record keeps it: relative to the checkout when inside it (the same on every machine)."""
-    path = Path(path).resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=str(ROOT / "runs" / "tiny"), help="the recipe's run folders")
@@ -170,6 +164,7 @@ def main() -> None:
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         sys.exit(f"ablation: {', '.join(missing)} missing; run scripts/train_tiny.py first")
+    from heldout_eval import CARD, from_root, write_block
     from train_tiny import SAMPLING_DEFAULTS  # the shipped model's sampling settings
 
     sampling = {**SAMPLING_DEFAULTS, "steps": args.steps or SAMPLING_DEFAULTS["steps"]}
@@ -196,6 +191,8 @@ def main() -> None:
     table = markdown(summary, bicubic_row, args.training_seeds, args.sampling_seeds)
     (out / "ablation.md").write_text(table)
     print(table)
+    if out.resolve() == CARD.parent:  # the shipped model's: its card quotes the table
+        write_block(CARD, "ablation", table)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ seeds, the weights' own sampling settings, at w = 1 (the default), 0.5 and 0 (th
 the same sampled latents. Its metrics.json is kept as stablesr_min/tiny/heldout_eval.json: the one home of the
 headline numbers. README.md, docs/evaluation.md and stablesr_min/tiny/MODEL_CARD.md quote it between
 `<!-- headline -->` and `<!-- /headline -->` (tests/test_heldout_eval.py checks that they agree with it).
+The model card's `<!-- targets -->` block (the teaching model's targets, each met or not) is written from it too.
 `--against` compares two results of this evaluation with the rule of `evaluate` (paired by crop and seed, one
 mean per photo): how a candidate model is judged against the shipped one.
 
@@ -40,7 +41,7 @@ HEADLINE = ["--hr", "data/heldout", "--crop", "128", "--grid", "2", "--seed", "0
             "--dec-w", "1", "0.5", "0"]
 RESULT = ROOT / "stablesr_min" / "tiny" / "heldout_eval.json"
 PAGES = [ROOT / "README.md", ROOT / "docs" / "evaluation.md", ROOT / "stablesr_min" / "tiny" / "MODEL_CARD.md"]
-BLOCK = re.compile(r"(<!-- headline -->\n).*?(<!-- /headline -->)", re.S)
+CARD = PAGES[2]
 COLUMNS = {"StableSR w=1": "tiny StableSR, w = 1 (default)", "StableSR w=0.5": "w = 0.5",
            "StableSR w=0": "w = 0 (diffusion alone)"}
 
@@ -69,14 +70,46 @@ def headline_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def targets_markdown(report: dict) -> str:
+    """Issue 41's targets for the teaching model, each met or not, from the headline (the iris hue, the fifth
+    target, is `scripts/quickstart_figure.py`'s)."""
+    s = report["summary"]
+    v = {(m, k): s[m][k]["vs_bicubic"] for m in COLUMNS for k in MEASURES}
+    rows = [("PSNR and SSIM ahead of bicubic at w = 1 (by the rule)",
+             all(v["StableSR w=1", k]["verdict"] == "ahead" for k in ("psnr", "ssim")),
+             f"PSNR {v['StableSR w=1', 'psnr']['verdict']}, SSIM {v['StableSR w=1', 'ssim']['verdict']}"),
+            ("PSNR within 1 dB of bicubic at w = 0 (the diffusion output alone)",
+             v["StableSR w=0", "psnr"]["mean"] >= -1.0, f"{v['StableSR w=0', 'psnr']['mean']:+.2f} dB"),
+            ("colour error within 0.1 levels of bicubic's at w = 1",
+             v["StableSR w=1", "colour"]["mean"] <= 0.1, f"{v['StableSR w=1', 'colour']['mean']:+.2f} levels"),
+            ("closer to HR than bicubic on the spectrum distance at some w (by the rule)",
+             any(v[m, "spectrum"]["verdict"] == "ahead" for m in COLUMNS),
+             ", ".join(f"{m.split()[-1]}: {v[m, 'spectrum']['verdict']}" for m in COLUMNS))]
+    lines = ["| target | met | measured |", "|---|---|---|"]
+    lines += [f"| {name} | {'yes' if met else 'no'} | {measured} |" for name, met, measured in rows]
+    return "\n".join(lines) + "\n"
+
+
+def block_pattern(name: str) -> re.Pattern:
+    """A generated block of a page: `<!-- name -->` ... `<!-- /name -->`."""
+    return re.compile(rf"(<!-- {name} -->\n).*?(<!-- /{name} -->)", re.S)
+
+
+def write_block(page: Path, name: str, block: str) -> None:
+    """Replace the page's generated block `name` with `block` (the page must have one)."""
+    text = page.read_text()
+    pattern = block_pattern(name)
+    if not pattern.search(text):
+        sys.exit(f"{page} has no <!-- {name} --> block")
+    page.write_text(pattern.sub(lambda m: m.group(1) + block + m.group(2), text))
+    print(f"wrote the {name} block of {from_root(page)}")
+
+
 def write_pages(report: dict) -> None:
     block = headline_markdown(report)
     for page in PAGES:
-        text = page.read_text()
-        if not BLOCK.search(text):
-            sys.exit(f"heldout_eval: {page} has no <!-- headline --> block")
-        page.write_text(BLOCK.sub(lambda m: m.group(1) + block + m.group(2), text))
-        print(f"wrote the headline of {page.relative_to(ROOT)}")
+        write_block(page, "headline", block)
+    write_block(CARD, "targets", targets_markdown(report))
 
 
 def compare(candidate: dict, shipped: dict) -> str:
@@ -105,9 +138,10 @@ def keep(report: dict) -> None:
     print(f"wrote {RESULT.relative_to(ROOT)}")
 
 
-def from_root(path: str) -> str:
+def from_root(path) -> str:
+    """A path as a record keeps it: from the clone's root when inside it (the same on every machine)."""
     resolved = Path(path).resolve()
-    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ def test_every_page_quotes_the_one_evaluation():
     report = json.loads(heldout_eval.RESULT.read_text())
     block = heldout_eval.headline_markdown(report)
     for page in heldout_eval.PAGES:
-        found = heldout_eval.BLOCK.findall(page.read_text())
+        found = heldout_eval.block_pattern("headline").findall(page.read_text())
         assert len(found) == 1, page
         assert page.read_text().count(block) == 1, f"{page}: run python scripts/heldout_eval.py --pages-only"
 
@@ -52,3 +52,38 @@ def test_compare_pairs_crops_and_seeds():
     assert "| StableSR w=1 | SSIM | +0.0000 +- 0.0000 | level |" in table
     with pytest.raises(SystemExit, match="not of the same crops and seeds"):
         heldout_eval.compare(fake_report([[20.0]] * 4, seeds=(0,)), shipped)
+
+
+def test_the_card_quotes_the_ablation_it_ships():
+    """The card's ablation table is scripts/ablation.py's ablation.md beside it, word for word."""
+    table = (heldout_eval.CARD.parent / "ablation.md").read_text()
+    found = heldout_eval.block_pattern("ablation").findall(heldout_eval.CARD.read_text())
+    assert len(found) == 1, "the card needs one <!-- ablation --> block"
+    assert f"<!-- ablation -->\n{table}<!-- /ablation -->" in heldout_eval.CARD.read_text(), \
+        "run python scripts/ablation.py (it writes the block)"
+
+
+def test_targets_are_met_or_not_by_their_numbers():
+    """A model ahead in PSNR but level in SSIM misses the first target; 0.9 dB behind at w = 0 and 0.1 levels
+    more colour error meet theirs (the bounds are inclusive); ahead on the spectrum at w = 0 alone is 'some w'."""
+    def cell(mean, verdict):
+        return {"vs_bicubic": {"mean": mean, "verdict": verdict}}
+    summary = {m: {k: cell(0.0, "level") for k in ("psnr", "ssim", "colour", "spectrum")} for m in heldout_eval.COLUMNS}
+    summary["StableSR w=1"]["psnr"] = cell(0.3, "ahead")
+    summary["StableSR w=0"]["psnr"] = cell(-1.0, "behind")
+    summary["StableSR w=1"]["colour"] = cell(0.1, "behind")
+    summary["StableSR w=0"]["spectrum"] = cell(-0.2, "ahead")
+    rows = heldout_eval.targets_markdown({"summary": summary}).splitlines()[2:]
+    assert [row.split(" | ")[1] for row in rows] == ["no", "yes", "yes", "yes"]
+    assert rows[0].endswith("| PSNR ahead, SSIM level |") and "-1.00 dB" in rows[1] and "w=0: ahead" in rows[3]
+    summary["StableSR w=1"]["colour"] = cell(0.11, "behind")
+    summary["StableSR w=0"]["spectrum"] = cell(0.0, "level")
+    rows = heldout_eval.targets_markdown({"summary": summary}).splitlines()[2:]
+    assert [row.split(" | ")[1] for row in rows] == ["no", "yes", "no", "no"]
+
+
+def test_the_card_reports_every_target_from_the_headline():
+    report = json.loads(heldout_eval.RESULT.read_text())
+    card = heldout_eval.CARD.read_text()
+    assert f"<!-- targets -->\n{heldout_eval.targets_markdown(report)}<!-- /targets -->" in card, \
+        "run python scripts/heldout_eval.py --pages-only"

@@ -1,7 +1,7 @@
 """The tiny StableSR this project trained itself (`scripts/train_tiny.py`; MODEL_CARD.md beside this file).
 
 A teaching model, not a substitute for the official weights: a 4x-down VAE, a UNet of widths 32-64-64 and
-their StableSR encoder, SFT and CFW layers, trained on nine CC0/public-domain photos on a 2-core CPU.
+their StableSR encoder, SFT and CFW layers, trained on the 25 photos of data/photos on a 2-core CPU.
 `upscale`, `evaluate` and the notebooks use it when no other weights are named. Its files:
 
     prior.safetensors          VAE, UNet (without SFT), text encoder: the frozen diffusion prior
@@ -51,6 +51,12 @@ def ablation() -> dict:
     return json.loads((TINY_DIR / "ablation.json").read_text())
 
 
+def heldout_eval() -> dict:
+    """The headline evaluation of this model on the ten held-out photos (`scripts/heldout_eval.py`: every crop's
+    scores at every seed and w, and per measure the mean, seed sd and paired verdict against bicubic)."""
+    return json.loads((TINY_DIR / "heldout_eval.json").read_text())
+
+
 def training_logs() -> dict[str, list[dict]]:
     """Every training stage's shipped log (every 10th step and every validation line), by stage name."""
     return {path.stem: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -62,7 +68,7 @@ def training_logs() -> dict[str, list[dict]]:
 
 OFFICIAL_STABLESR = "stablesr_000117.safetensors"  # from stablesr_000117.ckpt (or the turbo checkpoint)
 OFFICIAL_CFW = "vqgan_cfw_00011.safetensors"  # from vqgan_cfw_00011.ckpt
-TINY_MODEL_NOTICE = ("using the tiny StableSR shipped with stablesr-min (a teaching model trained on 9 CC0 photos "
+TINY_MODEL_NOTICE = ("using the tiny StableSR shipped with stablesr-min (a teaching model trained on 25 photos "
                      "on a CPU: stablesr_min/tiny/MODEL_CARD.md); for the official model pass --weights and "
                      "--cfw, or set STABLESR_WEIGHTS")
 

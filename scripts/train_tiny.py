@@ -70,8 +70,8 @@ PHOTOS = ROOT / "data" / "photos"
 @dataclass
 class Recipe:
     # Steps: chosen before any of it was trained or evaluated, for the shipped model's five stages to fit 2 hours on
-    # 2 cores (issue 41's budget), from the step rates of the earlier recipes. Measured once, on 2 cores shared
-    # with other work: 137.8 minutes (recipe.json, shipped_stages_minutes); the stages alone are still to be timed.
+    # 2 cores (issue 41's budget), from the step rates of the earlier recipes. Measured: 137.8 minutes on 2 cores
+    # shared with other work (recipe.json, shipped_stages_minutes); 78.9 alone (scripts/time_recipe.py, extrapolated).
     vae_steps: int = 6000  # batch 8 of 64 px crops
     vae_lr_decay: int = 2000  # the lr falls linearly toward 0 over the last 2000 steps: with it constant the VAE's
     #                           colour error swung 2x between checkpoints

@@ -371,10 +371,13 @@ class StableSRPipeline:
     def finish(self, sampled: Sampled, opts: UpscaleOptions) -> torch.Tensor:
         """CFW decode with `opts.dec_w` (Eq. 2), crop, colour fix: the SR image in [0, 1]. w and the colour
         fix only enter here, so one sampled latent can be finished several ways."""
+        return colour_fixed(self.decoded(sampled, opts), sampled, opts.colorfix)
+
+    def decoded(self, sampled: Sampled, opts: UpscaleOptions) -> torch.Tensor:
+        """CFW decode with `opts.dec_w` (Eq. 2), cropped to the upsampled input's size: in [-1, 1], before the
+        colour fix."""
         upsampled = sampled.upsampled
-        decoded = self.decode(sampled.x0, sampled.canvas, opts)[..., : upsampled.shape[-2], : upsampled.shape[-1]]
-        fixed = color_fix(decoded, upsampled, opts.colorfix)
-        return ((fixed + 1) / 2).clamp(0, 1)
+        return self.decode(sampled.x0, sampled.canvas, opts)[..., : upsampled.shape[-2], : upsampled.shape[-1]]
 
     def __call__(self, lr: torch.Tensor, opts: UpscaleOptions | None = None, *,
                  generator: torch.Generator | None = None, noises: Noises | None = None,
@@ -386,6 +389,11 @@ class StableSRPipeline:
         sampled = self.sample_latent(lr, opts, generator=generator, noises=noises, weights=weights,
                                      progress=progress, on_step=on_step)
         return self.finish(sampled, opts)
+
+
+def colour_fixed(decoded: torch.Tensor, sampled: Sampled, method: str) -> torch.Tensor:
+    """A decoded image (`StableSRPipeline.decoded`) colour-fixed towards the upsampled input: in [0, 1]."""
+    return ((color_fix(decoded, sampled.upsampled, method) + 1) / 2).clamp(0, 1)
 
 
 def draw(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

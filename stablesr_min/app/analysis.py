@@ -36,7 +36,7 @@ from ..devices import pick_device
 from ..image_io import load_image
 from ..model import StableSR, load_cfw, load_stablesr
 from ..objective import Denoiser, diffusion_loss, latents
-from ..pipeline import StableSRPipeline, UpscaleOptions, make_denoiser, text_context, tile_weight_map
+from ..pipeline import StableSRPipeline, UpscaleOptions, colour_fixed, make_denoiser, text_context, tile_weight_map
 from ..sampler import aggregate, tile_grid, tile_starts
 from ..schedule import Schedule
 from ..tiny import find_weights, sampling_defaults
@@ -472,11 +472,8 @@ def finish_each_fix(pipe: StableSRPipeline, sampled, opts: UpscaleOptions, metho
                     ) -> dict[str, torch.Tensor]:
     """`pipe.finish(sampled, replace(opts, colorfix=m))` for each colour fix m in `methods`, from one CFW decode
     (the fix enters only after decoding): {m: SR image in [0, 1]}."""
-    from ..colorfix import color_fix
-
-    upsampled = sampled.upsampled
-    decoded = pipe.decode(sampled.x0, sampled.canvas, opts)[..., : upsampled.shape[-2], : upsampled.shape[-1]]
-    return {m: ((color_fix(decoded, upsampled, m) + 1) / 2).clamp(0, 1) for m in methods}
+    decoded = pipe.decoded(sampled, opts)
+    return {m: colour_fixed(decoded, sampled, m) for m in methods}
 
 
 def windowed_trend(steps: list[float], values: list[float], window: float = 0.4, min_points: int = 4,

@@ -36,12 +36,12 @@ sys.path.insert(0, str(ROOT))
 from stablesr_min.app import metrics  # noqa: E402
 from stablesr_min.app.cli import main as cli  # noqa: E402
 from stablesr_min.app.evaluate import HIGHER_IS_BETTER, MEASURES, UNITS, photo_means  # noqa: E402
+from stablesr_min.tiny import HELDOUT_EVAL, TINY_DIR  # noqa: E402
 
 HEADLINE = ["--hr", "data/heldout", "--crop", "128", "--grid", "2", "--seed", "0", "1", "2", "3", "4",
             "--dec-w", "1", "0.5", "0"]
-RESULT = ROOT / "stablesr_min" / "tiny" / "heldout_eval.json"
-PAGES = [ROOT / "README.md", ROOT / "docs" / "evaluation.md", ROOT / "stablesr_min" / "tiny" / "MODEL_CARD.md"]
-CARD = PAGES[2]
+CARD = TINY_DIR / "MODEL_CARD.md"
+PAGES = [ROOT / "README.md", ROOT / "docs" / "evaluation.md", CARD]
 COLUMNS = {"StableSR w=1": "tiny StableSR, w = 1 (default)", "StableSR w=0.5": "w = 0.5",
            "StableSR w=0": "w = 0 (diffusion alone)"}
 
@@ -130,12 +130,12 @@ def compare(candidate: dict, shipped: dict) -> str:
 
 
 def keep(report: dict) -> None:
-    """RESULT, with the weights' paths from the clone's root (the same on every machine)."""
+    """HELDOUT_EVAL, with the weights' paths from the clone's root (the same on every machine)."""
     settings = report["settings"]
     settings["weights"] = [from_root(p) for p in settings["weights"]]
     settings["cfw"] = from_root(settings["cfw"])
-    RESULT.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {RESULT.relative_to(ROOT)}")
+    HELDOUT_EVAL.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {HELDOUT_EVAL.relative_to(ROOT)}")
 
 
 def from_root(path) -> str:
@@ -165,7 +165,7 @@ def main() -> None:
         if not args.weights:
             keep(json.loads(result.read_text()))
     if not args.weights:
-        write_pages(json.loads(RESULT.read_text()))
+        write_pages(json.loads(HELDOUT_EVAL.read_text()))
 
 
 if __name__ == "__main__":

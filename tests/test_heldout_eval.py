@@ -16,7 +16,7 @@ spec.loader.exec_module(heldout_eval)
 
 
 def test_every_page_quotes_the_one_evaluation():
-    report = json.loads(heldout_eval.RESULT.read_text())
+    report = json.loads(heldout_eval.HELDOUT_EVAL.read_text())
     block = heldout_eval.headline_markdown(report)
     for page in heldout_eval.PAGES:
         found = heldout_eval.block_pattern("headline").findall(page.read_text())
@@ -25,7 +25,7 @@ def test_every_page_quotes_the_one_evaluation():
 
 
 def test_the_headline_is_the_held_out_set_at_the_stated_settings():
-    report = json.loads(heldout_eval.RESULT.read_text())
+    report = json.loads(heldout_eval.HELDOUT_EVAL.read_text())
     photos = {Path(row["photo"]).name for row in report["crops"]}
     assert photos == {p.name for p in (ROOT / "data" / "heldout").iterdir()}
     assert report["settings"]["seeds"] == [0, 1, 2, 3, 4] and report["settings"]["grid"] == 2
@@ -83,7 +83,7 @@ def test_targets_are_met_or_not_by_their_numbers():
 
 
 def test_the_card_reports_every_target_from_the_headline():
-    report = json.loads(heldout_eval.RESULT.read_text())
+    report = json.loads(heldout_eval.HELDOUT_EVAL.read_text())
     card = heldout_eval.CARD.read_text()
     assert f"<!-- targets -->\n{heldout_eval.targets_markdown(report)}<!-- /targets -->" in card, \
         "run python scripts/heldout_eval.py --pages-only"

@@ -30,6 +30,7 @@ TINY_FILES = {"prior": "prior.safetensors", "sr": "sr.safetensors", "sr_time_bli
               "cfw": "cfw.safetensors"}
 # The metadata key of the sampling defaults (sampler, steps, tile, overlap, dec_w, colorfix) in sr*.safetensors.
 SAMPLING_METADATA_KEY = "stablesr_min.sampling"
+HELDOUT_EVAL = TINY_DIR / "heldout_eval.json"  # the headline evaluation: scripts/heldout_eval.py writes it
 VARIANTS = ("time_aware", "time_blind")
 
 
@@ -54,7 +55,7 @@ def ablation() -> dict:
 def heldout_eval() -> dict:
     """The headline evaluation of this model on the ten held-out photos (`scripts/heldout_eval.py`: every crop's
     scores at every seed and w, and per measure the mean, seed sd and paired verdict against bicubic)."""
-    return json.loads((TINY_DIR / "heldout_eval.json").read_text())
+    return json.loads(HELDOUT_EVAL.read_text())
 
 
 def training_logs() -> dict[str, list[dict]]:
